@@ -1,0 +1,139 @@
+"""CVQ tokenizer: channel-wise VQ (or the patch-wise baseline) with a VQGAN.
+
+Run (embedded photos, laptop CPU, a few minutes):
+  python -m cvqcar.main --config=configs/cvq_tokenizer.py:tiny \
+      --workdir=runs/cvq_tiny
+
+ImageNet at 256 px, 256 channel tokens of 16x16 (a pod job):
+  python -m cvqcar.main --config=configs/cvq_tokenizer.py \
+      --config.data.data_dir=/path/to/tfds --workdir=gs://bucket/cvq256
+
+Arguments after ':' are comma-separated: `tiny` shrinks everything to run on
+a CPU, `patch` selects the patch-wise VQGAN baseline on the same encoder,
+`ema` / `cosine` / `simvq` select the codebook variant, `res=N` sets the
+resolution. Any field is overridable: --config.num_train_steps=50.
+"""
+
+import ml_collections
+
+
+def _parse(arg: str) -> dict[str, str]:
+  out = {}
+  for item in filter(None, arg.split(",")):
+    key, _, value = item.partition("=")
+    out[key] = value or "1"
+  known = {"tiny", "patch", "ema", "plain", "cosine", "simvq", "res"}
+  unknown = set(out) - known
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known:"
+                     f" {sorted(known)}")
+  return out
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = _parse(arg)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "imagenet2012"  # or 'embedded'
+  config.data.data_dir = ""  # local TFDS directory; nothing is downloaded
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.train_crop = "random"  # 'random' or 'center'
+  config.data.min_scale = 0.15  # embedded photos: smallest crop side fraction
+  config.data.num_eval_images = 10_000
+  config.data.num_threads = 16
+  config.data.worker_count = 0
+
+  m = config.model = ml_collections.ConfigDict()
+  m.resolution = 256
+  m.base_channels = 128
+  m.channel_mults = (1, 1, 2, 2, 4)  # downsample factor f = 16
+  m.num_res_blocks = 2
+  m.norm_groups = 32
+  m.latent_channels = 256  # C: the number of channel tokens
+  m.quantize = "channel"  # 'channel' (CVQ) or 'patch' (VQGAN baseline)
+  m.num_codes = 16_384
+  m.nested_dropout_alpha = 0.25
+  cb = m.codebook = ml_collections.ConfigDict()
+  cb.cosine = False
+  cb.simvq = False
+  cb.ema = True  # EMA + dead-code restart: stable on small data
+  cb.ema_decay = 0.99
+  cb.restart_fraction = 0.03
+  cb.init_scale = 1.0
+  cb.argmin_impl = "auto"
+
+  loss = config.loss = ml_collections.ConfigDict()
+  loss.reconstruction = "l2"  # or 'l1'
+  loss.reconstruction_weight = 5.0
+  loss.quantization_weight = 5.0
+  loss.beta = 0.25  # commitment
+  loss.perceptual_weight = 1.0
+  loss.perceptual_weights = ""  # .npz of LPIPS weights; empty turns it off
+  loss.gan_weight = 0.75  # times the adaptive weight
+  loss.gan_start_step = 20_000
+  loss.disc_base_channels = 64
+  loss.disc_num_layers = 3
+
+  opt = config.optimizer = ml_collections.ConfigDict()
+  opt.learning_rate = 1e-4
+  opt.disc_learning_rate = 1e-4
+  opt.warmup_steps = 5_000
+  opt.b1 = 0.9
+  opt.b2 = 0.99
+  opt.weight_decay = 1e-4
+  opt.grad_clip = 1.0
+  config.ema_decay = 0.999  # EMA of generator params, used for eval/export
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # all devices on the data axis
+
+  config.batch_size = 256
+  config.eval_batch_size = 256
+  config.num_train_steps = 500_000
+  config.log_every = 100
+  config.eval_every = 5_000
+  config.checkpoint_every = 5_000
+  config.keep_checkpoints = 3
+  config.num_grid_images = 8
+
+  if "res" in args:
+    m.resolution = int(args["res"])
+  if "tiny" in args:
+    config.data.name = "embedded"
+    config.data.num_eval_images = 256
+    config.data.num_threads = 4
+    m.resolution = int(args.get("res", 32))
+    m.base_channels = 32
+    m.channel_mults = (1, 2)  # f = 2, 16x16 channel maps at 32 px
+    m.num_res_blocks = 1
+    m.norm_groups = 8
+    m.latent_channels = 32
+    m.num_codes = 1024
+    loss.gan_weight = 0.0
+    loss.perceptual_weight = 0.0
+    opt.learning_rate = 1e-3
+    opt.disc_learning_rate = 1e-3
+    opt.warmup_steps = 50
+    opt.weight_decay = 0.0
+    config.ema_decay = 0.99
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.num_train_steps = 1_000
+    config.log_every = 50
+    config.eval_every = 250
+    config.checkpoint_every = 250
+  if "patch" in args:
+    m.quantize = "patch"
+    m.nested_dropout_alpha = 0.0
+  if "ema" in args:
+    cb.ema, cb.simvq = True, False
+  if "plain" in args:
+    cb.ema = False
+  if "cosine" in args:
+    cb.cosine = True
+  if "simvq" in args:
+    cb.ema, cb.simvq = False, True
+  return config

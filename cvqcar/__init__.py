@@ -1,0 +1,1 @@
+"""cvqcar: channel-wise VQ image tokenizers and channel-wise autoregression."""

@@ -1,0 +1,93 @@
+"""Orbax checkpoints holding train state and the Grain iterator together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+CONFIG_FILE = "config.json"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tuple(d) if isinstance(d, list) else d}
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json(indent=2, sort_keys=True)
+
+
+def load_config(directory: str) -> ml_collections.ConfigDict:
+  path = epath.Path(directory) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: not a cvqcar workdir/export")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_same_model(saved: ml_collections.ConfigDict,
+                     current: ml_collections.ConfigDict, where: str) -> None:
+  """Raises naming every model field that differs between two configs."""
+  a = _flatten(saved.model.to_dict())
+  b = _flatten(current.model.to_dict())
+  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  if diff:
+    details = ", ".join(f"model.{k}: saved {a.get(k)!r} vs now {b.get(k)!r}"
+                        for k in diff)
+    raise ValueError(f"the checkpoint in {where} was made with a different"
+                     f" model config ({details})")
+
+
+class Checkpointer:
+  """Saves {state, data iterator} per step; restores the latest."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.directory = os.path.join(workdir, "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, create=True))
+    config_path = epath.Path(workdir) / CONFIG_FILE
+    if self.manager.latest_step() is not None and config_path.exists():
+      check_same_model(load_config(workdir), config, workdir)
+    if jax.process_index() == 0:
+      config_path.parent.mkdir(parents=True, exist_ok=True)
+      config_path.write_text(config_to_json(config))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: grain.DatasetIterator,
+           force: bool = False) -> None:
+    saved = self.manager.save(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter)),
+        force=force)
+    if saved:
+      logging.info("saved checkpoint at step %d to %s", step, self.directory)
+
+  def restore(self, abstract_state: Any, data_iter: grain.DatasetIterator,
+              step: int | None = None) -> Any:
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+    logging.info("restored checkpoint of step %d from %s", step,
+                 self.directory)
+    return restored.state
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()

@@ -1,0 +1,159 @@
+"""The image tokenizer: encoder, channel- or patch-wise quantizer, decoder."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from cvqcar import quantize
+from cvqcar import vqgan
+
+QUANTIZERS = ("channel", "patch")
+
+
+class ForwardOutput(NamedTuple):
+  reconstructions: jax.Array  # [B, H, W, 3]
+  decoder_features: jax.Array  # input of the decoder's last conv
+  indices: jax.Array  # [B, T] int32
+  codebook_loss: jax.Array
+  commitment_loss: jax.Array
+  code_counts: jax.Array  # [K]
+  channels_kept: jax.Array  # [B] int32, C where no dropout applied
+
+
+def check_model_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the first inconsistent model field."""
+  if cfg.quantize not in QUANTIZERS:
+    raise ValueError(
+        f"config.model.quantize must be one of {QUANTIZERS}, got"
+        f" {cfg.quantize!r}")
+  factor = 2 ** (len(cfg.channel_mults) - 1)
+  if cfg.resolution % factor:
+    raise ValueError(
+        f"config.model.resolution={cfg.resolution} is not divisible by the"
+        f" downsample factor {factor} of channel_mults={cfg.channel_mults}")
+  for width in [cfg.base_channels * m for m in cfg.channel_mults]:
+    if width % cfg.norm_groups:
+      raise ValueError(
+          f"width {width} is not divisible by config.model.norm_groups="
+          f"{cfg.norm_groups}")
+  if not 0.0 <= cfg.nested_dropout_alpha <= 1.0:
+    raise ValueError("config.model.nested_dropout_alpha must be in [0, 1],"
+                     f" got {cfg.nested_dropout_alpha}")
+  if cfg.quantize == "patch" and cfg.nested_dropout_alpha > 0:
+    raise ValueError("nested channel dropout needs quantize='channel'; set"
+                     " config.model.nested_dropout_alpha=0 for 'patch'")
+
+
+def num_tokens(cfg: ml_collections.ConfigDict) -> int:
+  """Tokens per image: C channel tokens, or h*w patch tokens."""
+  if cfg.quantize == "channel":
+    return cfg.latent_channels
+  return (cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)) ** 2
+
+
+def check_images(images, resolution: int) -> None:
+  """Shape, dtype and (for concrete arrays) range check of an image batch."""
+  shape = getattr(images, "shape", None)
+  if shape is None or len(shape) != 4 or tuple(shape[1:]) != (
+      resolution, resolution, 3):
+    raise ValueError(
+        f"images must be [B, {resolution}, {resolution}, 3] in [-1, 1], got"
+        f" shape {shape}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(
+        f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+  if not isinstance(images, jax.core.Tracer):
+    lo, hi = float(jnp.min(images)), float(jnp.max(images))
+    if lo < -1.01 or hi > 1.01:
+      raise ValueError(
+          f"images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]"
+          " (uint8 images need x / 127.5 - 1)")
+
+
+class Tokenizer(nnx.Module):
+  """Image <-> tokens. Channel-wise: T = C tokens; patch-wise: T = h*w."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    check_model_config(cfg)
+    self.resolution = cfg.resolution
+    self.num_tokens = num_tokens(cfg)
+    self.quantize = cfg.quantize
+    self.latent_channels = cfg.latent_channels
+    self.nested_dropout_alpha = cfg.nested_dropout_alpha
+    self.latent_size = cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)
+    net = dict(base_channels=cfg.base_channels,
+               channel_mults=tuple(cfg.channel_mults),
+               num_res_blocks=cfg.num_res_blocks,
+               latent_channels=cfg.latent_channels,
+               norm_groups=cfg.norm_groups, rngs=rngs)
+    self.encoder = vqgan.Encoder(**net)
+    self.decoder = vqgan.Decoder(**net)
+    cb = cfg.codebook
+    vq = dict(cosine=cb.cosine, simvq=cb.simvq, ema=cb.ema,
+              ema_decay=cb.ema_decay, restart_fraction=cb.restart_fraction,
+              init_scale=cb.init_scale, argmin_impl=cb.argmin_impl, rngs=rngs)
+    s = self.latent_size
+    if cfg.quantize == "channel":
+      self.quantizer = quantize.ChannelQuantizer(cfg.num_codes, s, s, **vq)
+    else:
+      self.quantizer = quantize.PatchQuantizer(
+          cfg.num_codes, cfg.latent_channels, **vq)
+
+  def _channels_kept(self, batch: int, key: jax.Array) -> jax.Array:
+    """Nested dropout: with prob alpha keep c ~ U{1..C} channels, else C."""
+    apply_key, count_key = jax.random.split(key)
+    apply_b = jax.random.uniform(apply_key, (batch,)) < self.nested_dropout_alpha
+    kept_b = jax.random.randint(count_key, (batch,), 1,
+                                self.latent_channels + 1)
+    return jnp.where(apply_b, kept_b, self.latent_channels).astype(jnp.int32)
+
+  def __call__(self, images, *, train: bool = False,
+               key: jax.Array | None = None) -> ForwardOutput:
+    """Training/eval forward. Nested dropout and EMA updates only in train."""
+    check_images(images, self.resolution)
+    z_bhwc = self.encoder(images)
+    b, c = images.shape[0], self.latent_channels
+    channels_kept_b = jnp.full((b,), c, jnp.int32)
+    keep_bc, vq_key = None, None
+    if train:
+      if key is None:
+        raise ValueError("the training forward needs a PRNG key")
+      drop_key, vq_key = jax.random.split(key)
+      if self.nested_dropout_alpha > 0:
+        channels_kept_b = self._channels_kept(b, drop_key)
+        keep_bc = jnp.arange(c)[None, :] < channels_kept_b[:, None]
+    out = self.quantizer(z_bhwc, keep_bc, train=train, key=vq_key)
+    quantized = out.quantized
+    if keep_bc is not None:
+      quantized = quantized * keep_bc[:, None, None, :].astype(quantized.dtype)
+    features = self.decoder.features(quantized)
+    return ForwardOutput(
+        reconstructions=self.decoder.conv_out(features),
+        decoder_features=features, indices=out.indices,
+        codebook_loss=out.codebook_loss,
+        commitment_loss=out.commitment_loss, code_counts=out.code_counts,
+        channels_kept=channels_kept_b)
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] in [-1, 1] -> tokens [B, T] int32."""
+    check_images(images, self.resolution)
+    return self.quantizer(self.encoder(images)).indices
+
+  def decode(self, tokens: jax.Array) -> jax.Array:
+    """Tokens [B, T] -> images [B, H, W, 3]. Channel tokens may be a prefix."""
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if self.quantize == "channel":
+      if not 1 <= tokens.shape[1] <= self.latent_channels:
+        raise ValueError(
+            f"channel tokens must number 1..{self.latent_channels}, got"
+            f" {tokens.shape[1]}")
+      z = self.quantizer.lookup(tokens, self.latent_channels)
+    else:
+      z = self.quantizer.lookup(tokens, self.latent_size, self.latent_size)
+    return self.decoder(z)

@@ -1,0 +1,226 @@
+"""Grain image pipelines: ImageNet from TFDS and the embedded photo crops."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import io
+import logging
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+# Photos bundled in the scikit-image wheel that stay out of training and give
+# the embedded eval set (a cat, a coffee cup and a gravel texture).
+EMBEDDED_EVAL_FILES = ("chelsea.png", "coffee.png", "gravel.png")
+_EMBEDDED_SUFFIXES = (".png", ".jpg")
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def embedded_photos(split: str) -> list[dict[str, Any]]:
+  """scikit-image's bundled photographs as records {'image': uint8 [H, W, 3]}.
+
+  'train' holds every photo but EMBEDDED_EVAL_FILES; 'eval' holds those.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"embedded split must be 'train' or 'eval', got {split!r}")
+  root = importlib.resources.files("skimage") / "data"
+  names = sorted(p.name for p in root.iterdir()
+                 if p.name.endswith(_EMBEDDED_SUFFIXES))
+  names = [n for n in names if (n in EMBEDDED_EVAL_FILES) == (split == "eval")]
+  records = []
+  for name in names:
+    with Image.open(io.BytesIO((root / name).read_bytes())) as image:
+      records.append({"image": _to_rgb(image), "name": name})
+  if not records:
+    raise FileNotFoundError(f"no photos found under {root}")
+  return records
+
+
+def decode_image(image: Any) -> np.ndarray | None:
+  """uint8 [H, W, 3] from encoded bytes or an array; None if undecodable."""
+  if isinstance(image, (bytes, np.bytes_)):
+    try:
+      with Image.open(io.BytesIO(image)) as pil:
+        return _to_rgb(pil)
+    except Exception:  # PIL raises many types on corrupt data.  # noqa: BLE001
+      return None
+  array = np.asarray(image)
+  if array.ndim == 2:
+    array = np.repeat(array[..., None], 3, axis=-1)
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(
+      array.shape[:2]) == 0:
+    return None
+  if array.shape[-1] == 1:
+    array = np.repeat(array, 3, axis=-1)
+  return array[..., :3].astype(np.uint8)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  return np.asarray(Image.fromarray(image).resize(
+      size, Image.Resampling.BICUBIC, reducing_gap=2.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Record -> {'image': float32 [R, R, 3] in [-1, 1]} or {'corrupt': True}.
+
+  crop: 'center' (resize short side to R, center crop), 'random' (resize
+  short side to R, random crop) or 'random_scale' (square crop of a random
+  side in [min_scale, 1] x short side, then resize to R: many natural-image
+  patches from a few large photos).
+  """
+
+  resolution: int
+  crop: str = "center"
+  flip: bool = False
+  min_scale: float = 0.15
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator):
+    image = decode_image(record["image"])
+    if image is None:
+      return {"corrupt": True}
+    r = self.resolution
+    h, w = image.shape[:2]
+    if self.crop == "random_scale":
+      short = min(h, w)
+      side = int(rng.uniform(max(self.min_scale * short, min(r, short)),
+                             short + 1))
+      top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+      image = _resize(image[top:top + side, left:left + side], (r, r))
+    else:
+      scale = r / min(h, w)
+      nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+      image = _resize(image, (nw, nh))
+      if self.crop == "random":
+        top, left = rng.integers(0, nh - r + 1), rng.integers(0, nw - r + 1)
+      else:
+        top, left = (nh - r) // 2, (nw - r) // 2
+      image = image[top:top + r, left:left + r]
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {"image": image.astype(np.float32) / 127.5 - 1.0, "corrupt": False}
+
+
+class _SkipCorruptIterator(grain.DatasetIterator):
+  """Drops corrupt records; each kept element counts the drops before it."""
+
+  def __next__(self):
+    skipped = 0
+    while True:
+      element = next(self._parent)
+      if not element.pop("corrupt"):
+        element["skipped"] = np.int32(skipped)
+        return element
+      skipped += 1
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class SkipCorrupt(grain.IterDataset):
+  """A Grain stage that drops elements flagged 'corrupt' and counts them.
+
+  The count travels with the data (summed by batching) so it survives worker
+  processes and is reported in the training metrics as data/skipped.
+  """
+
+  def __iter__(self):
+    return _SkipCorruptIterator(self._parent.__iter__())
+
+
+def image_pipeline(
+    records: Sequence[dict[str, Any]],
+    *,
+    preprocess: Preprocess,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    num_examples: int | None = None,
+    num_threads: int = 4,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+  """Shuffled/repeated (train) or one-pass (eval) batches of this process.
+
+  `batch_size` is global; each JAX process reads a disjoint 1/process_count
+  share and yields batches of batch_size / process_count. `num_examples`
+  takes the first num_examples records, cycling if there are fewer (eval
+  crops from a few photos).
+  """
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f"batch size {batch_size} is not divisible by the"
+                     f" {processes} JAX processes")
+  ds = grain.MapDataset.source(records)
+  if num_examples is not None:
+    ds = grain.MapDataset.range(num_examples).map(
+        lambda i, n=len(records): records[i % n])
+  if train:
+    ds = ds.shuffle(seed=seed).repeat()
+  ds = ds[jax.process_index()::processes]
+  ds = ds.random_map(preprocess, seed=seed)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=2 * batch_size))
+  ds = SkipCorrupt(ds)
+  ds = ds.batch(batch_size // processes, drop_remainder=True)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds
+
+
+def _imagenet_records(cfg: ml_collections.ConfigDict, split: str):
+  import tensorflow_datasets as tfds  # Heavy import; only ImageNet needs it.
+
+  if not cfg.data_dir:
+    raise ValueError("config.data.data_dir must point at a local TFDS"
+                     " directory holding imagenet2012 (nothing is downloaded)")
+  return tfds.data_source(
+      "imagenet2012", split=split, data_dir=cfg.data_dir, download=False,
+      decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
+  d, r = config.data, config.model.resolution
+  if d.name == "embedded":
+    records = embedded_photos("train")
+    preprocess = Preprocess(r, crop="random_scale", flip=True,
+                            min_scale=d.min_scale)
+  elif d.name == "imagenet2012":
+    records = _imagenet_records(d, d.train_split)
+    preprocess = Preprocess(r, crop=d.train_crop, flip=True)
+  else:
+    raise ValueError(f"config.data.name must be 'embedded' or 'imagenet2012',"
+                     f" got {d.name!r}")
+  logging.info("train data: %s, %d records", d.name, len(records))
+  return image_pipeline(records, preprocess=preprocess,
+                        batch_size=config.batch_size, seed=config.seed,
+                        train=True, num_threads=d.num_threads,
+                        worker_count=d.worker_count)
+
+
+def eval_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
+  """A fixed eval set: the same images in the same order at every eval."""
+  d, r = config.data, config.model.resolution
+  if d.name == "embedded":
+    records = embedded_photos("eval")
+    preprocess = Preprocess(r, crop="random_scale", min_scale=d.min_scale)
+    num = d.num_eval_images
+  else:
+    records = _imagenet_records(d, d.eval_split)
+    preprocess = Preprocess(r, crop="center")
+    num = min(d.num_eval_images or len(records), len(records))
+  return image_pipeline(records, preprocess=preprocess,
+                        batch_size=config.eval_batch_size,
+                        seed=config.seed + 1, train=False, num_examples=num,
+                        num_threads=d.num_threads)
+

@@ -1,0 +1,99 @@
+"""LPIPS perceptual distance (VGG16 trunk) with weights read from a local .npz.
+
+File layout (float32 arrays): `conv{i}/kernel` [3, 3, in, out] (HWIO) and
+`conv{i}/bias` [out] for the 13 VGG16 convs i = 0..12, and `lin{j}` [C_j] for
+the 5 non-negative channel weights of LPIPS v0.1. Nothing is downloaded: the
+file is converted once from the published weights and passed by path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# VGG16 conv widths; 'M' is a 2x2 max-pool. LPIPS taps relu1_2, relu2_2,
+# relu3_3, relu4_3 and relu5_3 (the last conv before each pool, and the end).
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+          512, 512, 512)
+_TAPS = (1, 3, 6, 9, 12)  # conv indices whose ReLU output is compared
+_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
+_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
+
+
+class LPIPS(nnx.Module):
+  """d(x, y) per image for x, y in [-1, 1], [B, H, W, 3] -> [B]."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    convs, cin = [], 3
+    for width in _VGG16:
+      if width != "M":
+        convs.append(nnx.Conv(cin, width, (3, 3), padding="SAME", rngs=rngs))
+        cin = width
+    self.convs = nnx.List(convs)
+    tap_widths = [convs[i].out_features for i in _TAPS]
+    self.lins = nnx.List([
+        nnx.Param(jnp.abs(jax.random.normal(rngs.params(), (c,))) / c)
+        for c in tap_widths])
+
+  def _features(self, x):
+    h = (x - _SHIFT) / _SCALE
+    feats, conv_index = [], 0
+    for width in _VGG16:
+      if width == "M":
+        h = nnx.max_pool(h, (2, 2), strides=(2, 2))
+        continue
+      h = nnx.relu(self.convs[conv_index](h))
+      if conv_index in _TAPS:
+        feats.append(h)
+      conv_index += 1
+    return feats
+
+  def __call__(self, x, y):
+    total = 0.0
+    for fx, fy, lin in zip(self._features(x), self._features(y), self.lins):
+      fx = fx * jax.lax.rsqrt(jnp.sum(fx * fx, -1, keepdims=True) + 1e-10)
+      fy = fy * jax.lax.rsqrt(jnp.sum(fy * fy, -1, keepdims=True) + 1e-10)
+      total = total + jnp.mean(jnp.sum(jnp.square(fx - fy) * lin.value, -1),
+                               axis=(1, 2))
+    return total
+
+  def weights(self) -> dict[str, np.ndarray]:
+    out = {}
+    for i, conv in enumerate(self.convs):
+      out[f"conv{i}/kernel"] = np.asarray(conv.kernel.value)
+      out[f"conv{i}/bias"] = np.asarray(conv.bias.value)
+    for j, lin in enumerate(self.lins):
+      out[f"lin{j}"] = np.asarray(lin.value)
+    return out
+
+  def save(self, path: str) -> None:
+    with open(path, "wb") as f:
+      np.savez(f, **self.weights())
+
+
+def load(path: str) -> LPIPS:
+  """Builds LPIPS and fills it from `path`; errors name missing/odd arrays."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"LPIPS weights {path!r} not found (config.loss.perceptual_weights)")
+  model = LPIPS(rngs=nnx.Rngs(0))
+  expected = model.weights()
+  with np.load(path) as f:
+    stored = dict(f)
+  missing = sorted(set(expected) - set(stored))
+  if missing:
+    raise ValueError(f"LPIPS weights {path!r} lack {missing[:4]}...")
+  for name, value in expected.items():
+    if stored[name].shape != value.shape:
+      raise ValueError(f"LPIPS weights {path!r}: {name} has shape"
+                       f" {stored[name].shape}, expected {value.shape}")
+  for i, conv in enumerate(model.convs):
+    conv.kernel.value = jnp.asarray(stored[f"conv{i}/kernel"])
+    conv.bias.value = jnp.asarray(stored[f"conv{i}/bias"])
+  for j, lin in enumerate(model.lins):
+    lin.value = jnp.asarray(stored[f"lin{j}"])
+  return model

@@ -1,0 +1,214 @@
+"""Vector quantizers: channel-wise (CVQ) and patch-wise (VQGAN baseline)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cvqcar import argmin
+
+
+class CodebookEma(nnx.Variable):
+  """Codebook state updated by exponential moving averages, not gradients."""
+
+
+class FrozenBasis(nnx.Variable):
+  """A fixed random codebook basis (SimVQ); never trained."""
+
+
+class QuantizerOutput(NamedTuple):
+  quantized: jax.Array  # same shape as the input; straight-through gradient
+  indices: jax.Array  # int32 token ids
+  codebook_loss: jax.Array  # scalar, ||sg(z) - e||^2 over kept rows
+  commitment_loss: jax.Array  # scalar, ||z - sg(e)||^2 over kept rows
+  code_counts: jax.Array  # [K] hits per code over kept rows in this batch
+
+
+def _l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
+
+
+def _masked_mean_sq(diff_nd: jax.Array, weight_n: jax.Array) -> jax.Array:
+  per_row_n = jnp.mean(jnp.square(diff_nd.astype(jnp.float32)), axis=-1)
+  return jnp.sum(per_row_n * weight_n) / jnp.maximum(jnp.sum(weight_n), 1.0)
+
+
+class VectorQuantizer(nnx.Module):
+  """Nearest-codeword quantization of rows x [N, D] against K codewords.
+
+  Options (all off gives the plain VQ-VAE quantizer):
+    cosine: l2-normalise rows and codewords before the lookup.
+    simvq: codebook = frozen random basis [K, D] @ trained linear map [D, D].
+    ema: codewords follow EMA cluster means; dead codes (EMA count below
+      `restart_fraction` of the mean count) restart from random batch rows.
+  """
+
+  def __init__(
+      self,
+      num_codes: int,
+      dim: int,
+      *,
+      cosine: bool = False,
+      simvq: bool = False,
+      ema: bool = False,
+      ema_decay: float = 0.99,
+      restart_fraction: float = 0.03,
+      init_scale: float = 1.0,
+      argmin_impl: str = "auto",
+      rngs: nnx.Rngs,
+  ):
+    if simvq and ema:
+      raise ValueError("simvq and ema codebooks are exclusive; pick one")
+    self.num_codes, self.dim = num_codes, dim
+    self.cosine, self.simvq, self.ema = cosine, simvq, ema
+    self.ema_decay, self.restart_fraction = ema_decay, restart_fraction
+    self.argmin_impl = argmin_impl
+    init = jax.random.normal(rngs.params(), (num_codes, dim)) * init_scale
+    if simvq:
+      self.basis_kd = FrozenBasis(init)
+      self.proj = nnx.Linear(
+          dim, dim, use_bias=False, rngs=rngs,
+          kernel_init=nnx.initializers.orthogonal(),
+      )
+    elif ema:
+      self.codebook_kd = CodebookEma(init)
+      # Zero counts make every code "dead" at the first update, so the
+      # codebook starts from rows of real data (a cheap k-means++-like init).
+      self.ema_count_k = CodebookEma(jnp.zeros((num_codes,), jnp.float32))
+      self.ema_sum_kd = CodebookEma(jnp.zeros((num_codes, dim), jnp.float32))
+    else:
+      self.codebook_kd = nnx.Param(init)
+
+  def codebook(self) -> jax.Array:
+    """The effective [K, D] codebook used for lookup and decoding."""
+    if self.simvq:
+      codebook_kd = self.proj(self.basis_kd.value)
+    else:
+      codebook_kd = self.codebook_kd.value
+    return _l2_normalize(codebook_kd) if self.cosine else codebook_kd
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    return jnp.take(self.codebook(), indices, axis=0)
+
+  def __call__(
+      self,
+      x_nd: jax.Array,
+      weight_n: jax.Array | None = None,
+      *,
+      train: bool = False,
+      key: jax.Array | None = None,
+  ) -> QuantizerOutput:
+    """Quantizes rows; `weight_n` (0/1) marks rows that count in the losses."""
+    if x_nd.ndim != 2 or x_nd.shape[1] != self.dim:
+      raise ValueError(
+          f"quantizer expects rows [N, {self.dim}], got {x_nd.shape}"
+      )
+    if weight_n is None:
+      weight_n = jnp.ones(x_nd.shape[:1], jnp.float32)
+    weight_n = weight_n.astype(jnp.float32)
+    z_nd = _l2_normalize(x_nd) if self.cosine else x_nd
+    codebook_kd = self.codebook()
+    indices_n = argmin.codebook_argmin(
+        jax.lax.stop_gradient(z_nd).astype(jnp.float32),
+        jax.lax.stop_gradient(codebook_kd).astype(jnp.float32),
+        impl=self.argmin_impl,
+    )
+    e_nd = jnp.take(codebook_kd, indices_n, axis=0)
+    code_counts_k = jnp.zeros((self.num_codes,), jnp.float32).at[
+        indices_n].add(weight_n)
+
+    if self.ema and train:
+      if key is None:
+        raise ValueError("an EMA quantizer needs a PRNG key in training")
+      self._ema_update(z_nd, indices_n, weight_n, code_counts_k, key)
+      codebook_loss = jnp.zeros((), jnp.float32)
+    else:
+      codebook_loss = _masked_mean_sq(
+          jax.lax.stop_gradient(z_nd) - e_nd, weight_n)
+    commitment_loss = _masked_mean_sq(
+        z_nd - jax.lax.stop_gradient(e_nd), weight_n)
+    # Straight-through: forward value e, gradient identity to z.
+    quantized_nd = z_nd + jax.lax.stop_gradient(e_nd - z_nd)
+    return QuantizerOutput(quantized_nd.astype(x_nd.dtype), indices_n,
+                           codebook_loss, commitment_loss, code_counts_k)
+
+  def _ema_update(self, z_nd, indices_n, weight_n, counts_k, key):
+    z_nd = jax.lax.stop_gradient(z_nd).astype(jnp.float32)
+    decay = self.ema_decay
+    sums_kd = jnp.zeros((self.num_codes, self.dim), jnp.float32).at[
+        indices_n].add(z_nd * weight_n[:, None])
+    count_k = decay * self.ema_count_k.value + (1 - decay) * counts_k
+    sum_kd = decay * self.ema_sum_kd.value + (1 - decay) * sums_kd
+    # Restart codes that nobody picks from rows of this batch, so the
+    # codebook cannot collapse onto a few codes on small data.
+    mean_count = jnp.mean(count_k)
+    dead_k = count_k < self.restart_fraction * mean_count
+    rows_k = jax.random.choice(
+        key, z_nd.shape[0], (self.num_codes,),
+        p=weight_n / jnp.maximum(jnp.sum(weight_n), 1.0),
+    )
+    count_k = jnp.where(dead_k, mean_count, count_k)
+    sum_kd = jnp.where(dead_k[:, None], z_nd[rows_k] * mean_count, sum_kd)
+    self.ema_count_k.value = count_k
+    self.ema_sum_kd.value = sum_kd
+    self.codebook_kd.value = sum_kd / jnp.maximum(count_k, 1e-6)[:, None]
+
+
+class ChannelQuantizer(nnx.Module):
+  """CVQ: each channel map (h*w numbers) of a [B, h, w, C] map is one token."""
+
+  def __init__(self, num_codes: int, height: int, width: int, **kwargs):
+    self.height, self.width = height, width
+    self.vq = VectorQuantizer(num_codes, height * width, **kwargs)
+
+  def num_tokens(self, num_channels: int) -> int:
+    return num_channels
+
+  def __call__(self, z_bhwc, keep_bc=None, *, train=False, key=None):
+    b, h, w, c = z_bhwc.shape
+    if (h, w) != (self.height, self.width):
+      raise ValueError(
+          f"channel quantizer was built for {self.height}x{self.width} maps,"
+          f" got {h}x{w}"
+      )
+    x_nd = jnp.transpose(z_bhwc, (0, 3, 1, 2)).reshape(b * c, h * w)
+    weight_n = None if keep_bc is None else keep_bc.reshape(b * c)
+    out = self.vq(x_nd, weight_n, train=train, key=key)
+    quantized = out.quantized.reshape(b, c, h, w).transpose(0, 2, 3, 1)
+    return out._replace(quantized=quantized,
+                        indices=out.indices.reshape(b, c))
+
+  def lookup(self, tokens_bt: jax.Array, num_channels: int) -> jax.Array:
+    """Tokens [B, T<=C] -> [B, h, w, C]; channels past T are zero."""
+    b, t = tokens_bt.shape
+    maps_btd = self.vq.lookup(tokens_bt)
+    maps_bcd = jnp.pad(maps_btd, ((0, 0), (0, num_channels - t), (0, 0)))
+    return maps_bcd.reshape(b, num_channels, self.height, self.width
+                            ).transpose(0, 2, 3, 1)
+
+
+class PatchQuantizer(nnx.Module):
+  """VQGAN baseline: each position's C-vector of a [B, h, w, C] map is a token."""
+
+  def __init__(self, num_codes: int, num_channels: int, **kwargs):
+    self.vq = VectorQuantizer(num_codes, num_channels, **kwargs)
+
+  def __call__(self, z_bhwc, keep_bc=None, *, train=False, key=None):
+    if keep_bc is not None:
+      raise ValueError("nested channel dropout needs the channel quantizer")
+    b, h, w, c = z_bhwc.shape
+    out = self.vq(z_bhwc.reshape(b * h * w, c), train=train, key=key)
+    return out._replace(quantized=out.quantized.reshape(b, h, w, c),
+                        indices=out.indices.reshape(b, h * w))
+
+  def lookup(self, tokens_bt, height: int, width: int) -> jax.Array:
+    b, t = tokens_bt.shape
+    if t != height * width:
+      raise ValueError(
+          f"patch tokens must cover the {height}x{width} grid ({height * width}"
+          f" tokens), got {t}"
+      )
+    return self.vq.lookup(tokens_bt).reshape(b, height, width, -1)

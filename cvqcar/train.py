@@ -1,0 +1,324 @@
+"""Tokenizer training: pure train/eval steps and `train_and_evaluate`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, periodic_actions
+from flax import nnx
+
+from cvqcar import checkpoint, cvq, data, losses, lpips, metrics, sharding
+from cvqcar import vqgan, visualize
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # generator (tokenizer) parameters
+  buffers: nnx.State  # non-trained tokenizer state: EMA codebook, bases
+  ema_params: nnx.State  # EMA of params; what eval and export use
+  opt_state: Any
+  disc_params: nnx.State
+  disc_opt_state: Any
+
+
+class Setup(NamedTuple):
+  """Static pieces of training: graph definitions and optimizers."""
+
+  gen_graphdef: Any
+  disc_graphdef: Any | None  # None when the GAN loss is off
+  tx: optax.GradientTransformation
+  disc_tx: optax.GradientTransformation
+  perceptual: lpips.LPIPS | None
+
+
+def uses_gan(config) -> bool:
+  return config.loss.gan_weight > 0
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, o.learning_rate, o.warmup_steps,
+      max(config.num_train_steps, o.warmup_steps + 1))
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+
+def _build(config, key):
+  rngs = nnx.Rngs(params=key)
+  gen = cvq.Tokenizer(config.model, rngs=rngs)
+  disc = None
+  if uses_gan(config):
+    disc = vqgan.PatchDiscriminator(
+        base_channels=config.loss.disc_base_channels,
+        num_layers=config.loss.disc_num_layers, rngs=rngs)
+  return gen, disc
+
+
+def make_setup(config) -> Setup:
+  gen, disc = nnx.eval_shape(lambda: _build(config, jax.random.key(0)))
+  gen_graphdef = nnx.split(gen, nnx.Param, ...)[0]
+  disc_graphdef = None if disc is None else nnx.split(disc)[0]
+  o = config.optimizer
+  disc_tx = optax.adam(o.disc_learning_rate, b1=0.5, b2=0.9)
+  perceptual = None
+  if config.loss.perceptual_weight > 0 and config.loss.perceptual_weights:
+    perceptual = lpips.load(config.loss.perceptual_weights)
+  return Setup(gen_graphdef, disc_graphdef, make_optimizer(config), disc_tx,
+               perceptual)
+
+
+def init_state(config, setup: Setup, key) -> TrainState:
+  gen, disc = _build(config, key)
+  _, params, buffers = nnx.split(gen, nnx.Param, ...)
+  disc_params = nnx.state(disc) if disc is not None else nnx.State({})
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=setup.tx.init(params), disc_params=disc_params,
+      disc_opt_state=setup.disc_tx.init(disc_params))
+
+
+def train_step(state: TrainState, batch, key, *, config, setup: Setup):
+  """One generator + discriminator update. Pure; jit with donation."""
+  lc = config.loss
+  images = batch["image"]
+  key = jax.random.fold_in(key, state.step)
+  use_gan = setup.disc_graphdef is not None
+  gan_factor = (state.step >= lc.gan_start_step).astype(jnp.float32)
+  num_channels = config.model.latent_channels
+
+  def nll_of(reconstructions):
+    nll = lc.reconstruction_weight * losses.reconstruction(
+        reconstructions, images, lc.reconstruction)
+    if setup.perceptual is not None:
+      nll += lc.perceptual_weight * jnp.mean(
+          setup.perceptual(reconstructions, images))
+    return nll
+
+  def gen_loss(params):
+    model = nnx.merge(setup.gen_graphdef, params, state.buffers, copy=True)
+    out = model(images, train=True, key=key)
+    nll = nll_of(out.reconstructions)
+    quant = out.codebook_loss + lc.beta * out.commitment_loss
+    total = nll + lc.quantization_weight * quant
+    aux = {"nll": nll, "quantization": quant,
+           "codebook_loss": out.codebook_loss,
+           "commitment_loss": out.commitment_loss,
+           "channels_kept": jnp.mean(out.channels_kept.astype(jnp.float32))}
+    if use_gan:
+      disc = nnx.merge(setup.disc_graphdef, state.disc_params)
+      weight_b = None
+      if config.model.nested_dropout_alpha > 0:
+        weight_b = losses.nested_gan_weight(out.channels_kept, num_channels)
+      # The adaptive weight compares gradients at the decoder's last conv.
+      conv_def, conv_params = nnx.split(model.decoder.conv_out)
+      feats = jax.lax.stop_gradient(out.decoder_features)
+      last = lambda p: nnx.merge(conv_def, p)(feats)
+      gan_of = lambda y: losses.hinge_generator(disc(y), weight_b)
+      d_weight = losses.adaptive_weight(
+          jax.grad(lambda p: nll_of(last(p)))(conv_params),
+          jax.grad(lambda p: gan_of(last(p)))(conv_params))
+      g_loss = gan_of(out.reconstructions)
+      total += gan_factor * lc.gan_weight * d_weight * g_loss
+      aux.update(g_loss=g_loss, d_weight=d_weight)
+    new_buffers = nnx.state(model, nnx.Not(nnx.Param))
+    return total, (aux, new_buffers, out)
+
+  (loss, (aux, buffers, out)), grads = jax.value_and_grad(
+      gen_loss, has_aux=True)(state.params)
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = config.ema_decay
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                            state.ema_params, params)
+
+  disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+  if use_gan:
+    fake = jax.lax.stop_gradient(out.reconstructions)
+
+    def disc_loss(dparams):
+      disc = nnx.merge(setup.disc_graphdef, dparams)
+      return gan_factor * losses.hinge_discriminator(disc(images), disc(fake))
+
+    d_loss, d_grads = jax.value_and_grad(disc_loss)(disc_params)
+    d_updates, disc_opt_state = setup.disc_tx.update(d_grads, disc_opt_state)
+    disc_params = optax.apply_updates(disc_params, d_updates)
+    aux["d_loss"] = d_loss
+
+  counts = out.code_counts
+  aux.update(
+      loss=loss, grad_norm=optax.global_norm(grads),
+      batch_usage=jnp.mean((counts > 0).astype(jnp.float32)),
+      psnr=jnp.mean(metrics.psnr(out.reconstructions, images)),
+      skipped=jnp.sum(batch["skipped"]).astype(jnp.float32))
+  new_state = state.replace(
+      step=state.step + 1, params=params, buffers=buffers,
+      ema_params=ema_params, opt_state=opt_state, disc_params=disc_params,
+      disc_opt_state=disc_opt_state)
+  return new_state, aux
+
+
+def eval_step(params, buffers, images, *, config, setup: Setup):
+  """Per-image PSNR/SSIM, code histogram and coarse-to-fine PSNRs."""
+  model = nnx.merge(setup.gen_graphdef, params, buffers)
+  out = model(images, train=False)
+  result = {"psnr": metrics.psnr(out.reconstructions, images),
+            "ssim": metrics.ssim(out.reconstructions, images),
+            "code_counts": out.code_counts,
+            "reconstructions": out.reconstructions}
+  if config.model.quantize == "channel":
+    for k in metrics.prefix_lengths(config.model.latent_channels):
+      recon = model.decode(out.indices[:, :k])
+      result[f"prefix_{k}"] = recon
+      result[f"psnr_first_{k}"] = metrics.psnr(recon, images)
+  return result
+
+
+class Trainer:
+  """Jitted, sharded steps over a mesh; state stays on device."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    cvq.check_model_config(config.model)
+    self.config = config
+    self.mesh = sharding.make_mesh(config) if mesh is None else mesh
+    self.setup = make_setup(config)
+    key = jax.random.key(config.seed)
+    self.init_key, self.step_key = jax.random.split(key)
+    init = functools.partial(init_state, config, self.setup)
+    abstract = jax.eval_shape(init, self.init_key)
+    self.state_sharding = jax.tree.map(
+        lambda _: sharding.replicated(self.mesh), abstract)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, self.state_sharding)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    rep, data_sharding = (sharding.replicated(self.mesh),
+                          sharding.batch_sharded(self.mesh))
+    self.train_step = jax.jit(
+        functools.partial(train_step, config=config, setup=self.setup),
+        in_shardings=(self.state_sharding, data_sharding, rep),
+        out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, config=config, setup=self.setup))
+
+  def init(self) -> TrainState:
+    return self._init(self.init_key)
+
+  def step(self, state, local_batch):
+    batch = sharding.global_batch(local_batch, self.mesh)
+    return self.train_step(state, batch, self.step_key)
+
+  def evaluate(self, state: TrainState, eval_ds) -> tuple[dict, dict]:
+    """Metrics over the whole eval set, and the first batch's images."""
+    sums, count, counts_k, first = {}, 0, 0.0, None
+    for local in eval_ds:
+      batch = sharding.global_batch(local, self.mesh)
+      out = self.eval_step(state.ema_params, state.buffers, batch["image"])
+      counts_k = counts_k + np.asarray(out.pop("code_counts"))
+      if first is None:
+        first = {"image": np.asarray(batch["image"]),
+                 **{k: np.asarray(v) for k, v in out.items()
+                    if k == "reconstructions" or k.startswith("prefix_")}}
+      for k, v in out.items():
+        if k.startswith(("psnr", "ssim")):
+          sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)))
+      count += batch["image"].shape[0]
+    if count == 0:
+      raise ValueError("the eval set is empty: check config.data and"
+                       " config.eval_batch_size")
+    result = {f"eval/{k}": v / count for k, v in sums.items()}
+    result["eval/codebook_usage"] = metrics.codebook_usage(counts_k)
+    result["eval/codebook_perplexity"] = metrics.codebook_perplexity(counts_k)
+    return result, first
+
+
+def _check_finite(history: list[dict], first_step: int) -> None:
+  for i, m in enumerate(history):
+    if not np.isfinite(m["loss"]):
+      raise FloatingPointError(
+          f"non-finite loss {m['loss']} at step {first_step + i}; the last"
+          f" good metrics were logged at step {first_step - 1}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains the tokenizer, evaluating, logging and checkpointing in workdir.
+
+  Resumes from the latest checkpoint in `workdir` (model, optimizer, EMA and
+  data iterator position). Returns the last eval metrics.
+  """
+  trainer = Trainer(config)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  train_iter = iter(data.train_dataset(config))
+  eval_ds = data.eval_dataset(config)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(trainer.abstract_state, train_iter)
+  else:
+    state = trainer.init()
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("tokenizer: %.2fM parameters, %d tokens per image",
+                 n_params / 1e6, cvq.num_tokens(config.model))
+  start = int(state.step)
+  total = config.num_train_steps
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=total, writer=writer, every_steps=config.log_every)
+  eval_metrics = {}
+
+  def run_eval(step):
+    nonlocal eval_metrics
+    t0 = time.time()
+    eval_metrics, first = trainer.evaluate(state, eval_ds)
+    writer.write_scalars(step, eval_metrics)
+    grid = visualize.reconstruction_grid(first, config.num_grid_images)
+    path = visualize.save_png(
+        grid, os.path.join(workdir, "images", f"recon_{step:07d}.png"))
+    writer.write_images(step, {"reconstructions": grid[None]})
+    logging.info("eval at step %d (%.1fs): %s; grid %s", step,
+                 time.time() - t0, _fmt(eval_metrics), path)
+
+  if start == 0:
+    run_eval(0)
+  history, first_step = [], start + 1
+  for step in range(start + 1, total + 1):
+    state, step_metrics = trainer.step(state, next(train_iter))
+    history.append(step_metrics)
+    progress(step)
+    if step % config.log_every == 0 or step == total:
+      history = jax.device_get(history)
+      _check_finite(history, first_step)
+      scalars = {f"train/{k}": float(np.mean([h[k] for h in history]))
+                 for k in history[0]}
+      scalars["train/skipped"] *= len(history)  # a count, not a mean
+      writer.write_scalars(step, scalars)
+      history, first_step = [], step + 1
+    if step % config.eval_every == 0 or step == total:
+      run_eval(step)
+    if step % config.checkpoint_every == 0 or step == total:
+      ckpt.save(step, state, train_iter, force=step == total)
+    elif ckpt.manager.reached_preemption(step):
+      ckpt.save(step, state, train_iter, force=True)
+      ckpt.wait()
+      logging.warning("preempted at step %d; checkpoint saved", step)
+      break
+  ckpt.wait()
+  writer.flush()
+  return eval_metrics
+
+
+def _fmt(d: dict[str, float]) -> str:
+  return ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in sorted(d.items()))

@@ -1,0 +1,139 @@
+"""VQGAN-style convolutional encoder, decoder and PatchGAN discriminator."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _conv(cin, cout, rngs, kernel=3, stride=1, padding="SAME"):
+  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
+                  padding=padding, rngs=rngs)
+
+
+class ResBlock(nnx.Module):
+  """GroupNorm -> swish -> conv, twice, with a 1x1 skip when widths differ."""
+
+  def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs):
+    self.norm1 = nnx.GroupNorm(cin, num_groups=groups, rngs=rngs)
+    self.conv1 = _conv(cin, cout, rngs)
+    self.norm2 = nnx.GroupNorm(cout, num_groups=groups, rngs=rngs)
+    self.conv2 = _conv(cout, cout, rngs)
+    self.skip = _conv(cin, cout, rngs, kernel=1) if cin != cout else None
+
+  def __call__(self, x):
+    h = self.conv1(nnx.swish(self.norm1(x)))
+    h = self.conv2(nnx.swish(self.norm2(h)))
+    return h + (x if self.skip is None else self.skip(x))
+
+
+class Downsample(nnx.Module):
+  """Stride-2 3x3 conv, padded on the bottom/right as in VQGAN."""
+
+  def __init__(self, ch: int, *, rngs: nnx.Rngs):
+    self.conv = _conv(ch, ch, rngs, stride=2, padding=((0, 1), (0, 1)))
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+class Upsample(nnx.Module):
+  """Nearest-neighbour x2 followed by a 3x3 conv."""
+
+  def __init__(self, ch: int, *, rngs: nnx.Rngs):
+    self.conv = _conv(ch, ch, rngs)
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+    return self.conv(x)
+
+
+def _widths(base: int, mults: Sequence[int]) -> list[int]:
+  return [base * m for m in mults]
+
+
+class Encoder(nnx.Module):
+  """[B, H, W, 3] -> [B, H/f, W/f, latent_channels], f = 2**(levels - 1)."""
+
+  def __init__(self, *, base_channels: int, channel_mults: Sequence[int],
+               num_res_blocks: int, latent_channels: int, norm_groups: int,
+               rngs: nnx.Rngs):
+    widths = _widths(base_channels, channel_mults)
+    self.conv_in = _conv(3, widths[0], rngs)
+    blocks, cin = [], widths[0]
+    for level, cout in enumerate(widths):
+      for _ in range(num_res_blocks):
+        blocks.append(ResBlock(cin, cout, norm_groups, rngs=rngs))
+        cin = cout
+      if level < len(widths) - 1:
+        blocks.append(Downsample(cin, rngs=rngs))
+    blocks += [ResBlock(cin, cin, norm_groups, rngs=rngs) for _ in range(2)]
+    self.blocks = nnx.List(blocks)
+    self.norm_out = nnx.GroupNorm(cin, num_groups=norm_groups, rngs=rngs)
+    self.conv_out = _conv(cin, latent_channels, rngs)
+
+  def __call__(self, x):
+    h = self.conv_in(x)
+    for block in self.blocks:
+      h = block(h)
+    return self.conv_out(nnx.swish(self.norm_out(h)))
+
+
+class Decoder(nnx.Module):
+  """[B, h, w, latent_channels] -> [B, h*f, w*f, 3]; mirror of the encoder."""
+
+  def __init__(self, *, base_channels: int, channel_mults: Sequence[int],
+               num_res_blocks: int, latent_channels: int, norm_groups: int,
+               rngs: nnx.Rngs):
+    widths = _widths(base_channels, channel_mults)[::-1]
+    cin = widths[0]
+    self.conv_in = _conv(latent_channels, cin, rngs)
+    blocks = [ResBlock(cin, cin, norm_groups, rngs=rngs) for _ in range(2)]
+    for level, cout in enumerate(widths):
+      for _ in range(num_res_blocks):
+        blocks.append(ResBlock(cin, cout, norm_groups, rngs=rngs))
+        cin = cout
+      if level < len(widths) - 1:
+        blocks.append(Upsample(cin, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.norm_out = nnx.GroupNorm(cin, num_groups=norm_groups, rngs=rngs)
+    self.conv_out = _conv(cin, 3, rngs)
+
+  def features(self, z):
+    """Everything but the last conv (its weight sets the adaptive GAN weight)."""
+    h = self.conv_in(z)
+    for block in self.blocks:
+      h = block(h)
+    return nnx.swish(self.norm_out(h))
+
+  def __call__(self, z):
+    return self.conv_out(self.features(z))
+
+
+class PatchDiscriminator(nnx.Module):
+  """PatchGAN: a grid of real/fake logits, one per receptive-field patch."""
+
+  def __init__(self, *, base_channels: int = 64, num_layers: int = 3,
+               norm_groups: int = 32, rngs: nnx.Rngs):
+    self.conv_in = _conv(3, base_channels, rngs, kernel=4, stride=2)
+    convs, norms, cin = [], [], base_channels
+    for n in range(1, num_layers + 1):
+      cout = base_channels * min(2**n, 8)
+      stride = 2 if n < num_layers else 1
+      convs.append(_conv(cin, cout, rngs, kernel=4, stride=stride))
+      norms.append(nnx.GroupNorm(cout, num_groups=min(norm_groups, cout),
+                                 rngs=rngs))
+      cin = cout
+    self.convs = nnx.List(convs)
+    self.norms = nnx.List(norms)
+    self.head = _conv(cin, 1, rngs, kernel=4)
+
+  def __call__(self, x):
+    h = nnx.leaky_relu(self.conv_in(x), 0.2)
+    for conv, norm in zip(self.convs, self.norms):
+      h = nnx.leaky_relu(norm(conv(h)), 0.2)
+    return self.head(h)[..., 0]  # [B, H', W'] logits
