@@ -93,6 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.batch_size = 256
   config.eval_batch_size = 256
   config.num_train_steps = 500_000
+  config.run_steps = 0  # >0: stop (with a checkpoint) after this many steps
   config.log_every = 100
   config.eval_every = 5_000
   config.checkpoint_every = 5_000

@@ -52,16 +52,18 @@ def check_same_model(saved: ml_collections.ConfigDict,
 class Checkpointer:
   """Saves {state, data iterator} per step; restores the latest."""
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
+               read_only: bool = False):
     self.directory = os.path.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, create=True))
+            max_to_keep=config.keep_checkpoints, create=not read_only,
+            read_only=read_only))
     config_path = epath.Path(workdir) / CONFIG_FILE
     if self.manager.latest_step() is not None and config_path.exists():
       check_same_model(load_config(workdir), config, workdir)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not read_only:
       config_path.parent.mkdir(parents=True, exist_ok=True)
       config_path.write_text(config_to_json(config))
 
@@ -78,13 +80,18 @@ class Checkpointer:
     if saved:
       logging.info("saved checkpoint at step %d to %s", step, self.directory)
 
-  def restore(self, abstract_state: Any, data_iter: grain.DatasetIterator,
+  def restore(self, abstract_state: Any,
+              data_iter: grain.DatasetIterator | None = None,
               step: int | None = None) -> Any:
+    """Restores state (resharded to `abstract_state`'s shardings) and, when
+    given, moves `data_iter` to where it was at that step."""
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored checkpoint of step %d from %s", step,
                  self.directory)
     return restored.state

@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import logging as pylogging
+from cvqcar import logs  # First: quiets TensorFlow before anything imports it.
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from cvqcar import train
+from cvqcar import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (a get_config(arg) module).",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics"
-                               " and images go.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries(pylogging.Filter):
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics and images go.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  # Orbax logs every save phase at INFO; keep its warnings, drop the rest.
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logs.setup()
   logging.info("JAX process %d of %d, %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
@@ -38,4 +29,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -253,12 +253,25 @@ def _check_finite(history: list[dict], first_step: int) -> None:
           f" good metrics were logged at step {first_step - 1}")
 
 
+_SUMMARY_STEPS = 1000  # per-step train metrics kept for the caller
+
+
+class Summary(NamedTuple):
+  """What a call of train_and_evaluate saw: logged train scalars per step
+  and the last eval metrics."""
+
+  train: dict[int, dict[str, float]]
+  eval: dict[str, float]
+  last_step: int
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+                       workdir: str) -> Summary:
   """Trains the tokenizer, evaluating, logging and checkpointing in workdir.
 
   Resumes from the latest checkpoint in `workdir` (model, optimizer, EMA and
-  data iterator position). Returns the last eval metrics.
+  data iterator position). With config.run_steps > 0 it stops after that many
+  steps with a checkpoint (for time-limited jobs); the next call goes on.
   """
   trainer = Trainer(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
@@ -275,14 +288,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  n_params / 1e6, cvq.num_tokens(config.model))
   start = int(state.step)
   total = config.num_train_steps
+  stop = min(total, start + config.run_steps) if config.run_steps else total
   progress = periodic_actions.ReportProgress(
       num_train_steps=total, writer=writer, every_steps=config.log_every)
-  eval_metrics = {}
+  summary = Summary(train={}, eval={}, last_step=start)
 
   def run_eval(step):
-    nonlocal eval_metrics
     t0 = time.time()
     eval_metrics, first = trainer.evaluate(state, eval_ds)
+    summary.eval.clear()
+    summary.eval.update(eval_metrics)
     writer.write_scalars(step, eval_metrics)
     grid = visualize.reconstruction_grid(first, config.num_grid_images)
     path = visualize.save_png(
@@ -293,14 +308,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   if start == 0:
     run_eval(0)
-  history, first_step = [], start + 1
-  for step in range(start + 1, total + 1):
+  history, first_step, step = [], start + 1, start
+  for step in range(start + 1, stop + 1):
     state, step_metrics = trainer.step(state, next(train_iter))
     history.append(step_metrics)
     progress(step)
-    if step % config.log_every == 0 or step == total:
+    last = step == stop
+    if step % config.log_every == 0 or last:
       history = jax.device_get(history)
       _check_finite(history, first_step)
+      for i, h in enumerate(history):
+        summary.train[first_step + i] = {f"train/{k}": float(v)
+                                         for k, v in h.items()}
+      while len(summary.train) > _SUMMARY_STEPS:
+        summary.train.pop(next(iter(summary.train)))
       scalars = {f"train/{k}": float(np.mean([h[k] for h in history]))
                  for k in history[0]}
       scalars["train/skipped"] *= len(history)  # a count, not a mean
@@ -308,16 +329,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       history, first_step = [], step + 1
     if step % config.eval_every == 0 or step == total:
       run_eval(step)
-    if step % config.checkpoint_every == 0 or step == total:
-      ckpt.save(step, state, train_iter, force=step == total)
+    if step % config.checkpoint_every == 0 or last:
+      ckpt.save(step, state, train_iter, force=last)
     elif ckpt.manager.reached_preemption(step):
       ckpt.save(step, state, train_iter, force=True)
-      ckpt.wait()
       logging.warning("preempted at step %d; checkpoint saved", step)
       break
   ckpt.wait()
   writer.flush()
-  return eval_metrics
+  return summary._replace(last_step=step)
 
 
 def _fmt(d: dict[str, float]) -> str:

@@ -1,0 +1,82 @@
+"""codebook_argmin: every path against a numpy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvqcar import argmin
+
+
+def numpy_argmin(x, codebook):
+  x = np.asarray(x, np.float64)
+  codebook = np.asarray(codebook, np.float64)
+  d = ((x[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
+  return d.argmin(-1), d
+
+
+def assert_nearest(x, codebook, got, rtol=1e-5):
+  """The chosen code is (within tolerance) as near as the true nearest."""
+  want, d = numpy_argmin(x, codebook)
+  rows = np.arange(len(want))
+  np.testing.assert_allclose(d[rows, got], d[rows, want], rtol=rtol,
+                             atol=rtol * np.abs(d).max())
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("n,d,k,block", [(37, 16, 100, 32), (64, 8, 7, 4),
+                                         (5, 3, 1, 1024), (128, 64, 300, 128)])
+def test_matches_numpy(impl, n, d, k, block):
+  kx, kc = jax.random.split(jax.random.key(n * k))
+  x = jax.random.normal(kx, (n, d))
+  codebook = jax.random.normal(kc, (k, d))
+  got = argmin.codebook_argmin(x, codebook, impl=impl, block_k=block)
+  assert got.dtype == jnp.int32 and got.shape == (n,)
+  assert int(got.min()) >= 0 and int(got.max()) < k
+  assert_nearest(x, codebook, np.asarray(got))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_ties_pick_lowest_index(impl):
+  # Every codeword appears 3 times, at i, i + 10 and i + 20, and the block
+  # size (7) splits the copies across blocks: the first copy must win.
+  base = jax.random.normal(jax.random.key(0), (10, 12))
+  codebook = jnp.concatenate([base, base, base])
+  x = base[jnp.array([3, 9, 0, 5])] + 0.01
+  got = argmin.codebook_argmin(x, codebook, impl=impl, block_k=7)
+  np.testing.assert_array_equal(got, [3, 9, 0, 5])
+  # Exact equidistance: x halfway between codes 4 and 1 -> 1.
+  cb = jnp.zeros((6, 2)).at[1].set(jnp.array([1.0, 0.0])).at[4].set(
+      jnp.array([-1.0, 0.0])) + jnp.array([0.0, 5.0])
+  cb = cb.at[jnp.array([0, 2, 3, 5])].set(100.0)
+  x = jnp.array([[0.0, 5.0]])
+  assert int(argmin.codebook_argmin(x, cb, impl=impl, block_k=2)[0]) == 1
+
+
+def test_blocked_equals_reference_bf16():
+  kx, kc = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (200, 32)).astype(jnp.bfloat16)
+  codebook = jax.random.normal(kc, (333, 32)).astype(jnp.bfloat16)
+  ref = argmin.reference(x, codebook)
+  got = argmin.blocked(x, codebook, block_k=64)
+  np.testing.assert_array_equal(got, ref)  # same fp32 scores, same order
+
+
+def test_jit_and_vmap_compose():
+  x = jax.random.normal(jax.random.key(2), (3, 10, 4))
+  codebook = jax.random.normal(jax.random.key(3), (50, 4))
+  f = jax.jit(jax.vmap(lambda xi: argmin.blocked(xi, codebook, block_k=16)))
+  for i in range(3):
+    assert_nearest(x[i], codebook, np.asarray(f(x)[i]))
+
+
+@pytest.mark.parametrize("x_shape,cb_shape", [((4, 3), (5, 4)), ((4,), (5, 4)),
+                                              ((4, 3), (0, 3))])
+def test_bad_shapes_name_both(x_shape, cb_shape):
+  with pytest.raises(ValueError, match=r"codebook"):
+    argmin.codebook_argmin(jnp.zeros(x_shape), jnp.zeros(cb_shape))
+
+
+def test_unknown_impl():
+  with pytest.raises(ValueError, match="impl must be one of"):
+    argmin.codebook_argmin(jnp.zeros((2, 2)), jnp.zeros((2, 2)), impl="fast")

@@ -1,0 +1,37 @@
+"""Test setup: 8 fake CPU devices and a tiny tokenizer config."""
+
+import os
+
+# Must run before JAX initialises its backends.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from configs import cvq_tokenizer  # noqa: E402
+
+
+def tiny_config(arg: str = "tiny"):
+  """The tiny config shrunk further: 16 px, 8 channel tokens of 8x8."""
+  config = cvq_tokenizer.get_config(arg)
+  config.model.resolution = 16
+  config.model.base_channels = 8
+  config.model.norm_groups = 4
+  config.model.latent_channels = 8
+  config.model.num_codes = 64
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.data.num_eval_images = 16
+  config.data.num_threads = 2
+  config.num_train_steps = 4
+  config.log_every = 1
+  config.eval_every = 1000
+  config.checkpoint_every = 2
+  config.num_grid_images = 2
+  return config
+
+
+@pytest.fixture
+def config():
+  return tiny_config()

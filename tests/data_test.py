@@ -1,0 +1,103 @@
+"""Grain pipelines: embedded photos, preprocessing, corrupt records."""
+
+import io
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from cvqcar import data
+
+
+def png_bytes(rng, h=40, w=50):
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def test_embedded_photos_are_real_and_split():
+  train = data.embedded_photos("train")
+  evals = data.embedded_photos("eval")
+  assert len(train) >= 20 and len(evals) == len(data.EMBEDDED_EVAL_FILES)
+  assert not {r["name"] for r in train} & {r["name"] for r in evals}
+  for r in train + evals:
+    assert r["image"].dtype == np.uint8 and r["image"].shape[-1] == 3
+    assert min(r["image"].shape[:2]) >= 64
+  with pytest.raises(ValueError, match="'train' or 'eval'"):
+    data.embedded_photos("test")
+
+
+@pytest.mark.parametrize("crop", ["center", "random", "random_scale"])
+def test_preprocess_shape_and_range(crop):
+  rng = np.random.default_rng(0)
+  record = {"image": png_bytes(rng, 40, 70)}
+  out = data.Preprocess(16, crop=crop, flip=True)(record, rng)
+  assert out["image"].shape == (16, 16, 3)
+  assert out["image"].dtype == np.float32
+  assert -1.0 <= out["image"].min() and out["image"].max() <= 1.0
+  assert not out["corrupt"]
+
+
+def test_center_crop_is_exact_on_a_square_image():
+  image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+  out = data.Preprocess(16, crop="center")({"image": image}, None)
+  np.testing.assert_allclose(out["image"], image / 127.5 - 1.0, atol=1e-6)
+
+
+def test_corrupt_records_are_skipped_and_counted():
+  rng = np.random.default_rng(0)
+  good = [{"image": png_bytes(rng)} for _ in range(6)]
+  bad = [{"image": b"\x89PNG not really"}, {"image": b""}]
+  records = [good[0], bad[0], good[1], good[2], bad[1], good[3], good[4],
+             good[5]]
+  ds = data.image_pipeline(records, preprocess=data.Preprocess(8),
+                           batch_size=2, seed=0, train=False)
+  batches = list(ds)
+  assert len(batches) == 3  # 6 good images in batches of 2
+  assert sum(int(b["skipped"].sum()) for b in batches) == 2
+  for b in batches:
+    assert b["image"].shape == (2, 8, 8, 3)
+
+
+def test_train_stream_is_deterministic_and_resumable():
+  config = tiny_config()
+  it = iter(data.train_dataset(config))
+  next(it)
+  state = it.get_state()
+  want = next(it)["image"]
+  again = iter(data.train_dataset(config))
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["image"], want)
+
+
+def test_eval_set_is_fixed():
+  config = tiny_config()
+  a = [b["image"] for b in data.eval_dataset(config)]
+  b = [b["image"] for b in data.eval_dataset(config)]
+  assert len(a) == 2
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_batch_must_split_over_processes(monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  with pytest.raises(ValueError, match="not divisible by the 3 JAX processes"):
+    data.image_pipeline([], preprocess=data.Preprocess(8), batch_size=8,
+                        seed=0, train=False)
+
+
+def test_unknown_dataset_name():
+  config = tiny_config()
+  config.data.name = "cifar"
+  with pytest.raises(ValueError, match="'embedded' or 'imagenet2012'"):
+    data.train_dataset(config)
+
+
+def test_imagenet_needs_a_local_dir():
+  config = tiny_config()
+  config.data.name = "imagenet2012"
+  config.data.data_dir = ""
+  with pytest.raises(ValueError, match="local TFDS directory"):
+    data.train_dataset(config)
