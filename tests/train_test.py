@@ -1,0 +1,131 @@
+"""End to end: the real train function on a shrunken config, 8 CPU devices."""
+
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from conftest import tiny_config
+from cvqcar import checkpoint, data, export, lpips, sharding, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """An uninterrupted 4-step run, shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_runs_on_all_devices_and_logs(finished_run):
+  workdir, summary = finished_run
+  assert jax.device_count() == 8
+  assert summary.last_step == 4 and sorted(summary.train) == [1, 2, 3, 4]
+  for step in summary.train.values():
+    assert math.isfinite(step["train/loss"])
+  assert 0 < summary.eval["eval/codebook_usage"] <= 1
+  assert summary.eval["eval/psnr"] > 0
+  assert {"eval/psnr_first_1", "eval/psnr_first_8"} <= set(summary.eval)
+  images = sorted(p.name for p in (pathlib.Path(workdir) / "images").iterdir())
+  assert images == ["recon_0000000.png", "recon_0000004.png"]
+
+
+def test_interrupted_run_resumes_exactly(finished_run, tmp_path):
+  _, full = finished_run
+  config = tiny_config()
+  config.run_steps = 2  # stop after two steps, as a preempted job would
+  first = train.train_and_evaluate(config, str(tmp_path))
+  assert first.last_step == 2
+  config.run_steps = 0
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(resumed.train) == [3, 4]
+  for step in (3, 4):
+    np.testing.assert_allclose(resumed.train[step]["train/loss"],
+                               full.train[step]["train/loss"], rtol=1e-6)
+  np.testing.assert_allclose(resumed.eval["eval/psnr"],
+                             full.eval["eval/psnr"], rtol=1e-5)
+
+
+def test_export_load_encode_gives_the_trainers_tokens(finished_run, tmp_path):
+  workdir, _ = finished_run
+  out = export.export(workdir, str(tmp_path / "export"))
+  loaded = export.load_tokenizer(out)
+  config = tiny_config()
+  trainer = train.Trainer(config)
+  state = checkpoint.Checkpointer(workdir, config, read_only=True).restore(
+      trainer.abstract_state)
+  model = nnx.merge(trainer.setup.gen_graphdef, state.ema_params,
+                    state.buffers)
+  batch = next(iter(data.eval_dataset(config)))["image"]
+  want = model.encode(batch)
+  np.testing.assert_array_equal(loaded.encode(batch), want)
+  assert want.shape == (8, 8)
+
+
+def test_checkpoint_from_another_config_is_refused(finished_run, tmp_path):
+  workdir, _ = finished_run
+  config = tiny_config()
+  config.model.latent_channels = 16
+  with pytest.raises(ValueError, match=r"model.latent_channels: saved 8 vs"
+                     r" now 16"):
+    train.train_and_evaluate(config, workdir)
+  out = export.export(workdir, str(tmp_path / "export"))
+  with pytest.raises(ValueError, match="model.latent_channels"):
+    export.load_tokenizer(out, expect=config)
+
+
+def test_nan_guard_names_the_step(tmp_path):
+  config = tiny_config()
+  config.optimizer.learning_rate = float("nan")
+  with pytest.raises(FloatingPointError, match="at step 2"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_gan_and_perceptual_losses_train(tmp_path):
+  weights = str(tmp_path / "lpips.npz")
+  lpips.LPIPS(rngs=nnx.Rngs(0)).save(weights)
+  config = tiny_config()
+  config.loss.gan_weight = 0.75
+  config.loss.gan_start_step = 1  # step 0 runs without, later steps with
+  config.loss.disc_base_channels = 8
+  config.loss.disc_num_layers = 1
+  config.loss.perceptual_weights = weights
+  config.num_train_steps = 2
+  trainer = train.Trainer(config)
+  state = trainer.init()
+  disc_before = jax.tree.map(np.asarray, state.disc_params)
+  batches = iter(data.train_dataset(config))
+  state, m0 = trainer.step(state, next(batches))
+  state, m1 = trainer.step(state, next(batches))
+  assert float(m0["d_loss"]) == 0.0  # before gan_start_step
+  assert float(m1["d_loss"]) > 0.0 and float(m1["d_weight"]) > 0.0
+  for k in ("loss", "g_loss", "nll"):
+    assert math.isfinite(float(m1[k]))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))),
+                         disc_before, state.disc_params)
+  assert all(jax.tree.leaves(changed))
+
+
+def test_mesh_must_match_devices():
+  config = tiny_config()
+  config.mesh.data = 3
+  with pytest.raises(ValueError, match="config.mesh.data=3"):
+    sharding.make_mesh(config)
+
+
+def test_unknown_config_key_is_named():
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                  lock_config=True)
+  with pytest.raises(flags.UnrecognizedFlagError, match="config.model.nope"):
+    fv(["prog", "--config=configs/cvq_tokenizer.py:tiny",
+        "--config.model.nope=1"])
+  with pytest.raises(flags.IllegalFlagValueError,
+                     match=r"unknown config argument\(s\) \['bogus'\]"):
+    fv(["prog", "--config=configs/cvq_tokenizer.py:tiny,bogus"])
