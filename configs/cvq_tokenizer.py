@@ -122,10 +122,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.ema_decay = 0.99
     config.batch_size = 32
     config.eval_batch_size = 64
-    config.num_train_steps = 1_000
+    config.num_train_steps = 600
     config.log_every = 50
-    config.eval_every = 250
-    config.checkpoint_every = 250
+    config.eval_every = 200
+    config.checkpoint_every = 200
   if "patch" in args:
     m.quantize = "patch"
     m.nested_dropout_alpha = 0.0

@@ -1,4 +1,4 @@
-"""Nearest-codeword search: argmin_k ||x_n - e_k||^2 without the N x K matrix."""
+"""Nearest-codeword search argmin_k ||x_n - e_k||^2 without an N x K matrix."""
 
 from __future__ import annotations
 

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cvqcar import quantize
-from cvqcar import vqgan
+from cvqcar import quantize, vqgan
 
 QUANTIZERS = ("channel", "patch")
 
@@ -107,7 +106,8 @@ class Tokenizer(nnx.Module):
   def _channels_kept(self, batch: int, key: jax.Array) -> jax.Array:
     """Nested dropout: with prob alpha keep c ~ U{1..C} channels, else C."""
     apply_key, count_key = jax.random.split(key)
-    apply_b = jax.random.uniform(apply_key, (batch,)) < self.nested_dropout_alpha
+    alpha = self.nested_dropout_alpha
+    apply_b = jax.random.uniform(apply_key, (batch,)) < alpha
     kept_b = jax.random.randint(count_key, (batch,), 1,
                                 self.latent_channels + 1)
     return jnp.where(apply_b, kept_b, self.latent_channels).astype(jnp.int32)

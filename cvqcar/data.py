@@ -6,7 +6,8 @@ import dataclasses
 import importlib.resources
 import io
 import logging
-from typing import Any, Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import jax
@@ -163,14 +164,14 @@ def image_pipeline(
                      f" {processes} JAX processes")
   ds = grain.MapDataset.source(records)
   if num_examples is not None:
-    ds = grain.MapDataset.range(num_examples).map(
-        lambda i, n=len(records): records[i % n])
+    n = len(records)
+    ds = grain.MapDataset.range(num_examples).map(lambda i: records[i % n])
   if train:
     ds = ds.shuffle(seed=seed).repeat()
   ds = ds[jax.process_index()::processes]
   ds = ds.random_map(preprocess, seed=seed)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=2 * batch_size))
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
   ds = SkipCorrupt(ds)
   ds = ds.batch(batch_size // processes, drop_remainder=True)
   if worker_count > 0:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-from cvqcar import logs  # First: quiets TensorFlow before anything imports it.
-
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -20,7 +18,13 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from cvqcar import checkpoint, cvq, sharding, train
+from cvqcar import (
+  checkpoint,
+  cvq,
+  logs,  # First: quiets TensorFlow before anything imports it.
+  sharding,
+  train,
+)
 
 PARAMS_DIR = "params"
 

@@ -54,7 +54,8 @@ class LPIPS(nnx.Module):
 
   def __call__(self, x, y):
     total = 0.0
-    for fx, fy, lin in zip(self._features(x), self._features(y), self.lins):
+    for fx, fy, lin in zip(self._features(x), self._features(y), self.lins,
+                              strict=True):
       fx = fx * jax.lax.rsqrt(jnp.sum(fx * fx, -1, keepdims=True) + 1e-10)
       fy = fy * jax.lax.rsqrt(jnp.sum(fy * fy, -1, keepdims=True) + 1e-10)
       total = total + jnp.mean(jnp.sum(jnp.square(fx - fy) * lin.value, -1),

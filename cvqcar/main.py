@@ -1,14 +1,15 @@
-"""Entry point: python -m cvqcar.main --config=configs/X.py[:args] --workdir=DIR."""
+"""Entry point: python -m cvqcar.main --config=FILE[:args] --workdir=DIR."""
 
 from __future__ import annotations
-
-from cvqcar import logs  # First: quiets TensorFlow before anything imports it.
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cvqcar import train  # noqa: E402
+from cvqcar import (
+  logs,  # First: quiets TensorFlow before anything imports it.
+  train,  # noqa: E402
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (a get_config(arg) module).",

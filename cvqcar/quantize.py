@@ -191,7 +191,8 @@ class ChannelQuantizer(nnx.Module):
 
 
 class PatchQuantizer(nnx.Module):
-  """VQGAN baseline: each position's C-vector of a [B, h, w, C] map is a token."""
+  """VQGAN baseline: each position's C-vector of a [B, h, w, C] map is one
+  token."""
 
   def __init__(self, num_codes: int, num_channels: int, **kwargs):
     self.vq = VectorQuantizer(num_codes, num_channels, **kwargs)

@@ -17,8 +17,17 @@ import optax
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from cvqcar import checkpoint, cvq, data, losses, lpips, metrics, sharding
-from cvqcar import vqgan, visualize
+from cvqcar import (
+  checkpoint,
+  cvq,
+  data,
+  losses,
+  lpips,
+  metrics,
+  sharding,
+  visualize,
+  vqgan,
+)
 
 
 @flax.struct.dataclass

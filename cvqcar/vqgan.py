@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 
@@ -104,7 +103,7 @@ class Decoder(nnx.Module):
     self.conv_out = _conv(cin, 3, rngs)
 
   def features(self, z):
-    """Everything but the last conv (its weight sets the adaptive GAN weight)."""
+    """All but the last conv (whose weight sets the adaptive GAN weight)."""
     h = self.conv_in(z)
     for block in self.blocks:
       h = block(h)
@@ -134,6 +133,6 @@ class PatchDiscriminator(nnx.Module):
 
   def __call__(self, x):
     h = nnx.leaky_relu(self.conv_in(x), 0.2)
-    for conv, norm in zip(self.convs, self.norms):
+    for conv, norm in zip(self.convs, self.norms, strict=True):
       h = nnx.leaky_relu(norm(conv(h)), 0.2)
     return self.head(h)[..., 0]  # [B, H', W'] logits

@@ -77,7 +77,7 @@ def test_eval_set_is_fixed():
   a = [b["image"] for b in data.eval_dataset(config)]
   b = [b["image"] for b in data.eval_dataset(config)]
   assert len(a) == 2
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -101,3 +101,18 @@ def test_imagenet_needs_a_local_dir():
   config.data.data_dir = ""
   with pytest.raises(ValueError, match="local TFDS directory"):
     data.train_dataset(config)
+
+
+def test_imagenet_pipeline_under_tfds_mock():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = tiny_config()
+  config.data.name = "imagenet2012"
+  config.data.data_dir = "/nonexistent"  # mock_data never reads it
+  with tfds.testing.mock_data(num_examples=20,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    batch = next(iter(data.train_dataset(config)))
+    evals = list(data.eval_dataset(config))
+  assert batch["image"].shape == (8, 16, 16, 3)
+  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert batch["image"].std() > 0.1  # real decoded pixels, not a fill
+  assert len(evals) == 2  # 16 eval images in batches of 8
