@@ -18,11 +18,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cvqcar import logs  # noqa: E402  (first: quiets TensorFlow)
-
 from bench import report  # noqa: E402
 from configs import cvq_tokenizer  # noqa: E402
-from cvqcar import cvq, train  # noqa: E402
+from cvqcar import cvq, logs, train  # noqa: E402  (logs before train: TF)
 
 # name -> (config argument, extra overrides)
 VARIANTS = {
