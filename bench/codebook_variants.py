@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -42,7 +41,7 @@ def main():
   logs.setup()
   names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
   header = ["variant", "tokens", "PSNR", "SSIM", "usage", "perplexity",
-            "PSNR first C/16", "PSNR first C/4", "train time (s)"]
+            "PSNR first C/16", "PSNR first C/4"]
   rows = []
   for name in names:
     arg, overrides = VARIANTS[name]
@@ -52,7 +51,6 @@ def main():
       config[section][field] = value
     config.num_train_steps = args.steps
     config.eval_every = config.checkpoint_every = args.steps
-    t0 = time.time()
     with tempfile.TemporaryDirectory() as workdir:
       ev = train.train_and_evaluate(config, workdir).eval
     c = config.model.latent_channels
@@ -62,8 +60,7 @@ def main():
                  fmt(ev["eval/ssim"], 3),
                  f"{ev['eval/codebook_usage']:.1%}",
                  fmt(ev["eval/codebook_perplexity"], 0),
-                 fmt(prefix(max(1, c // 16))), fmt(prefix(c // 4)),
-                 f"{time.time() - t0:.0f}"])
+                 fmt(prefix(max(1, c // 16))), fmt(prefix(c // 4))])
     print(report.markdown_table(header, rows[-1:]), flush=True)
   table = report.markdown_table(header, rows)
   print(table)

@@ -110,9 +110,25 @@ def blocked(
 
 def default_impl() -> str:
   """The fastest correct path for the default backend."""
-  # The fused Pallas kernel is the intended path on TPU/GPU; until it lands
-  # every backend uses the blocked XLA scan.
-  return "xla"
+  # The fused kernel needs a TPU/GPU; on CPU it only runs interpreted (for
+  # checking), and the blocked scan fuses well with XLA's CPU matmul.
+  return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+
+
+def _pallas(x: jax.Array, codebook: jax.Array, data_axis: str) -> jax.Array:
+  """The fused kernel; per shard when the tokens are split over a mesh.
+
+  A Pallas call is opaque to XLA's partitioner, which would gather sharded
+  tokens onto every device; under a mesh context (`jax.set_mesh`) the kernel
+  instead runs on each device's rows via shard_map.
+  """
+  from cvqcar import argmin_pallas  # Imports Pallas only when used.
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if (not mesh.empty and mesh.shape.get(data_axis, 1) > 1
+      and x.shape[0] % mesh.shape[data_axis] == 0):
+    return argmin_pallas.sharded_argmin(x, codebook, mesh, data_axis)
+  return argmin_pallas.argmin_pallas(x, codebook)
 
 
 def codebook_argmin(
@@ -121,6 +137,7 @@ def codebook_argmin(
     *,
     impl: Impl = "auto",
     block_k: int = DEFAULT_BLOCK_K,
+    data_axis: str = "data",
 ) -> jax.Array:
   """Index of the nearest codeword (squared L2) for each row of x.
 
@@ -130,6 +147,7 @@ def codebook_argmin(
     impl: 'reference' (full distance matrix), 'xla' (blocked scan), 'pallas'
       (fused kernel) or 'auto' (best for the backend).
     block_k: codes per block for the blocked path.
+    data_axis: mesh axis the rows are sharded over (for the Pallas path).
 
   Returns:
     int32 [N] indices; ties resolve to the lowest index.
@@ -142,7 +160,4 @@ def codebook_argmin(
     return reference(x, codebook)
   if impl == "xla":
     return blocked(x, codebook, block_k=block_k)
-  raise NotImplementedError(
-      "impl='pallas' needs the fused Pallas kernel, which this build does not"
-      " have yet; use impl='xla' or 'auto'"
-  )
+  return _pallas(x, codebook, data_axis)

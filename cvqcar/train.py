@@ -224,18 +224,22 @@ class Trainer:
         functools.partial(eval_step, config=config, setup=self.setup))
 
   def init(self) -> TrainState:
-    return self._init(self.init_key)
+    with jax.set_mesh(self.mesh):
+      return self._init(self.init_key)
 
   def step(self, state, local_batch):
     batch = sharding.global_batch(local_batch, self.mesh)
-    return self.train_step(state, batch, self.step_key)
+    # The mesh context lets the Pallas codebook search run per shard.
+    with jax.set_mesh(self.mesh):
+      return self.train_step(state, batch, self.step_key)
 
   def evaluate(self, state: TrainState, eval_ds) -> tuple[dict, dict]:
     """Metrics over the whole eval set, and the first batch's images."""
     sums, count, counts_k, first = {}, 0, 0.0, None
     for local in eval_ds:
       batch = sharding.global_batch(local, self.mesh)
-      out = self.eval_step(state.ema_params, state.buffers, batch["image"])
+      with jax.set_mesh(self.mesh):
+        out = self.eval_step(state.ema_params, state.buffers, batch["image"])
       counts_k = counts_k + np.asarray(out.pop("code_counts"))
       if first is None:
         first = {"image": np.asarray(batch["image"]),

@@ -129,3 +129,19 @@ def test_unknown_config_key_is_named():
   with pytest.raises(flags.IllegalFlagValueError,
                      match=r"unknown config argument\(s\) \['bogus'\]"):
     fv(["prog", "--config=configs/cvq_tokenizer.py:tiny,bogus"])
+
+
+def test_pallas_codebook_search_in_the_sharded_step():
+  """The fused kernel (interpreted on CPU) runs per shard inside the jitted
+  8-device train step and gives the blocked XLA path's losses."""
+  losses = {}
+  for impl in ("xla", "pallas"):
+    config = tiny_config()
+    config.model.codebook.argmin_impl = impl
+    trainer = train.Trainer(config)
+    state = trainer.init()
+    batches = iter(data.train_dataset(config))
+    for _ in range(2):
+      state, m = trainer.step(state, next(batches))
+    losses[impl] = float(m["loss"])
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
