@@ -87,8 +87,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   opt.grad_clip = 1.0
   config.ema_decay = 0.999  # EMA of generator params, used for eval/export
 
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # all devices on the data axis
+  # Mesh axes within a slice (ICI) and across slices (DCN); one -1 takes
+  # the remaining devices. data x fsdp split the batch; model splits widths.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  config.dcn_mesh = ml_collections.ConfigDict(
+      {"data": 1, "fsdp": 1, "model": 1})
+  # Logical parameter axis -> mesh axes (None: replicated).
+  config.logical_axis_rules = (
+      ("conv_in", "fsdp"),
+      ("conv_out", "model"),
+      ("codes", "model"),
+      ("code_dim", "fsdp"),
+      ("norm", None),
+  )
 
   config.batch_size = 256
   config.eval_batch_size = 256

@@ -51,7 +51,9 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
 
 def _single_device(config):
   config = ml_collections.ConfigDict(config.to_dict())
-  config.mesh.data = 1
+  for mesh in (config.mesh, config.get("dcn_mesh") or {}):
+    for axis in mesh:
+      mesh[axis] = 1
   return config
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvqcar import argmin
+from cvqcar import argmin, sharding
 
 
 class CodebookEma(nnx.Variable):
@@ -67,20 +67,23 @@ class VectorQuantizer(nnx.Module):
     self.ema_decay, self.restart_fraction = ema_decay, restart_fraction
     self.argmin_impl = argmin_impl
     init = jax.random.normal(rngs.params(), (num_codes, dim)) * init_scale
+    kd = ("codes", "code_dim")
     if simvq:
-      self.basis_kd = FrozenBasis(init)
+      self.basis_kd = FrozenBasis(init, logical_axes=kd)
       self.proj = nnx.Linear(
           dim, dim, use_bias=False, rngs=rngs,
-          kernel_init=nnx.initializers.orthogonal(),
-      )
+          kernel_init=sharding.axes(nnx.initializers.orthogonal(),
+                                    "code_dim", None))
     elif ema:
-      self.codebook_kd = CodebookEma(init)
+      self.codebook_kd = CodebookEma(init, logical_axes=kd)
       # Zero counts make every code "dead" at the first update, so the
       # codebook starts from rows of real data (a cheap k-means++-like init).
-      self.ema_count_k = CodebookEma(jnp.zeros((num_codes,), jnp.float32))
-      self.ema_sum_kd = CodebookEma(jnp.zeros((num_codes, dim), jnp.float32))
+      self.ema_count_k = CodebookEma(jnp.zeros((num_codes,), jnp.float32),
+                                     logical_axes=("codes",))
+      self.ema_sum_kd = CodebookEma(jnp.zeros((num_codes, dim), jnp.float32),
+                                    logical_axes=kd)
     else:
-      self.codebook_kd = nnx.Param(init)
+      self.codebook_kd = nnx.Param(init, logical_axes=kd)
 
   def codebook(self) -> jax.Array:
     """The effective [K, D] codebook used for lookup and decoding."""

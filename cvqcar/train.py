@@ -208,8 +208,8 @@ class Trainer:
     self.init_key, self.step_key = jax.random.split(key)
     init = functools.partial(init_state, config, self.setup)
     abstract = jax.eval_shape(init, self.init_key)
-    self.state_sharding = jax.tree.map(
-        lambda _: sharding.replicated(self.mesh), abstract)
+    self.state_sharding = sharding.state_shardings(abstract, self.mesh,
+                                                   config)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, self.state_sharding)

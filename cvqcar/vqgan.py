@@ -7,19 +7,32 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from cvqcar import sharding
+
 
 def _conv(cin, cout, rngs, kernel=3, stride=1, padding="SAME"):
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
-                  padding=padding, rngs=rngs)
+  return nnx.Conv(
+      cin, cout, (kernel, kernel), strides=(stride, stride), padding=padding,
+      kernel_init=sharding.axes(nnx.initializers.lecun_normal(), None, None,
+                                "conv_in", "conv_out"),
+      bias_init=sharding.axes(nnx.initializers.zeros_init(), "conv_out"),
+      rngs=rngs)
+
+
+def _norm(ch, groups, rngs):
+  return nnx.GroupNorm(
+      ch, num_groups=groups, rngs=rngs,
+      scale_init=sharding.axes(nnx.initializers.ones_init(), "norm"),
+      bias_init=sharding.axes(nnx.initializers.zeros_init(), "norm"))
 
 
 class ResBlock(nnx.Module):
   """GroupNorm -> swish -> conv, twice, with a 1x1 skip when widths differ."""
 
   def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs):
-    self.norm1 = nnx.GroupNorm(cin, num_groups=groups, rngs=rngs)
+    self.norm1 = _norm(cin, groups, rngs)
     self.conv1 = _conv(cin, cout, rngs)
-    self.norm2 = nnx.GroupNorm(cout, num_groups=groups, rngs=rngs)
+    self.norm2 = _norm(cout, groups, rngs)
     self.conv2 = _conv(cout, cout, rngs)
     self.skip = _conv(cin, cout, rngs, kernel=1) if cin != cout else None
 
@@ -72,7 +85,7 @@ class Encoder(nnx.Module):
         blocks.append(Downsample(cin, rngs=rngs))
     blocks += [ResBlock(cin, cin, norm_groups, rngs=rngs) for _ in range(2)]
     self.blocks = nnx.List(blocks)
-    self.norm_out = nnx.GroupNorm(cin, num_groups=norm_groups, rngs=rngs)
+    self.norm_out = _norm(cin, norm_groups, rngs)
     self.conv_out = _conv(cin, latent_channels, rngs)
 
   def __call__(self, x):
@@ -99,7 +112,7 @@ class Decoder(nnx.Module):
       if level < len(widths) - 1:
         blocks.append(Upsample(cin, rngs=rngs))
     self.blocks = nnx.List(blocks)
-    self.norm_out = nnx.GroupNorm(cin, num_groups=norm_groups, rngs=rngs)
+    self.norm_out = _norm(cin, norm_groups, rngs)
     self.conv_out = _conv(cin, 3, rngs)
 
   def features(self, z):
@@ -124,8 +137,7 @@ class PatchDiscriminator(nnx.Module):
       cout = base_channels * min(2**n, 8)
       stride = 2 if n < num_layers else 1
       convs.append(_conv(cin, cout, rngs, kernel=4, stride=stride))
-      norms.append(nnx.GroupNorm(cout, num_groups=min(norm_groups, cout),
-                                 rngs=rngs))
+      norms.append(_norm(cout, min(norm_groups, cout), rngs))
       cin = cout
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)
