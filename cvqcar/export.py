@@ -18,13 +18,8 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from cvqcar import (
-  checkpoint,
-  cvq,
-  logs,  # First: quiets TensorFlow before anything imports it.
-  sharding,
-  train,
-)
+# logs sorts before train, so it quiets TensorFlow before clu imports it.
+from cvqcar import checkpoint, cvq, logs, sharding, train
 
 PARAMS_DIR = "params"
 

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cvqcar import (
   checkpoint,
@@ -181,19 +182,19 @@ def train_step(state: TrainState, batch, key, *, config, setup: Setup):
 
 
 def eval_step(params, buffers, images, *, config, setup: Setup):
-  """Per-image PSNR/SSIM, code histogram and coarse-to-fine PSNRs."""
+  """Batch sums of PSNR/SSIM (and coarse-to-fine PSNRs), the code histogram,
+  and the decoded images for the grid."""
   model = nnx.merge(setup.gen_graphdef, params, buffers)
   out = model(images, train=False)
-  result = {"psnr": metrics.psnr(out.reconstructions, images),
-            "ssim": metrics.ssim(out.reconstructions, images),
-            "code_counts": out.code_counts,
-            "reconstructions": out.reconstructions}
+  sums = {"psnr": jnp.sum(metrics.psnr(out.reconstructions, images)),
+          "ssim": jnp.sum(metrics.ssim(out.reconstructions, images))}
+  decoded = {"reconstructions": out.reconstructions}
   if config.model.quantize == "channel":
     for k in metrics.prefix_lengths(config.model.latent_channels):
       recon = model.decode(out.indices[:, :k])
-      result[f"prefix_{k}"] = recon
-      result[f"psnr_first_{k}"] = metrics.psnr(recon, images)
-  return result
+      decoded[f"prefix_{k}"] = recon
+      sums[f"psnr_first_{k}"] = jnp.sum(metrics.psnr(recon, images))
+  return sums, out.code_counts, decoded
 
 
 class Trainer:
@@ -221,7 +222,8 @@ class Trainer:
         in_shardings=(self.state_sharding, data_sharding, rep),
         out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
     self.eval_step = jax.jit(
-        functools.partial(eval_step, config=config, setup=self.setup))
+        functools.partial(eval_step, config=config, setup=self.setup),
+        out_shardings=(rep, rep, data_sharding))
 
   def init(self) -> TrainState:
     with jax.set_mesh(self.mesh):
@@ -234,20 +236,20 @@ class Trainer:
       return self.train_step(state, batch, self.step_key)
 
   def evaluate(self, state: TrainState, eval_ds) -> tuple[dict, dict]:
-    """Metrics over the whole eval set, and the first batch's images."""
+    """Metrics over the whole eval set, and the first batch's images (on
+    every process: gathering them is a collective)."""
     sums, count, counts_k, first = {}, 0, 0.0, None
     for local in eval_ds:
       batch = sharding.global_batch(local, self.mesh)
       with jax.set_mesh(self.mesh):
-        out = self.eval_step(state.ema_params, state.buffers, batch["image"])
-      counts_k = counts_k + np.asarray(out.pop("code_counts"))
+        batch_sums, code_counts, decoded = self.eval_step(
+            state.ema_params, state.buffers, batch["image"])
+      counts_k = counts_k + np.asarray(code_counts)
+      for k, v in batch_sums.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
       if first is None:
-        first = {"image": np.asarray(batch["image"]),
-                 **{k: np.asarray(v) for k, v in out.items()
-                    if k == "reconstructions" or k.startswith("prefix_")}}
-      for k, v in out.items():
-        if k.startswith(("psnr", "ssim")):
-          sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)))
+        first = multihost_utils.process_allgather(
+            {"image": batch["image"], **decoded}, tiled=True)
       count += batch["image"].shape[0]
     if count == 0:
       raise ValueError("the eval set is empty: check config.data and"
@@ -313,8 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     summary.eval.update(eval_metrics)
     writer.write_scalars(step, eval_metrics)
     grid = visualize.reconstruction_grid(first, config.num_grid_images)
-    path = visualize.save_png(
-        grid, os.path.join(workdir, "images", f"recon_{step:07d}.png"))
+    path = os.path.join(workdir, "images", f"recon_{step:07d}.png")
+    if jax.process_index() == 0:
+      visualize.save_png(grid, path)
     writer.write_images(step, {"reconstructions": grid[None]})
     logging.info("eval at step %d (%.1fs): %s; grid %s", step,
                  time.time() - t0, _fmt(eval_metrics), path)
