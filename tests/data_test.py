@@ -116,3 +116,21 @@ def test_imagenet_pipeline_under_tfds_mock():
   assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
   assert batch["image"].std() > 0.1  # real decoded pixels, not a fill
   assert len(evals) == 2  # 16 eval images in batches of 8
+
+
+def test_processes_read_disjoint_shares(monkeypatch):
+  rng = np.random.default_rng(0)
+  records = [{"image": rng.integers(0, 256, (8, 8, 3), np.uint8)}
+             for _ in range(12)]
+
+  def images(index, count):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    ds = data.image_pipeline(records, preprocess=data.Preprocess(8),
+                             batch_size=4, seed=0, train=False)
+    return {x.tobytes() for b in ds for x in b["image"]}
+
+  shares = [images(i, 2) for i in range(2)]
+  assert len(shares[0]) == len(shares[1]) == 6
+  assert not shares[0] & shares[1]
+  assert shares[0] | shares[1] == images(0, 1)
