@@ -37,13 +37,19 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
 
 
 def check_same_model(saved: ml_collections.ConfigDict,
-                     current: ml_collections.ConfigDict, where: str) -> None:
-  """Raises naming every model field that differs between two configs."""
-  a = _flatten(saved.model.to_dict())
-  b = _flatten(current.model.to_dict())
+                     current: ml_collections.ConfigDict, where: str,
+                     sections: tuple[str, ...] = ("model",)) -> None:
+  """Raises naming every field of `sections` that differs between configs."""
+  a, b = {}, {}
+  for section in sections:
+    for cfg, flat in ((saved, a), (current, b)):
+      value = cfg.get(section)
+      value = value.to_dict() if hasattr(value, "to_dict") else value
+      flat.update(_flatten(value, f"{section}.") if isinstance(value, dict)
+                  else {section: value})
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   if diff:
-    details = ", ".join(f"model.{k}: saved {a.get(k)!r} vs now {b.get(k)!r}"
+    details = ", ".join(f"{k}: saved {a.get(k)!r} vs now {b.get(k)!r}"
                         for k in diff)
     raise ValueError(f"the checkpoint in {where} was made with a different"
                      f" model config ({details})")
@@ -53,7 +59,8 @@ class Checkpointer:
   """Saves {state, data iterator} per step; restores the latest."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
-               read_only: bool = False):
+               read_only: bool = False,
+               sections: tuple[str, ...] = ("model",)):
     self.directory = os.path.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -62,7 +69,7 @@ class Checkpointer:
             read_only=read_only))
     config_path = epath.Path(workdir) / CONFIG_FILE
     if self.manager.latest_step() is not None and config_path.exists():
-      check_same_model(load_config(workdir), config, workdir)
+      check_same_model(load_config(workdir), config, workdir, sections)
     if jax.process_index() == 0 and not read_only:
       config_path.parent.mkdir(parents=True, exist_ok=True)
       config_path.write_text(config_to_json(config))

@@ -25,20 +25,32 @@ def reconstruction_grid(batch: dict[str, np.ndarray], max_rows: int = 8,
                     key=lambda k: int(k.split("_")[1]))
   columns = ["image"] + (prefixes or ["reconstructions"])
   rows = min(max_rows, batch["image"].shape[0])
-  size = batch["image"].shape[1]
-  scale = max(1, -(-min_tile // size))
-  tile = size * scale
-  grid = np.full((rows * (tile + gap) - gap,
-                  len(columns) * (tile + gap) - gap, 3), 255, np.uint8)
-  for r in range(rows):
-    for c, name in enumerate(columns):
-      img = to_uint8(batch[name][r]).repeat(scale, 0).repeat(scale, 1)
-      y, x = r * (tile + gap), c * (tile + gap)
-      grid[y:y + tile, x:x + tile] = img
-  return grid
+  tiles = np.stack([np.asarray(batch[c][:rows]) for c in columns], axis=1)
+  return strip_grid(tiles, min_tile, gap)
 
 
 def save_png(image: np.ndarray, path: str) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   Image.fromarray(image).save(path)
   return path
+
+
+def strip(images: np.ndarray, min_tile: int = 96, gap: int = 2) -> np.ndarray:
+  """[N, H, W, 3] in [-1, 1] -> one row of N upscaled tiles (uint8)."""
+  return strip_grid(images[None], min_tile, gap)
+
+
+def strip_grid(rows: np.ndarray, min_tile: int = 96, gap: int = 2
+               ) -> np.ndarray:
+  """[R, N, H, W, 3] in [-1, 1] -> an R x N grid of upscaled tiles."""
+  r, n, size = rows.shape[0], rows.shape[1], rows.shape[2]
+  scale = max(1, -(-min_tile // size))
+  tile = size * scale
+  grid = np.full((r * (tile + gap) - gap, n * (tile + gap) - gap, 3), 255,
+                 np.uint8)
+  for i in range(r):
+    for j in range(n):
+      y, x = i * (tile + gap), j * (tile + gap)
+      grid[y:y + tile, x:x + tile] = to_uint8(rows[i, j]).repeat(
+          scale, 0).repeat(scale, 1)
+  return grid
