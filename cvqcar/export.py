@@ -18,7 +18,6 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-# logs sorts before train, so it quiets TensorFlow before clu imports it.
 from cvqcar import checkpoint, cvq, logs, sharding, train
 
 PARAMS_DIR = "params"

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import logging as pylogging
-import os
 
-# TensorFlow (imported by clu and TFDS) prints C++ INFO lines at import.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import logging  # noqa: E402
+from absl import logging
 
 
 class _QuietLibraries(pylogging.Filter):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-# logs sorts before train, so it quiets TensorFlow before clu imports it.
 from cvqcar import distributed, logs, train
 
 _CONFIG = config_flags.DEFINE_config_file(
