@@ -1,0 +1,98 @@
+"""CAR stage I: align CVQ channel tokens with a frozen LLM.
+
+Run (embedded captioned photos, CPU, after the tiny tokenizer quick start):
+  python -m cvqcar.export --workdir=runs/cvq_tiny --out=exports/cvq_tiny
+  python -m cvqcar.car_main --config=configs/car_stage1.py:tiny \
+      --workdir=runs/car1_tiny
+
+The LLM is frozen; the projector (codeword -> LLM width, two-layer MLP), the
+begin-of-image embedding and the image head train with AdamW (b1=0.9,
+b2=0.96, weight decay 1e-3, lr 1e-4). `config.tokenizer` is the tokenizer's
+model config (imported, so its shape cannot drift); the export named in
+`config.tokenizer_export` must match it or the run stops at start-up.
+Arguments: `tiny` (CPU-sized LLM and the tiny tokenizer), `llm=PRESET`
+(0.6b, 1.7b, 4b, 8b, tiny).
+"""
+
+import ml_collections
+
+from configs import cvq_tokenizer
+
+
+def _parse(arg: str) -> dict[str, str]:
+  out = {}
+  for item in filter(None, arg.split(",")):
+    key, _, value = item.partition("=")
+    out[key] = value or "1"
+  unknown = set(out) - {"tiny", "llm"}
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known:"
+                     " ['llm', 'tiny']")
+  return out
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = _parse(arg)
+  tiny = "tiny" in args
+  config = ml_collections.ConfigDict()
+  config.stage = 1
+  config.seed = 0
+  config.tokenizer = cvq_tokenizer.get_config("tiny" if tiny else "").model
+  config.tokenizer_export = "exports/cvq_tiny" if tiny else ""
+  config.init_from = ""  # stage II: a stage-I workdir or export
+
+  config.llm = ml_collections.ConfigDict()
+  config.llm.preset = args.get("llm", "tiny" if tiny else "4b")
+  config.llm.hf_dir = ""  # local HF Qwen3 checkpoint; empty: random init
+  config.text_tokenizer = "bytes"  # or a local tokenizer.json (Qwen3's)
+  config.max_text_len = 64 if tiny else 256
+  config.cfg_drop_prob = 0.1  # prompt dropped -> unconditional training
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "embedded"  # or 'shards' (ArrayRecord pairs)
+  config.data.shards = ""  # convert_pairs / tokenize_dataset output
+  config.data.pretokenized = False  # shards hold CVQ tokens, not images
+  config.data.num_eval_examples = 64
+  config.data.num_threads = 4
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.warmup_steps = 1000
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.96
+  config.optimizer.weight_decay = 1e-3
+  config.optimizer.grad_clip = 1.0
+
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  config.dcn_mesh = ml_collections.ConfigDict(
+      {"data": 1, "fsdp": 1, "model": 1})
+  config.logical_axis_rules = (
+      ("vocab", "model"), ("embed", "fsdp"), ("heads", "model"),
+      ("kv_heads", "model"), ("mlp", "model"), ("codes", "model"),
+      ("code_dim", None), ("norm", None), ("head_dim", None),
+      ("conv_in", "fsdp"), ("conv_out", "model"),
+  )
+
+  config.batch_size = 256
+  config.num_train_steps = 100_000
+  config.run_steps = 0
+  config.log_every = 100
+  config.eval_every = 5_000
+  config.checkpoint_every = 5_000
+  config.keep_checkpoints = 3
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompts = ("a ginger tabby cat", "a cup of coffee on a saucer")
+  config.sample.temperature = 1.0
+  config.sample.top_k = 0
+  config.sample.top_p = 1.0
+  config.sample.cfg_scale = 3.0
+
+  if tiny:
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 20
+    config.batch_size = 16
+    config.num_train_steps = 200
+    config.log_every = 20
+    config.eval_every = 100
+    config.checkpoint_every = 100
+  return config

@@ -1,0 +1,542 @@
+"""Qwen3 decoder-only language model with a KV cache and HF weight I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cvqcar import sharding
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_HF_CONFIG = "config.json"
+_HF_WEIGHTS = "model.safetensors"
+_HF_INDEX = "model.safetensors.index.json"
+# HF's Qwen3Config default when a config.json names no rope_theta.
+_HF_DEFAULT_ROPE_THETA = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+  """Architecture of a Qwen3 dense model; field names follow config.json."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1e6
+  max_position_embeddings: int = 40960
+  tie_word_embeddings: bool = False
+  dtype: str = "float32"  # activations and matmuls
+  param_dtype: str = "float32"  # stored weights
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size",
+                 "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim",
+                 "max_position_embeddings"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Qwen3Config.{name}={value!r}; expected a positive"
+                         " int")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads={self.num_attention_heads} is not a multiple"
+          f" of num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim}; RoPE needs an even head_dim")
+    for name in ("dtype", "param_dtype"):
+      # Accept jnp.bfloat16 and friends; store the name so configs hash and
+      # serialise.
+      value = jnp.dtype(getattr(self, name)).name
+      if value not in _DTYPES:
+        raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r};"
+                         f" expected one of {_DTYPES}")
+      object.__setattr__(self, name, value)
+
+  @classmethod
+  def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> Qwen3Config:
+    """Reads a Hugging Face Qwen3 config.json dict; `overrides` win."""
+    model_type = d.get("model_type", "qwen3")
+    if model_type != "qwen3":
+      raise ValueError(f"config.json model_type={model_type!r}; expected"
+                       " 'qwen3'")
+    for key, want in (("attention_bias", False), ("hidden_act", "silu"),
+                      ("use_sliding_window", False)):
+      if d.get(key, want) != want:
+        raise ValueError(f"config.json {key}={d[key]!r}; this Qwen3 supports"
+                         f" only {want!r}")
+    required = ("vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if k not in d]
+    if missing:
+      raise ValueError(f"config.json lacks {missing}")
+    heads = d["num_attention_heads"]
+    # Both dtype keys appear in the wild: torch_dtype before transformers 4.56.
+    dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+    kwargs = dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(d),
+        max_position_embeddings=d.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        dtype=dtype, param_dtype=dtype)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """A config.json for transformers' Qwen3ForCausalLM (4.51 to 5.x)."""
+    rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "rms_norm_eps": self.rms_norm_eps,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "use_sliding_window": False,
+        # Older transformers read the top-level key, 5.x rope_parameters.
+        "rope_theta": self.rope_theta,
+        "rope_parameters": rope,
+        "dtype": self.param_dtype,
+        "torch_dtype": self.param_dtype,
+    }
+
+
+def _rope_theta(d: Mapping[str, Any]) -> float:
+  """rope_theta from either config.json form; plain RoPE only."""
+  params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  if not isinstance(params, Mapping):
+    raise ValueError(f"config.json rope_parameters={params!r}; expected a"
+                     " dict like {'rope_type': 'default', 'rope_theta': 1e6}")
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type != "default":
+    raise ValueError(f"config.json rope_type={rope_type!r} is not supported;"
+                     " expected 'default' (unscaled RoPE)")
+  theta = params.get("rope_theta", d.get("rope_theta", _HF_DEFAULT_ROPE_THETA))
+  return float(theta)
+
+
+PRESETS = {
+    "tiny": Qwen3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True),
+    # The rest are the published Qwen/Qwen3-* config.json values.
+    "0.6b": Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, tie_word_embeddings=True),
+    "1.7b": Qwen3Config(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, tie_word_embeddings=True),
+    "4b": Qwen3Config(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, tie_word_embeddings=True),
+    "8b": Qwen3Config(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, tie_word_embeddings=False),
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer for `max_len` slots, filled in order.
+
+  Callers keep index + T <= max_len: under jit the index is traced, and
+  dynamic_update_slice clamps a write past the end onto the last slots.
+  """
+
+  k: jax.Array  # [L, B, S, K, hd], post-RoPE
+  v: jax.Array  # [L, B, S, K, hd]
+  mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
+  index: jax.Array  # [] int32: slots filled so far
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(config: Qwen3Config, batch: int, max_len: int,
+               dtype=None) -> KVCache:
+  """An empty cache; `dtype` defaults to the config's activation dtype."""
+  shape = (config.num_hidden_layers, batch, max_len,
+           config.num_key_value_heads, config.head_dim)
+  dtype = dtype or config.dtype
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 mask=jnp.zeros((batch, max_len), bool),
+                 index=jnp.zeros((), jnp.int32))
+
+
+def rope(x, positions, theta: float):
+  """Rotates [B, T, N, hd] by positions [B, T], rotate-half layout as HF."""
+  hd = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+  angles = jnp.concatenate([angles, angles], -1)[:, :, None]  # [B, T, 1, hd]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], -1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _linear(cin, cout, names, config, rngs):
+  return nnx.Linear(
+      cin, cout, use_bias=False, dtype=config.dtype,
+      param_dtype=config.param_dtype, rngs=rngs,
+      kernel_init=sharding.axes(nnx.initializers.normal(0.02), *names))
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * weight over the last axis, normalised in float32 as HF."""
+
+  def __init__(self, dim: int, config: Qwen3Config, *, rngs: nnx.Rngs):
+    init = sharding.axes(nnx.initializers.ones_init(), "norm")
+    self.weight = nnx.Param(init(rngs.params(), (dim,), config.param_dtype))
+    self.eps = config.rms_norm_eps
+    self.dtype = config.dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) +
+                              self.eps)
+    return self.weight.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with per-head q/k RMSNorm before RoPE."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    c, hd = config, config.head_dim
+    self.q_proj = _linear(c.hidden_size, c.num_attention_heads * hd,
+                          ("embed", "heads"), c, rngs)
+    self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * hd,
+                          ("embed", "heads"), c, rngs)
+    self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * hd,
+                          ("embed", "heads"), c, rngs)
+    self.o_proj = _linear(c.num_attention_heads * hd, c.hidden_size,
+                          ("heads", "embed"), c, rngs)
+    self.q_norm = RMSNorm(hd, c, rngs=rngs)
+    self.k_norm = RMSNorm(hd, c, rngs=rngs)
+    self.config = c
+
+  def __call__(self, x, positions, mask, kv=None, layer=0, index=0):
+    """x [B, T, D], mask [B, T, S] -> ([B, T, D], kv).
+
+    kv, when given, is the whole cache (k, v) [L, B, S, K, hd]: this layer's
+    keys and values are written at slot `index` and attention reads all S.
+    """
+    c = self.config
+    b, t, _ = x.shape
+    groups = c.num_attention_heads // c.num_key_value_heads
+    q = self.q_norm(self.q_proj(x).reshape(b, t, -1, c.head_dim))
+    k = self.k_norm(self.k_proj(x).reshape(b, t, -1, c.head_dim))
+    v = self.v_proj(x).reshape(b, t, -1, c.head_dim)
+    q = rope(q, positions, c.rope_theta)  # [B, T, H, hd]
+    k = rope(k, positions, c.rope_theta)  # [B, T, K, hd]
+    if kv is not None:
+      k_all, v_all = kv
+      start = (layer, 0, index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
+                                           start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
+                                           start)
+      kv = (k_all, v_all)
+      k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+    # Query head h reads kv head h // groups, as HF's repeat_kv.
+    q = q.reshape(b, t, -1, groups, c.head_dim)  # [B, T, K, G, hd]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores * c.head_dim ** -0.5
+    # A finite floor keeps rows with no visible key (padding) free of NaN.
+    scores = jnp.where(mask[:, None, None], scores,
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
+    return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = _linear(d, f, ("embed", "mlp"), config, rngs)
+    self.up_proj = _linear(d, f, ("embed", "mlp"), config, rngs)
+    self.down_proj = _linear(f, d, ("mlp", "embed"), config, rngs)
+
+  def __call__(self, x):
+    return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP blocks, each with a residual."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config.hidden_size, config, rngs=rngs)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config,
+                                            rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, mask, kv=None, layer=0, index=0):
+    h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv,
+                           layer, index)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Qwen3(nnx.Module):
+  """Token ids [B, T] -> logits [B, T, vocab]; see forward_embeddings."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed_tokens = nnx.Embed(
+        config.vocab_size, config.hidden_size, dtype=config.dtype,
+        param_dtype=config.param_dtype, rngs=rngs,
+        embedding_init=sharding.axes(nnx.initializers.normal(0.02), "vocab",
+                                     "embed"))
+    self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
+                            for _ in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+    self.lm_head = None if config.tie_word_embeddings else _linear(
+        config.hidden_size, config.vocab_size, ("embed", "vocab"), config,
+        rngs)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    return init_cache(self.config, batch, max_len, dtype)
+
+  def embed(self, token_ids):
+    """[B, T] int -> [B, T, D]."""
+    return self.embed_tokens(token_ids)
+
+  def logits(self, hidden):
+    """Final-normed hidden [B, T, D] -> [B, T, vocab]."""
+    if self.lm_head is None:
+      return self.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def forward_embeddings(self, x, positions=None, cache=None,
+                         attention_mask=None):
+    """Runs the trunk on embeddings x [B, T, D].
+
+    Returns (hidden [B, T, D] after the final norm, the updated cache or
+    None). Without a cache the T tokens attend causally to each other; with
+    one they take slots index..index+T-1 and attend causally to every filled
+    slot. positions [B, T] default to the slot numbers. attention_mask
+    [B, T] (true for real tokens) marks padding among the new tokens; the
+    cache remembers it, so later tokens never attend to those slots either.
+    """
+    b, t, d = x.shape
+    if d != self.config.hidden_size:
+      raise ValueError(f"embeddings {x.shape}; expected [B, T,"
+                       f" {self.config.hidden_size}]")
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    if attention_mask.shape != (b, t):
+      raise ValueError(f"attention_mask {attention_mask.shape}; expected"
+                       f" {(b, t)} for embeddings {x.shape}")
+    index = 0 if cache is None else cache.index
+    q_slots = index + jnp.arange(t)  # [T]
+    if positions is None:
+      positions = jnp.broadcast_to(q_slots, (b, t))
+    if positions.shape != (b, t):
+      raise ValueError(f"positions {positions.shape}; expected {(b, t)} for"
+                       f" embeddings {x.shape}")
+    if cache is None:
+      key_valid, kv = attention_mask.astype(bool), None  # [B, S=T]
+    else:
+      if cache.k.shape[1] != b or t > cache.max_len:
+        raise ValueError(f"{t} new tokens for batch {b} do not fit a cache of"
+                         f" batch {cache.k.shape[1]}, max_len"
+                         f" {cache.max_len}")
+      key_valid = jax.lax.dynamic_update_slice(
+          cache.mask, attention_mask.astype(bool), (0, index))
+      kv = (cache.k, cache.v)
+    k_slots = jnp.arange(key_valid.shape[1])  # [S]
+    # Causal over slots, not positions: callers may pass any positions.
+    mask = (k_slots[None, :] <= q_slots[:, None])[None] & key_valid[:, None]
+    h = x.astype(self.config.dtype)
+    for i, layer in enumerate(self.layers):
+      h, kv = layer(h, positions, mask, kv, i, index)
+    if cache is not None:
+      cache = KVCache(k=kv[0], v=kv[1], mask=key_valid, index=index + t)
+    return self.norm(h), cache
+
+  def __call__(self, token_ids, positions=None, cache=None,
+               attention_mask=None):
+    """Logits [B, T, vocab], or (logits, cache) when a cache is given."""
+    hidden, new_cache = self.forward_embeddings(
+        self.embed(token_ids), positions, cache, attention_mask)
+    logits = self.logits(hidden)
+    return logits if cache is None else (logits, new_cache)
+
+
+def param_count(config: Qwen3Config) -> int:
+  """Parameters of a model built from `config`, without allocating them."""
+  model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+  return sum(math.prod(x.shape)
+             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _hf_params(model: Qwen3, prefix: str = "model."
+               ) -> Iterator[tuple[str, nnx.Variable, bool]]:
+  """(HF tensor name, our variable, whether HF stores it transposed)."""
+  yield prefix + "embed_tokens.weight", model.embed_tokens.embedding, False
+  for i, layer in enumerate(model.layers):
+    p = f"{prefix}layers.{i}."
+    attn, mlp = layer.self_attn, layer.mlp
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      yield p + f"self_attn.{name}.weight", getattr(attn, name).kernel, True
+    yield p + "self_attn.q_norm.weight", attn.q_norm.weight, False
+    yield p + "self_attn.k_norm.weight", attn.k_norm.weight, False
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      yield p + f"mlp.{name}.weight", getattr(mlp, name).kernel, True
+    yield p + "input_layernorm.weight", layer.input_layernorm.weight, False
+    yield (p + "post_attention_layernorm.weight",
+           layer.post_attention_layernorm.weight, False)
+  yield prefix + "norm.weight", model.norm.weight, False
+  if model.lm_head is not None:
+    # Qwen3ForCausalLM keeps the head outside the `model.` trunk.
+    yield "lm_head.weight", model.lm_head.kernel, True
+
+
+def _safetensors_files(directory: str) -> dict[str, str]:
+  """Tensor name -> path of the .safetensors file holding it."""
+  index_path = os.path.join(directory, _HF_INDEX)
+  single = os.path.join(directory, _HF_WEIGHTS)
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+    paths = {name: os.path.join(directory, file)
+             for name, file in weight_map.items()}
+    for name, file in weight_map.items():
+      path = paths[name]
+      if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{index_path} puts tensor {name!r} in shard {file!r}, but {path}"
+            " does not exist; the checkpoint is incomplete")
+    return paths
+  if not os.path.exists(single):
+    raise FileNotFoundError(f"{directory} has neither {_HF_WEIGHTS} nor"
+                            f" {_HF_INDEX}; expected a Hugging Face"
+                            " safetensors checkpoint")
+  from safetensors import safe_open  # test/optional dependency
+
+  with safe_open(single, framework="np") as f:
+    return dict.fromkeys(f.keys(), single)
+
+
+def _read_tensors(paths: Mapping[str, str], names) -> dict[str, np.ndarray]:
+  from safetensors import safe_open  # test/optional dependency
+
+  out, by_file = {}, {}
+  for name in names:
+    by_file.setdefault(paths[name], []).append(name)
+  for path, file_names in by_file.items():
+    with safe_open(path, framework="np") as f:
+      for name in file_names:
+        try:
+          out[name] = f.get_tensor(name)
+        except (TypeError, KeyError, ValueError):
+          # safetensors before numpy-bfloat16 support: go through jax.
+          with safe_open(path, framework="flax") as g:
+            out[name] = np.asarray(g.get_tensor(name))
+  return out
+
+
+def from_hf(directory: str, **overrides) -> tuple[Qwen3, Qwen3Config]:
+  """Loads a local Hugging Face Qwen3 checkpoint (config.json + safetensors).
+
+  `overrides` replace config fields, e.g. dtype='bfloat16'. Weights keep the
+  checkpoint's dtype unless param_dtype is overridden. Nothing downloads.
+  """
+  config_path = os.path.join(directory, _HF_CONFIG)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found; expected a Hugging"
+                            " Face checkpoint directory")
+  with open(config_path) as f:
+    config = Qwen3Config.from_hf_dict(json.load(f), **overrides)
+  paths = _safetensors_files(directory)
+  # Qwen3Model checkpoints (embedding models) drop the `model.` prefix.
+  prefix = "" if ("embed_tokens.weight" in paths and
+                  "model.embed_tokens.weight" not in paths) else "model."
+  model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+  wanted = list(_hf_params(model, prefix))
+  missing = [name for name, _, _ in wanted if name not in paths]
+  if missing:
+    raise KeyError(f"{directory} lacks tensor {missing[0]!r} ({len(missing)}"
+                   f" missing in all) needed by {config}")
+  used = {name for name, _, _ in wanted}
+  unused = sorted(set(paths) - used - {"lm_head.weight"})
+  if unused:
+    logging.warning("%s: ignoring %d tensors not in Qwen3, e.g. %s",
+                    directory, len(unused), unused[:3])
+  tensors = _read_tensors(paths, used)
+  for name, variable, transposed in wanted:
+    array = tensors.pop(name)
+    array = array.T if transposed else array
+    if array.shape != variable.get_value().shape:
+      raise ValueError(f"tensor {name!r} in {paths[name]} has shape"
+                       f" {array.shape} (after transpose); expected"
+                       f" {variable.get_value().shape} for {config}")
+    variable.set_value(jnp.asarray(array, dtype=config.param_dtype))
+  return model, config
+
+
+def to_hf(model: Qwen3, config: Qwen3Config, directory: str) -> None:
+  """Writes config.json and model.safetensors for transformers to load.
+
+  Tensors are stored in config.param_dtype, so a float32 model exports to
+  bfloat16 with dataclasses.replace(config, param_dtype='bfloat16').
+  """
+  from safetensors.numpy import save_file  # test/optional dependency
+
+  ignore = dict(dtype="float32", param_dtype="float32")
+  if (dataclasses.replace(config, **ignore) !=
+      dataclasses.replace(model.config, **ignore)):
+    raise ValueError(f"config {config} does not describe the model, built"
+                     f" from {model.config}")
+  os.makedirs(directory, exist_ok=True)
+  dtype = jnp.dtype(config.param_dtype)
+  tensors = {}
+  for name, variable, transposed in _hf_params(model):
+    array = np.asarray(jax.device_get(variable.get_value())).astype(dtype)
+    # safetensors writes the raw buffer, so a transposed view must be copied.
+    tensors[name] = np.ascontiguousarray(array.T if transposed else array)
+  save_file(tensors, os.path.join(directory, _HF_WEIGHTS),
+            metadata={"format": "pt"})
+  with open(os.path.join(directory, _HF_CONFIG), "w") as f:
+    json.dump(config.to_hf_dict(), f, indent=2)
