@@ -29,7 +29,8 @@ class CAR(nnx.Module):
     self.num_channels = num_channels
     num_codes, code_dim = codebook_kd.shape
     width = backbone.config.hidden_size
-    self.codebook_kd = FrozenCodebook(jnp.asarray(codebook_kd),
+    # A copy: the tokenizer keeps its own buffer (donation must not alias).
+    self.codebook_kd = FrozenCodebook(jnp.array(codebook_kd, copy=True),
                                       logical_axes=("codes", "code_dim"))
     dense = lambda i, o, names: nnx.Linear(
         i, o, rngs=rngs,

@@ -69,17 +69,17 @@ def load_tokenizer(path: str,
   return nnx.merge(graphdef, restored["params"], restored["buffers"])
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.")
-_OUT = flags.DEFINE_string("out", None, "Export directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (latest if unset).")
-
-
 def main(argv):
   del argv
   logs.setup()
-  export(_WORKDIR.value, _OUT.value, _STEP.value)
+  f = flags.FLAGS
+  export(f.workdir, f.out, f.step)
 
 
 if __name__ == "__main__":
+  # Flags only for the command: other entry points import this module.
+  flags.DEFINE_string("workdir", None, "Training workdir to export.")
+  flags.DEFINE_string("out", None, "Export directory.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (latest if unset).")
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

@@ -110,39 +110,60 @@ def coarse_to_fine_strip(tokenizer, tokens_bc) -> np.ndarray:
   """[B, 1 + len(ks), H, W, 3] decodes from the first C/16 ... C tokens."""
   from cvqcar import metrics  # Local: keeps the sampler import light.
 
+  tokens_bc = np.asarray(tokens_bc)  # Off the sampling mesh.
   ks = metrics.prefix_lengths(tokens_bc.shape[1])
   return np.stack([np.asarray(tokenizer.decode(tokens_bc[:, :k]))
                    for k in ks], axis=1)
+
+
+def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
+                    *, seed: int = 0, num_seeds: int = 1,
+                    temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, cfg_scale: float = 3.0) -> list[str]:
+  """Samples every prompt (an empty one is unconditional) and writes
+  PNGs and coarse-to-fine strips; returns the paths written."""
+  import ml_collections
+
+  from cvqcar import car_train, export, text, visualize
+
+  model, config = car_train.load_car(car_path)
+  # The tokenizer must have the shape the CAR model was trained on.
+  tokenizer = export.load_tokenizer(
+      tokenizer_path,
+      expect=ml_collections.ConfigDict({"model": config.tokenizer}))
+  text_tok = text.load_text_tokenizer(config.text_tokenizer)
+  prompts = list(prompts) or [""]
+  ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
+                                truncate=False)
+  graphdef, state = nnx.split(model)
+  os.makedirs(out, exist_ok=True)
+  written = []
+  for s in range(seed, seed + num_seeds):
+    tokens = generate(graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask),
+                      jax.random.key(s), temperature=temperature,
+                      top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    strips = coarse_to_fine_strip(tokenizer, tokens)
+    for i, prompt in enumerate(prompts):
+      name = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40]
+      base = os.path.join(out, f"{i:02d}_{name or 'unconditional'}_s{s}")
+      visualize.save_png(visualize.to_uint8(strips[i, -1]), base + ".png")
+      visualize.save_png(visualize.strip(strips[i]), base + "_strip.png")
+      written += [base + ".png", base + "_strip.png"]
+      print(f"wrote {base}.png and {base}_strip.png")
+  return written
 
 
 def main(argv):
   del argv
   from absl import flags
 
-  from cvqcar import car_train, export, logs, text, visualize
+  from cvqcar import logs
 
   logs.setup()
   f = flags.FLAGS
-  model, config = car_train.load_car(f.car)
-  tokenizer = export.load_tokenizer(f.tokenizer, expect=config)
-  text_tok = text.load_text_tokenizer(config.text_tokenizer)
-  prompts = list(f.prompt) or [""]
-  ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
-                                truncate=False)
-  graphdef, state = nnx.split(model)
-  states = (state,)
-  os.makedirs(f.out, exist_ok=True)
-  for seed in range(f.seed, f.seed + f.num_seeds):
-    tokens = generate(graphdef, states, jnp.asarray(ids), jnp.asarray(mask),
-                      jax.random.key(seed), temperature=f.temperature,
-                      top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale)
-    strips = coarse_to_fine_strip(tokenizer, tokens)
-    for i, prompt in enumerate(prompts):
-      name = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40]
-      base = os.path.join(f.out, f"{i:02d}_{name or 'unconditional'}_s{seed}")
-      visualize.save_png(visualize.to_uint8(strips[i, -1]), base + ".png")
-      visualize.save_png(visualize.strip(strips[i]), base + "_strip.png")
-      print(f"wrote {base}.png and {base}_strip.png")
+  sample_to_files(f.car, f.tokenizer, f.prompt, f.out, seed=f.seed,
+                  num_seeds=f.num_seeds, temperature=f.temperature,
+                  top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""The tokenizer -> stage I -> stage II -> sample chain on embedded data."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import car_stage1, car_stage2
+from conftest import tiny_config
+from cvqcar import car_train, export, sample, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokenizer_export(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tok")
+  config = tiny_config()
+  config.num_train_steps = 2
+  train.train_and_evaluate(config, str(root / "run"))
+  return export.export(str(root / "run"), str(root / "export"))
+
+
+def car_config(stage_module, tokenizer_path, **overrides):
+  config = stage_module.get_config("tiny")
+  config.tokenizer = tiny_config().model
+  config.tokenizer_export = tokenizer_path
+  config.batch_size = 8
+  config.data.num_eval_examples = 16
+  config.log_every = 1
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.sample.prompts = ("a ginger tabby cat",)
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_stage1_stage2_sample_chain(tokenizer_export, tmp_path):
+  config = car_config(car_stage1, tokenizer_export, num_train_steps=30)
+  config.optimizer.learning_rate = 3e-3
+  stage1 = car_train.train_and_evaluate(config, str(tmp_path / "car1"))
+  losses = [stage1.train[s]["train/loss"] for s in sorted(stage1.train)]
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
+  assert os.path.exists(tmp_path / "car1" / "images" /
+                        "samples_0000030.png")
+
+  config = car_config(car_stage2, tokenizer_export, num_train_steps=3,
+                      init_from=str(tmp_path / "car1"))
+  stage2 = car_train.train_and_evaluate(config, str(tmp_path / "car2"))
+  # Stage II starts from stage I's weights, not from scratch.
+  assert stage2.train[1]["train/loss"] < np.mean(losses[:5]) - 0.1
+  assert all(np.isfinite(v["train/loss"]) for v in stage2.train.values())
+
+  out = car_train.export_car(str(tmp_path / "car2"), str(tmp_path / "exp"))
+  paths = sample.sample_to_files(out, tokenizer_export,
+                                 ["a ginger tabby cat", ""],
+                                 str(tmp_path / "samples"), cfg_scale=2.0)
+  assert len(paths) == 4 and all(os.path.exists(p) for p in paths)
+  with pytest.raises(ValueError, match="more than the maximum text length"):
+    sample.sample_to_files(out, tokenizer_export, ["x" * 500],
+                           str(tmp_path / "samples"))
+
+
+def test_tokenizer_of_another_shape_is_refused(tokenizer_export, tmp_path):
+  config = car_config(car_stage1, tokenizer_export, num_train_steps=1)
+  config.tokenizer.latent_channels = 16
+  with pytest.raises(ValueError, match=r"model.latent_channels: saved 8 vs"
+                     r" now 16"):
+    car_train.train_and_evaluate(config, str(tmp_path / "car"))
+
+
+def test_stage2_needs_a_stage1_run(tokenizer_export, tmp_path):
+  config = car_config(car_stage2, tokenizer_export, num_train_steps=1,
+                      init_from="")
+  with pytest.raises(ValueError, match="config.init_from"):
+    car_train.train_and_evaluate(config, str(tmp_path / "car"))
