@@ -51,6 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = "embedded"  # or 'shards' (ArrayRecord pairs)
   config.data.shards = ""  # convert_pairs / tokenize_dataset output
+  config.data.eval_shards = ""  # held-out shards; empty: first train records
   config.data.pretokenized = False  # shards hold CVQ tokens, not images
   config.data.num_eval_examples = 64
   config.data.num_threads = 4

@@ -1,0 +1,389 @@
+"""Text-image pairs: ArrayRecord shards, the embedded captioned photos, Grain.
+
+Record format: one ArrayRecord record per example, a msgpack map with
+  'caption': str
+and either
+  'image': bytes   an encoded image (JPEG, PNG, WebP: anything PIL opens)
+or, in pre-tokenized shards (tokenize_dataset),
+  'tokens': bytes  CVQ channel tokens, little-endian int32 [C]
+plus an optional 'key': str naming the source example. Shards are
+OUT/pairs-NNNNN-of-MMMMM.array_record, written with group_size:1 so that
+Grain's random access reads one record, not a block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import msgpack
+import numpy as np
+from array_record.python import array_record_module
+from PIL import Image
+
+from cvqcar import data, text
+
+SHARD_SUFFIX = ".array_record"
+DEFAULT_EXAMPLES_PER_SHARD = 4096
+
+# One truthful caption per photo scikit-image bundles (data.embedded_photos),
+# at most 64 bytes to fit the tiny CAR config's max_text_len with 'bytes'.
+# No caption says left or right, so horizontal flips keep them true.
+EMBEDDED_CAPTIONS = {
+    "astronaut.png": "a portrait of an astronaut in an orange spacesuit"
+                     " by a flag",
+    "brick.png": "a grayscale photo of a brick wall seen at an angle",
+    "camera.png": "a black and white photo of a man filming with a tripod"
+                  " camera",
+    "cell.png": "a grayscale microscope image of a single round cell",
+    "chelsea.png": "a ginger tabby cat",
+    "chessboard_GRAY.png": "a checkerboard of black and white squares",
+    "chessboard_RGB.png": "a black and white checkerboard pattern",
+    "clock_motion.png": "a motion-blurred grayscale photo of a wall clock",
+    "coffee.png": "a cup of coffee on a saucer",
+    "coins.png": "a black and white photo of rows of ancient greek coins",
+    "color.png": "a color wheel of every hue around a white center on black",
+    "grass.png": "a grayscale close-up texture of grass",
+    "gravel.png": "a grayscale texture of gravel stones",
+    "horse.png": "a black silhouette of a horse on a white background",
+    "hubble_deep_field.jpg": "the hubble deep field: many small galaxies"
+                             " on black",
+    "ihc.png": "a microscope image of tissue stained brown with blue nuclei",
+    "logo.png": "the scikit-image logo: a green and orange disk with a snake",
+    "microaneurysms.png": "a grayscale close-up of blood vessels on a retina",
+    "moon.png": "a grayscale photo of the cratered surface of the moon",
+    "motorcycle_left.png": "a red motorcycle parked in a garage with shelves"
+                           " of boxes",
+    "motorcycle_right.png": "a red motorcycle in a garage in front of"
+                            " shelves of boxes",
+    "page.png": "a photo of a printed page of text with a heading",
+    "phantom.png": "a shepp-logan phantom: ellipses inside a white ellipse",
+    "retina.jpg": "a color photo of a human retina with its red blood"
+                  " vessels",
+    "rocket.jpg": "a white rocket on its launch pad at dusk between tall"
+                  " towers",
+    "text.png": "a grayscale photo of handwritten math on a sheet of paper",
+}
+
+
+def serialize(example: dict[str, Any]) -> bytes:
+  """{'caption', 'image' bytes | 'tokens' int [C], 'key'?} -> record bytes."""
+  caption = example.get("caption")
+  if not isinstance(caption, str):
+    raise ValueError(f"example caption must be a str, got {caption!r}")
+  record = {"caption": caption}
+  if "key" in example:
+    record["key"] = str(example["key"])
+  if "tokens" in example:
+    tokens = np.asarray(example["tokens"])
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"example tokens must be integers [C], got"
+                       f" {tokens.dtype} {tokens.shape}")
+    record["tokens"] = tokens.astype("<i4").tobytes()
+  elif isinstance(example.get("image"), (bytes, np.bytes_)):
+    record["image"] = bytes(example["image"])
+  else:
+    raise ValueError("example needs 'image' (encoded bytes) or 'tokens',"
+                     f" got keys {sorted(example)}")
+  return msgpack.packb(record, use_bin_type=True)
+
+
+def deserialize(raw: bytes) -> dict[str, Any]:
+  """Record bytes -> {'caption', 'image' bytes | 'tokens' int32 [C]}."""
+  try:
+    record = msgpack.unpackb(raw, raw=False)
+  except Exception as e:  # msgpack raises several types.  # noqa: BLE001
+    raise ValueError(f"not a msgpack pair record: {e}") from e
+  if not isinstance(record, dict) or not isinstance(
+      record.get("caption"), str):
+    raise ValueError("pair record must be a map with a str 'caption'")
+  if "tokens" in record:
+    record["tokens"] = np.frombuffer(record["tokens"], "<i4").astype(np.int32)
+  elif not isinstance(record.get("image"), bytes):
+    raise ValueError("pair record has neither 'image' bytes nor 'tokens'")
+  return record
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
+                 examples_per_shard: int | None = None,
+                 num_shards: int | None = None) -> list[str]:
+  """Writes examples (see `serialize`) as ArrayRecord shards; their paths.
+
+  Give at most one of num_shards (examples dealt round-robin) and
+  examples_per_shard (default DEFAULT_EXAMPLES_PER_SHARD, in order).
+  """
+  if examples_per_shard is not None and num_shards is not None:
+    raise ValueError("give num_shards or examples_per_shard, not both")
+  for name, value in (("num_shards", num_shards),
+                      ("examples_per_shard", examples_per_shard)):
+    if value is not None and value < 1:
+      raise ValueError(f"{name} must be at least 1, got {value}")
+  os.makedirs(out_dir, exist_ok=True)
+  old = glob.glob(os.path.join(out_dir, "*" + SHARD_SUFFIX))
+  if old:
+    # Mixing with an earlier run's shards would silently change the data.
+    raise FileExistsError(f"{out_dir} already holds {len(old)} shards; remove"
+                          " them or choose another output directory")
+  per_shard = examples_per_shard or DEFAULT_EXAMPLES_PER_SHARD
+  temp = lambda i: os.path.join(out_dir, f"pairs-{i:05d}.tmp")
+  writers, count = [], 0
+  try:
+    for example in examples:
+      shard = count % num_shards if num_shards else count // per_shard
+      while len(writers) <= shard:
+        writers.append(array_record_module.ArrayRecordWriter(
+            temp(len(writers)), "group_size:1"))
+      writers[shard].write(serialize(example))
+      count += 1
+    while num_shards and len(writers) < num_shards:
+      writers.append(array_record_module.ArrayRecordWriter(
+          temp(len(writers)), "group_size:1"))
+  finally:
+    for w in writers:
+      w.close()
+  if not count:
+    for i in range(len(writers)):
+      os.remove(temp(i))
+    raise ValueError(f"no examples to write to {out_dir}")
+  paths = []
+  for i in range(len(writers)):
+    path = os.path.join(out_dir,
+                        f"pairs-{i:05d}-of-{len(writers):05d}{SHARD_SUFFIX}")
+    os.replace(temp(i), path)
+    paths.append(path)
+  logging.info("wrote %d examples in %d shards to %s", count, len(paths),
+               out_dir)
+  return paths
+
+
+def shard_paths(pattern_or_dir: str) -> list[str]:
+  """A directory's shards, or the files a glob (or comma list) matches."""
+  paths = []
+  for part in filter(None, pattern_or_dir.split(",")):
+    if os.path.isdir(part):
+      part = os.path.join(part, "*" + SHARD_SUFFIX)
+    paths += sorted(glob.glob(part))
+  if not paths:
+    raise FileNotFoundError(f"no {SHARD_SUFFIX} shards found at"
+                            f" {pattern_or_dir!r} (a directory or a glob)")
+  return paths
+
+
+def read_source(pattern_or_dir: str) -> grain.sources.ArrayRecordDataSource:
+  """Random access to the serialized records of a shard set."""
+  return grain.sources.ArrayRecordDataSource(shard_paths(pattern_or_dir))
+
+
+def embedded_pairs(split: str) -> list[dict[str, Any]]:
+  """The embedded photos with captions: {'image' uint8, 'caption', 'key'}.
+
+  'train' and 'eval' split as data.embedded_photos does.
+  """
+  records = []
+  for photo in data.embedded_photos(split):
+    caption = EMBEDDED_CAPTIONS.get(photo["name"])
+    if caption is None:
+      # A newer scikit-image may ship more photos; they need a caption here.
+      logging.warning("embedded photo %s has no caption; left out",
+                      photo["name"])
+      continue
+    records.append({"image": photo["image"], "caption": caption,
+                    "key": photo["name"]})
+  return records
+
+
+def _record(element: Any) -> dict[str, Any]:
+  if isinstance(element, (bytes, np.bytes_)):
+    return deserialize(bytes(element))
+  return element
+
+
+def first_record(source: Sequence[Any], tries: int = 100) -> dict[str, Any]:
+  """The first record that parses; a corrupt one at the start is skipped."""
+  if not len(source):
+    raise ValueError("the pair source holds no records")
+  error = None
+  for i in range(min(len(source), tries)):
+    try:
+      return _record(source[i])
+    except ValueError as e:
+      error = e
+  raise ValueError(f"none of the first {min(len(source), tries)} records is"
+                   f" a pair record ({error}); expected convert_pairs or"
+                   " tokenize_dataset output")
+
+
+def record_kind(source: Sequence[Any]) -> str:
+  """'image' or 'tokens', from the first record that parses."""
+  return "tokens" if "tokens" in first_record(source) else "image"
+
+
+@dataclasses.dataclass(frozen=True)
+class PairPreprocess:
+  """Record -> {'image' | 'tokens', 'text', 'text_mask'} or corrupt."""
+
+  preprocess: data.Preprocess | None  # None: pre-tokenized records
+  text_tokenizer: Any
+  max_text_len: int
+  truncate: bool = True
+  num_tokens: int | None = None
+
+  def __call__(self, element: Any, rng: np.random.Generator):
+    try:
+      record = _record(element)
+    except ValueError:
+      return {"corrupt": True}
+    ids, mask = text.encode_padded(self.text_tokenizer, record["caption"],
+                                   self.max_text_len, truncate=self.truncate)
+    if self.preprocess is None:
+      tokens = record.get("tokens")
+      if tokens is None:
+        return {"corrupt": True}
+      if self.num_tokens is not None and tokens.shape != (self.num_tokens,):
+        raise ValueError(
+            f"a record has {tokens.shape[0]} tokens, expected"
+            f" {self.num_tokens}: shards from another tokenizer?")
+      out = {"tokens": tokens, "corrupt": False}
+    else:
+      if "image" not in record:
+        return {"corrupt": True}
+      out = self.preprocess(record, rng)
+      if out["corrupt"]:
+        return out
+    out.update(text=ids, text_mask=mask)
+    return out
+
+
+def pair_pipeline(
+    source: Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    text_tokenizer: text.TextTokenizer,
+    max_text_len: int,
+    resolution: int | None = None,
+    truncate: bool = True,
+    crop: str = "center",
+    flip: bool = False,
+    min_scale: float = 0.15,
+    num_tokens: int | None = None,
+    num_examples: int | None = None,
+    num_threads: int = 4,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+  """Batches {'image' [b, R, R, 3] float32 | 'tokens' [b, C] int32,
+  'text' [b, L] int32, 'text_mask' [b, L] int32, 'skipped' [b] int32}.
+
+  `source` holds serialized records (read_source) or record dicts
+  (embedded_pairs). `batch_size` is global: each JAX process reads a
+  disjoint 1/process_count share into batches of batch_size /
+  process_count. Shuffled and repeated when `train`, else one pass;
+  `num_examples` cycles through the first records (eval crops of a few
+  photos). Corrupt records are dropped and counted in 'skipped'.
+  """
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f"batch size {batch_size} is not divisible by the"
+                     f" {processes} JAX processes")
+  kind = record_kind(source)
+  if kind == "tokens":
+    preprocess = None
+    if num_tokens is None:
+      num_tokens = len(first_record(source)["tokens"])
+  else:
+    if resolution is None:
+      raise ValueError("image records need a resolution to crop to")
+    preprocess = data.Preprocess(resolution, crop=crop, flip=flip,
+                                 min_scale=min_scale)
+  ds = grain.MapDataset.source(source)
+  if num_examples is not None:
+    n = len(source)
+    ds = grain.MapDataset.range(num_examples).map(lambda i: source[i % n])
+  if train:
+    ds = ds.shuffle(seed=seed).repeat()
+  ds = ds[jax.process_index()::processes]
+  ds = ds.random_map(PairPreprocess(preprocess, text_tokenizer, max_text_len,
+                                    truncate, num_tokens), seed=seed)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
+  ds = data.SkipCorrupt(ds)
+  ds = ds.batch(batch_size // processes, drop_remainder=True)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds
+
+
+def _config_source(d: ml_collections.ConfigDict, split: str):
+  if d.name == "embedded":
+    if d.get("pretokenized"):
+      raise ValueError("config.data.pretokenized needs config.data.name="
+                       "'shards' (tokenize_dataset output)")
+    return embedded_pairs(split)
+  if d.name != "shards":
+    raise ValueError(f"config.data.name must be 'embedded' or 'shards', got"
+                     f" {d.name!r}")
+  pattern = d.shards if split == "train" else (d.get("eval_shards")
+                                               or d.shards)
+  if not pattern:
+    raise ValueError("config.data.shards must name a directory or glob of"
+                     " pair shards (convert_pairs or tokenize_dataset output)")
+  source = read_source(pattern)
+  want = "tokens" if d.get("pretokenized") else "image"
+  if record_kind(source) != want:
+    raise ValueError(f"{pattern} holds {record_kind(source)} records but"
+                     f" config.data.pretokenized={d.get('pretokenized')}"
+                     f" expects {want} records")
+  return source
+
+
+def _config_pipeline(config, text_tokenizer, split: str):
+  d = config.data
+  source = _config_source(d, split)
+  embedded, train = d.name == "embedded", split == "train"
+  num = None
+  if not train:
+    num = d.num_eval_examples
+    if not embedded:
+      num = min(num, len(source))  # the first records, one pass
+  return pair_pipeline(
+      source, batch_size=config.batch_size,
+      seed=config.seed + (0 if train else 1), train=train,
+      text_tokenizer=text_tokenizer, max_text_len=config.max_text_len,
+      resolution=config.tokenizer.resolution,
+      crop="random_scale" if embedded else d.get("crop", "center"),
+      flip=embedded and train,
+      min_scale=d.get("min_scale", data.Preprocess.min_scale),
+      num_tokens=config.tokenizer.latent_channels, num_examples=num,
+      num_threads=d.get("num_threads", 4),
+      worker_count=d.get("worker_count", 0) if train else 0)
+
+
+def train_dataset(config: ml_collections.ConfigDict,
+                  text_tokenizer: text.TextTokenizer) -> grain.IterDataset:
+  """The CAR config's training pairs, shuffled and repeated."""
+  return _config_pipeline(config, text_tokenizer, "train")
+
+
+def eval_dataset(config: ml_collections.ConfigDict,
+                 text_tokenizer: text.TextTokenizer) -> grain.IterDataset:
+  """A fixed eval set: config.data.num_eval_examples pairs, same each time.
+
+  For shards: config.data.eval_shards if set, else the first records of
+  config.data.shards (then eval overlaps training).
+  """
+  return _config_pipeline(config, text_tokenizer, "eval")
