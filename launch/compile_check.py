@@ -1,0 +1,134 @@
+"""Compiles the train step ahead of time to catch out-of-memory configs.
+
+Needs: the venv from the README quick start; nothing is run or allocated
+beyond the compile. Lower and compile the sharded train step of a config for
+a mesh of N devices, print its per-device memory, and exit 1 when the peak
+estimate does not fit in --device_memory_gib, all before a pod is reserved:
+
+  python launch/compile_check.py --config=configs/cvq_tokenizer.py:tiny \
+      --num_devices=8 --device_memory_gib=16
+  python launch/compile_check.py --config=configs/cvq_tokenizer.py \
+      --num_devices=256 --config.mesh.fsdp=8 --device_memory_gib=16
+
+With --num_devices=N the devices are N fake CPU devices, so XLA's CPU
+compiler stands in for the target's: buffer sizes (parameters, optimizer
+state, batch shards) are exact, temporaries an estimate of the TPU/GPU ones.
+Without it the script compiles for this machine's devices (run it on one
+host of the target type for the target compiler's own numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _num_devices_from_argv(argv: list[str]) -> int | None:
+  """--num_devices=N (or --num_devices N), read before absl parses flags."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--num_devices="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--num_devices" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    if not value.isdigit() or int(value) < 1:
+      sys.exit(f"--num_devices must be a positive integer, got {value!r}")
+    return int(value)
+  return None
+
+
+# XLA reads its flags when JAX first starts a backend, so the fake devices
+# must be requested before `import jax`.
+_FAKE_DEVICES = _num_devices_from_argv(sys.argv)
+if _FAKE_DEVICES is not None:
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") +
+      f" --xla_force_host_platform_device_count={_FAKE_DEVICES}")
+  # Fake devices exist only on the CPU platform; keep a local GPU/TPU out.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cvqcar import sharding, train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (a get_config(arg) module).",
+    lock_config=True)
+flags.DEFINE_integer(
+    "num_devices", None, "Compile for this many fake CPU devices (the"
+    " target mesh's device count); default: this machine's devices.")
+_DEVICE_MEMORY_GIB = flags.DEFINE_float(
+    "device_memory_gib", 16.0, "Memory of one target device in GiB (TPU v5e"
+    " 16, v4 / v6e 32, v5p 95, H100 80); a larger peak estimate fails.")
+
+_MIB = 2**20
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if _FAKE_DEVICES is not None and jax.device_count() != _FAKE_DEVICES:
+    sys.exit(f"--num_devices={_FAKE_DEVICES} but JAX sees"
+             f" {jax.device_count()} devices; is another"
+             " --xla_force_host_platform_device_count in XLA_FLAGS?")
+  trainer = train.Trainer(config)  # checks the mesh and batch divisibility
+  mesh = trainer.mesh
+  batch_size, res = config.batch_size, config.model.resolution
+  data_sharding = sharding.batch_sharded(mesh)
+  batch = {
+      "image": jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.float32,
+                                    sharding=data_sharding),
+      "skipped": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
+                                      sharding=data_sharding),
+  }
+  with jax.set_mesh(mesh):
+    compiled = trainer.train_step.lower(
+        trainer.abstract_state, batch, trainer.step_key).compile()
+
+  axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  kind = mesh.devices.flat[0].device_kind
+  print(f"mesh: {axes} ({mesh.devices.size} x {kind})")
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6
+  state = trainer.abstract_state
+  print(f"parameters: {count(state.params):.2f}M generator,"
+        f" {count(state.disc_params):.2f}M discriminator; batch"
+        f" {batch_size} x {res}x{res}x3")
+  stats = compiled.memory_analysis()
+  if stats is None:
+    sys.exit(f"the {jax.default_backend()} backend reports no memory"
+             " analysis; run with --num_devices=N for fake CPU devices")
+  sizes = {
+      "argument": stats.argument_size_in_bytes,
+      "output": stats.output_size_in_bytes,
+      "temp": stats.temp_size_in_bytes,
+      "generated code": stats.generated_code_size_in_bytes,
+      "alias": stats.alias_size_in_bytes,
+  }
+  print("memory per device (MiB):")
+  for name, size in sizes.items():
+    print(f"  {name:<15}{size / _MIB:12.2f}")
+  # The donated state is both argument and output; alias counts it once.
+  peak = (sizes["argument"] + sizes["output"] + sizes["temp"] -
+          sizes["alias"])
+  limit = _DEVICE_MEMORY_GIB.value * 2**30
+  print(f"  {'peak estimate':<15}{peak / _MIB:12.2f}  (argument + output +"
+        f" temp - alias; limit {limit / _MIB:g})")
+  if peak > limit:
+    sys.exit(f"compile_check: estimated peak {peak / _MIB:.2f} MiB per device"
+             f" exceeds --device_memory_gib={_DEVICE_MEMORY_GIB.value:g}"
+             f" ({limit / _MIB:g} MiB): lower config.batch_size, shard"
+             " the state (config.mesh.fsdp / config.mesh.model) or use more"
+             " devices")
+  print(f"compile_check: OK, {100 * peak / limit:.1f}% of"
+        f" {_DEVICE_MEMORY_GIB.value:g} GiB per device")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

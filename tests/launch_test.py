@@ -1,0 +1,237 @@
+"""Launchers: sweep expansion, shell scripts' commands, AOT compile check."""
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SWEEP = "configs/sweeps/codebook_size.py"
+CONFIG = "configs/cvq_tokenizer.py:tiny"
+# The conftest tiny_config() shrink, as command-line overrides.
+TINY = ["--config.model.resolution=16", "--config.model.base_channels=8",
+        "--config.model.norm_groups=4", "--config.model.latent_channels=8",
+        "--config.model.num_codes=64", "--config.batch_size=8"]
+
+
+def run(args, env=None, timeout=120):
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def sweep(*args, env=None):
+  return run([sys.executable, "launch/sweep.py", *args], env=env)
+
+
+def write_sweep(tmp_path, points):
+  path = tmp_path / "my_sweep.py"
+  path.write_text(f"def get_sweep():\n  return {{'config': {CONFIG!r},"
+                  f" 'workdir_root': 'runs/x', 'points': {points!r}}}\n")
+  return str(path)
+
+
+def test_sweep_dry_run_is_one_command_per_point(tmp_path):
+  out = sweep(f"--sweep={SWEEP}", "--dry_run", f"--workdir_root={tmp_path}")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert len(lines) == 3 * 2  # num_codes x quantizer
+  workdirs = [shlex.split(line)[2] for line in lines]
+  assert len(set(workdirs)) == 6
+  name = "num_codes-1024_quantize-patch_nested_dropout_alpha-0.0"
+  assert shlex.split(lines[3]) == [
+      "launch/local.sh", CONFIG, f"{tmp_path}/{name}",
+      "--config.model.num_codes=1024", "--config.model.quantize=patch",
+      "--config.model.nested_dropout_alpha=0.0"]
+  assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
+def test_sweep_slurm_and_tpu_pod_commands():
+  slurm = sweep(f"--sweep={SWEEP}", "--dry_run", "--launcher=slurm")
+  assert slurm.returncode == 0, slurm.stderr
+  assert shlex.split(slurm.stdout.splitlines()[0]) == [
+      "sbatch", "--job-name=codebook_size-num_codes-256_quantize-channel",
+      "launch/slurm.sbatch", CONFIG,
+      "runs/sweeps/codebook_size/num_codes-256_quantize-channel",
+      "--config.model.num_codes=256", "--config.model.quantize=channel"]
+  pod = sweep(f"--sweep={SWEEP}", "--dry_run", "--launcher=tpu_pod",
+              "--workdir_root=gs://bucket/sweep/")
+  assert pod.returncode == 0, pod.stderr
+  first = shlex.split(pod.stdout.splitlines()[0])
+  assert first[:3] == ["launch/tpu_pod.sh", CONFIG,
+                       "gs://bucket/sweep/num_codes-256_quantize-channel"]
+
+
+def test_sweep_renders_values_the_config_parser_reads_back(tmp_path):
+  path = write_sweep(tmp_path, [{
+      "model.channel_mults": (1, 2, 2), "model.codebook.ema": False,
+      "data.data_dir": "/data/my tfds", "optimizer.learning_rate": 3e-4,
+      "logical_axis_rules": (("conv_in", None), ("conv_out", "model"))}])
+  out = sweep(f"--sweep={path}", "--dry_run")
+  assert out.returncode == 0, out.stderr
+  args = shlex.split(out.stdout)
+  assert args[2] == ("runs/x/channel_mults-1-2-2_ema-False_data_dir-data-my-"
+                     "tfds_learning_rate-0.0003_logical_axis_rules-conv_in-"
+                     "None-conv_out-model")
+  assert args[3:] == [
+      "--config.model.channel_mults=(1,2,2)",
+      "--config.model.codebook.ema=False",
+      "--config.data.data_dir=/data/my tfds",
+      "--config.optimizer.learning_rate=0.0003",
+      "--config.logical_axis_rules=(('conv_in',None),('conv_out','model'))"]
+
+
+def test_sweep_names_a_missing_field_and_its_point(tmp_path):
+  path = write_sweep(tmp_path, [{"model.num_codes": 8},
+                                {"model.codebook.emaa": True}])
+  out = sweep(f"--sweep={path}", "--dry_run")
+  assert out.returncode != 0
+  assert "point 1 {'model.codebook.emaa': True}" in out.stderr
+  assert "no field 'model.codebook.emaa'" in out.stderr
+  assert out.stdout == ""
+
+
+def test_sweep_rejects_a_value_of_the_wrong_type(tmp_path):
+  path = write_sweep(tmp_path, [{"model.num_codes": "many"}])
+  out = sweep(f"--sweep={path}", "--dry_run")
+  assert out.returncode != 0
+  assert "--config.model.num_codes=many" in out.stderr
+
+
+def test_sweep_rejects_points_sharing_a_workdir(tmp_path):
+  path = write_sweep(tmp_path, [{"model.num_codes": 8},
+                                {"model.codebook.ema": True},
+                                {"model.num_codes": 8}])
+  out = sweep(f"--sweep={path}", "--dry_run")
+  assert out.returncode != 0
+  assert "points 0 and 2 both name their workdir 'num_codes-8'" in out.stderr
+
+
+def test_local_sweep_runs_in_order_and_stops_at_first_failure(tmp_path):
+  # launch/local.sh runs $PYTHON: `true` / `false` stand in for training.
+  ok = sweep(f"--sweep={SWEEP}", f"--workdir_root={tmp_path}",
+             env={"PYTHON": shutil.which("true")})
+  assert ok.returncode == 0, ok.stderr
+  assert [line.split()[0] for line in ok.stdout.splitlines()] == [
+      f"[{i}/6]" for i in range(1, 7)]
+  bad = sweep(f"--sweep={SWEEP}", f"--workdir_root={tmp_path}",
+              env={"PYTHON": shutil.which("false")})
+  assert bad.returncode != 0
+  assert bad.stdout.startswith("[1/6]") and "[2/6]" not in bad.stdout
+  assert "point 1/6 failed with exit code 1; stopped, 5 not run" in bad.stderr
+
+
+SHELL_LAUNCHERS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/xpk.sh",
+                   "launch/slurm.sbatch"]
+
+
+@pytest.mark.parametrize("script", SHELL_LAUNCHERS)
+def test_shell_launcher_parses_and_prints_usage(script):
+  assert run(["bash", "-n", script]).returncode == 0
+  out = run(["bash", script])
+  assert out.returncode == 2
+  assert "usage:" in out.stderr
+
+
+def fake_tool(tmp_path, name) -> dict[str, str]:
+  """Puts an executable `name` first on PATH that records its arguments (NUL
+  separated, in NAME.args) and JAX_LOCAL_DEVICE_IDS (in ids)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  tool = bin_dir / name
+  tool.write_text("#!/usr/bin/env bash\n"
+                  f"printf '%s\\0' \"$@\" > {tmp_path}/{name}.args\n"
+                  f"echo \"${{JAX_LOCAL_DEVICE_IDS:-}}\" > {tmp_path}/ids\n")
+  tool.chmod(0o755)
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def recorded_args(tmp_path, name) -> list[str]:
+  return (tmp_path / f"{name}.args").read_text().split("\0")[:-1]
+
+
+def test_tpu_pod_runs_main_on_every_worker(tmp_path):
+  env = fake_tool(tmp_path, "gcloud")
+  env.update(TPU_NAME="pod", ZONE="us-west4-a")
+  assert run(["bash", "launch/tpu_pod.sh", "configs/x.py"],
+             env=env).returncode == 2  # no workdir
+  out = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run",
+             "--config.data.data_dir=/my data"], env=env)
+  assert out.returncode == 0, out.stderr
+  args = recorded_args(tmp_path, "gcloud")
+  assert args[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"]
+  assert "--worker=all" in args and "--zone=us-west4-a" in args
+  command = [a for a in args if a.startswith("--command=")][0]
+  remote = shlex.split(command.removeprefix("--command="))
+  assert remote == ["cd", "cvqcar", "&&", "exec", ".venv/bin/python", "-m",
+                    "cvqcar.main", f"--config={CONFIG}",
+                    "--workdir=gs://b/run", "--config.data.data_dir=/my data"]
+
+
+def test_tpu_pod_needs_its_environment():
+  out = run(["bash", "launch/tpu_pod.sh", "setup"],
+            env={"TPU_NAME": "", "ZONE": ""})
+  assert out.returncode == 2 and "set TPU_NAME and ZONE" in out.stderr
+
+
+def test_xpk_creates_one_workload(tmp_path):
+  env = fake_tool(tmp_path, "xpk")
+  env.update(CLUSTER="c1", TPU_TYPE="v5litepod-16", NUM_SLICES="2",
+             DOCKER_IMAGE="gcr.io/p/cvqcar:1")
+  out = run(["bash", "launch/xpk.sh", "run1", CONFIG, "gs://b/run",
+             "--config.dcn_mesh.data=2"], env=env)
+  assert out.returncode == 0, out.stderr
+  args = recorded_args(tmp_path, "xpk")
+  assert args[:8] == ["workload", "create", "--cluster=c1", "--workload=run1",
+                      "--tpu-type=v5litepod-16", "--num-slices=2",
+                      "--docker-image=gcr.io/p/cvqcar:1",
+                      f"--command=python -m cvqcar.main --config={CONFIG}"
+                      " --workdir=gs://b/run --config.dcn_mesh.data=2"]
+  missing = run(["bash", "launch/xpk.sh", "run1", CONFIG, "gs://b/run"],
+                env={**env, "DOCKER_IMAGE": ""})
+  assert missing.returncode == 2 and "set DOCKER_IMAGE" in missing.stderr
+
+
+def test_slurm_gives_each_node_process_all_its_gpus(tmp_path):
+  env = fake_tool(tmp_path, "srun")
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4",
+             JAX_LOCAL_DEVICE_IDS="")
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run",
+             "--config.batch_size=64"], env=env)
+  assert out.returncode == 0, out.stderr
+  assert (tmp_path / "ids").read_text().strip() == "0,1,2,3"
+  args = recorded_args(tmp_path, "srun")
+  assert args == ["--kill-on-bad-exit=1", ".venv/bin/python", "-m",
+                  "cvqcar.main", f"--config={CONFIG}", "--workdir=/shared/run",
+                  "--config.batch_size=64"]
+  elsewhere = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"],
+                  env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)})
+  assert elsewhere.returncode == 2 and "not the cvqcar repo" in elsewhere.stderr
+
+
+def compile_check(*args):
+  return run([sys.executable, "launch/compile_check.py",
+              f"--config={CONFIG}", *TINY, *args], timeout=600)
+
+
+@pytest.mark.slow
+def test_compile_check_reports_memory_per_device():
+  out = compile_check("--num_devices=8")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "mesh: data=8 fsdp=1 model=1 (8 x cpu)" in out.stdout
+  for name in ("argument", "output", "temp", "generated code", "alias",
+               "peak estimate"):
+    assert f"\n  {name} " in out.stdout, out.stdout
+  assert "compile_check: OK" in out.stdout
+
+
+@pytest.mark.slow
+def test_compile_check_fails_when_the_peak_does_not_fit():
+  # 4 devices, although the conftest's XLA_FLAGS (inherited) asks for 8.
+  out = compile_check("--num_devices=4", "--device_memory_gib=0.000001")
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "mesh: data=4 fsdp=1 model=1" in out.stdout
+  assert "exceeds --device_memory_gib=1e-06" in out.stderr
