@@ -1,8 +1,13 @@
 """Codebook argmin: time, FLOP rate and peak memory of each path.
 
-  python bench/argmin.py                       # the acceptance shape
+  python bench/argmin.py                       # defaults for the backend
   python bench/argmin.py --shapes=65536x256x16384,65536x256x65536 \
-      --impls=reference,xla --no-write
+      --impls=reference,xla,pallas --no-write
+
+Defaults: on a GPU/TPU, the paper-scale shapes (N, D, K) in
+{(65536, 256, 16384), (65536, 256, 65536), (65536, 1024, 16384)} and the
+paths reference, xla, pallas (the fused kernel); on a CPU, the first shape
+and reference, xla (the kernel only runs interpreted there).
 
 For every (N, D, K) it times a plain `x @ codebook.T` (the roofline the
 search cannot beat: the same 2NDK FLOPs) and each argmin path, and reads the
@@ -57,9 +62,13 @@ def measure(fn, x, codebook, reps):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shapes", default="65536x256x16384",
-                      help="comma-separated NxDxK")
-  parser.add_argument("--impls", default="reference,xla")
+  accel = jax.default_backend() in ("gpu", "tpu")
+  parser.add_argument(
+      "--shapes", help="comma-separated NxDxK",
+      default="65536x256x16384,65536x256x65536,65536x1024x16384" if accel
+      else "65536x256x16384")
+  parser.add_argument("--impls", default="reference,xla,pallas" if accel
+                      else "reference,xla")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--block_k", type=int, default=argmin.DEFAULT_BLOCK_K)
   parser.add_argument("--reps", type=int, default=3)
@@ -96,10 +105,12 @@ def main():
   print(table)
   if args.write:
     note = (f"dtype {args.dtype}, block_k {args.block_k}, median of"
-            f" {args.reps} runs after a warm-up. 'vs matmul' is the FLOP rate"
-            " relative to a plain `x @ codebook.T` of the same shape (which"
-            " writes the full N x K matrix). Peak memory is XLA's compiled"
-            " arguments + outputs + temporaries.")
+            f" {args.reps} runs after a warm-up. The roofline is the"
+            " matmul: every path does the same 2NDK FLOPs, so 'vs matmul' is"
+            " the FLOP rate relative to a plain `x @ codebook.T` of the same"
+            " shape on the same device (which also writes the full N x K"
+            " matrix). Peak memory is XLA's compiled arguments + outputs +"
+            " temporaries.")
     report.write_section("argmin", f"{note}\n\n{table}")
 
 
