@@ -29,6 +29,7 @@ from cvqcar import (
   sample,
   sharding,
   text,
+  train,
   visualize,
 )
 
@@ -85,16 +86,6 @@ def load_frozen_tokenizer(config):
   """The export named by the config, checked against config.tokenizer."""
   expect = ml_collections.ConfigDict({"model": config.tokenizer})
   return export.load_tokenizer(config.tokenizer_export, expect=expect)
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  o = config.optimizer
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.learning_rate, o.warmup_steps,
-      max(config.num_train_steps, o.warmup_steps + 1))
-  return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
 def train_step(state: CarState, batch, key, tok_state, *, graphdef,
@@ -160,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       model, car_lib.trainable(config.stage), ...)
   tok_graphdef, tok_state = nnx.split(tokenizer)
   tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
-  tx = make_optimizer(config)
+  tx = train.make_optimizer(config)
   state = CarState(step=jnp.zeros((), jnp.int32), params=params,
                    frozen=frozen, opt_state=tx.init(params))
   shardings = sharding.state_shardings(state, mesh, config)
@@ -267,7 +258,7 @@ def _abstract_state(config):
   model = nnx.eval_shape(lambda: build_car(cfg, llm_cfg, jax.random.key(0)))
   graphdef, params, frozen = nnx.split(
       model, car_lib.trainable(config.stage), ...)
-  tx = make_optimizer(config)
+  tx = train.make_optimizer(config)
   opt = jax.eval_shape(tx.init, params)
   return graphdef, CarState(step=jax.ShapeDtypeStruct((), jnp.int32),
                             params=params, frozen=frozen, opt_state=opt)
