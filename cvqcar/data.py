@@ -140,10 +140,10 @@ class SkipCorrupt(grain.IterDataset):
     return _SkipCorruptIterator(self._parent.__iter__())
 
 
-def image_pipeline(
-    records: Sequence[dict[str, Any]],
+def records_pipeline(
+    records: Sequence[Any],
+    transform,
     *,
-    preprocess: Preprocess,
     batch_size: int,
     seed: int,
     train: bool,
@@ -153,6 +153,7 @@ def image_pipeline(
 ) -> grain.IterDataset:
   """Shuffled/repeated (train) or one-pass (eval) batches of this process.
 
+  `transform(record, rng)` returns an element dict with a 'corrupt' flag.
   `batch_size` is global; each JAX process reads a disjoint 1/process_count
   share and yields batches of batch_size / process_count. `num_examples`
   takes the first num_examples records, cycling if there are fewer (eval
@@ -169,7 +170,7 @@ def image_pipeline(
   if train:
     ds = ds.shuffle(seed=seed).repeat()
   ds = ds[jax.process_index()::processes]
-  ds = ds.random_map(preprocess, seed=seed)
+  ds = ds.random_map(transform, seed=seed)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
   ds = SkipCorrupt(ds)
@@ -177,6 +178,13 @@ def image_pipeline(
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return ds
+
+
+def image_pipeline(records: Sequence[dict[str, Any]], *,
+                   preprocess: Preprocess, **kwargs) -> grain.IterDataset:
+  """Batches {'image' [b, R, R, 3] float32, 'skipped' [b]}; see
+  records_pipeline for the keyword arguments."""
+  return records_pipeline(records, preprocess, **kwargs)
 
 
 def _imagenet_records(cfg: ml_collections.ConfigDict, split: str):

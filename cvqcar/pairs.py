@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import msgpack
 import numpy as np
@@ -296,10 +295,6 @@ def pair_pipeline(
   `num_examples` cycles through the first records (eval crops of a few
   photos). Corrupt records are dropped and counted in 'skipped'.
   """
-  processes = jax.process_count()
-  if batch_size % processes:
-    raise ValueError(f"batch size {batch_size} is not divisible by the"
-                     f" {processes} JAX processes")
   kind = record_kind(source)
   if kind == "tokens":
     preprocess = None
@@ -310,22 +305,12 @@ def pair_pipeline(
       raise ValueError("image records need a resolution to crop to")
     preprocess = data.Preprocess(resolution, crop=crop, flip=flip,
                                  min_scale=min_scale)
-  ds = grain.MapDataset.source(source)
-  if num_examples is not None:
-    n = len(source)
-    ds = grain.MapDataset.range(num_examples).map(lambda i: source[i % n])
-  if train:
-    ds = ds.shuffle(seed=seed).repeat()
-  ds = ds[jax.process_index()::processes]
-  ds = ds.random_map(PairPreprocess(preprocess, text_tokenizer, max_text_len,
-                                    truncate, num_tokens), seed=seed)
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
-  ds = data.SkipCorrupt(ds)
-  ds = ds.batch(batch_size // processes, drop_remainder=True)
-  if worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return ds
+  return data.records_pipeline(
+      source, PairPreprocess(preprocess, text_tokenizer, max_text_len,
+                             truncate, num_tokens),
+      batch_size=batch_size, seed=seed, train=train,
+      num_examples=num_examples, num_threads=num_threads,
+      worker_count=worker_count)
 
 
 def _config_source(d: ml_collections.ConfigDict, split: str):
