@@ -61,6 +61,8 @@ class Checkpointer:
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
                read_only: bool = False,
                sections: tuple[str, ...] = ("model",)):
+    if "://" not in workdir:  # Orbax wants absolute local paths.
+      workdir = os.path.abspath(workdir)
     self.directory = os.path.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,

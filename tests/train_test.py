@@ -145,3 +145,13 @@ def test_pallas_codebook_search_in_the_sharded_step():
       state, m = trainer.step(state, next(batches))
     losses[impl] = float(m["loss"])
   np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  """The README's quick start passes a relative workdir."""
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config()
+  config.num_train_steps = 2
+  summary = train.train_and_evaluate(config, "runs/rel")
+  assert summary.last_step == 2
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()
