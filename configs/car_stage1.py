@@ -19,20 +19,8 @@ import ml_collections
 from configs import cvq_tokenizer
 
 
-def _parse(arg: str) -> dict[str, str]:
-  out = {}
-  for item in filter(None, arg.split(",")):
-    key, _, value = item.partition("=")
-    out[key] = value or "1"
-  unknown = set(out) - {"tiny", "llm"}
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known:"
-                     " ['llm', 'tiny']")
-  return out
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = _parse(arg)
+  args = cvq_tokenizer.parse_args(arg, {"tiny", "llm"})
   tiny = "tiny" in args
   config = ml_collections.ConfigDict()
   config.stage = 1

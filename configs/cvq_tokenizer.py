@@ -16,13 +16,15 @@ resolution. Any field is overridable: --config.num_train_steps=50.
 
 import ml_collections
 
+KNOWN_ARGS = {"tiny", "patch", "ema", "plain", "cosine", "simvq", "res"}
 
-def _parse(arg: str) -> dict[str, str]:
+
+def parse_args(arg: str, known: set[str]) -> dict[str, str]:
+  """'tiny,res=64' -> {'tiny': '1', 'res': '64'}; unknown names raise."""
   out = {}
   for item in filter(None, arg.split(",")):
     key, _, value = item.partition("=")
     out[key] = value or "1"
-  known = {"tiny", "patch", "ema", "plain", "cosine", "simvq", "res"}
   unknown = set(out) - known
   if unknown:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known:"
@@ -31,7 +33,7 @@ def _parse(arg: str) -> dict[str, str]:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = _parse(arg)
+  args = parse_args(arg, KNOWN_ARGS)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
