@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -30,8 +31,12 @@ def reconstruction_grid(batch: dict[str, np.ndarray], max_rows: int = 8,
 
 
 def save_png(image: np.ndarray, path: str) -> str:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image).save(path)
+  """Writes a uint8 image; `path` may be local or a cloud path (gs://...)."""
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  out.write_bytes(buffer.getvalue())
   return path
 
 
