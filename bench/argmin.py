@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import report  # noqa: E402
-from cvqcar import argmin  # noqa: E402
+from cvqcar.kernels import argmin  # noqa: E402
 
 
 def _matmul(x, codebook):

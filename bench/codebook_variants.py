@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench import report  # noqa: E402
 from configs import cvq_tokenizer  # noqa: E402
-from cvqcar import cvq, logs, train  # noqa: E402  (logs before train: TF)
+from cvqcar import logs  # noqa: E402
+from cvqcar.tokenizer import model as tokenizer_lib  # noqa: E402
+from cvqcar.tokenizer import trainer as tokenizer_trainer  # noqa: E402
 
 # name -> (config argument, extra overrides)
 VARIANTS = {
@@ -52,11 +54,12 @@ def main():
     config.num_train_steps = args.steps
     config.eval_every = config.checkpoint_every = args.steps
     with tempfile.TemporaryDirectory() as workdir:
-      ev = train.train_and_evaluate(config, workdir).eval
+      ev = tokenizer_trainer.train_and_evaluate(config, workdir).eval
     c = config.model.latent_channels
     prefix = lambda k: ev.get(f"eval/psnr_first_{k}")
     fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"
-    rows.append([name, cvq.num_tokens(config.model), fmt(ev["eval/psnr"]),
+    rows.append([name, tokenizer_lib.num_tokens(config.model),
+                 fmt(ev["eval/psnr"]),
                  fmt(ev["eval/ssim"], 3),
                  f"{ev['eval/codebook_usage']:.1%}",
                  fmt(ev["eval/codebook_perplexity"], 0),

@@ -6,9 +6,9 @@
 
 Every row decodes C tokens for each of `batch` prompts of `prompt_len` ids
 on the same machine with the same Qwen3 weights: CAR sampling
-(`sample.generate`) with the KV cache and with full recompute at every step;
+(`sampling.generate`) with the KV cache and with full recompute at every step;
 a plain greedy Qwen3 decode with our KV cache; and Hugging Face
-`transformers` `generate` on those weights written out by `llm.to_hf`. An
+`transformers` `generate` on those weights written out by `qwen3.to_hf`. An
 "image" is C generated tokens. The speedup printed last is our Qwen3 row
 over the HF row (the like-for-like pair: same trunk, same vocabulary head).
 Results go to docs/benchmarks.md.
@@ -31,8 +31,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import report  # noqa: E402
-from cvqcar import car as car_lib  # noqa: E402
-from cvqcar import llm, sample  # noqa: E402
+from cvqcar.car import model as car_lib  # noqa: E402
+from cvqcar.car import (
+  qwen3,  # noqa: E402
+  sampling,  # noqa: E402
+)
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -68,7 +71,7 @@ def greedy_decode(graphdef, state, prompt_bp, steps: int):
 
 def time_car(model, text_bl, mask_bl, args, use_cache: bool) -> float:
   graphdef, state = nnx.split(model)
-  run = lambda: jax.block_until_ready(sample.generate(
+  run = lambda: jax.block_until_ready(sampling.generate(
       graphdef, (state,), text_bl, mask_bl, jax.random.key(0),
       temperature=args.temperature, cfg_scale=args.cfg_scale,
       use_cache=use_cache))
@@ -91,7 +94,7 @@ def time_hf(backbone, config, prompt_bp, args):
   transformers.utils.logging.disable_progress_bar()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   with tempfile.TemporaryDirectory() as tmp:
-    llm.to_hf(backbone, config, tmp)
+    qwen3.to_hf(backbone, config, tmp)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp, dtype=torch.float32)  # `torch_dtype` before 4.56
   model = model.to(device).eval()
@@ -114,7 +117,7 @@ def time_hf(backbone, config, prompt_bp, args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--backbone", default="tiny", choices=list(llm.PRESETS))
+  parser.add_argument("--backbone", default="tiny", choices=list(qwen3.PRESETS))
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--channels", type=int, default=256,
                       help="C: tokens generated per image")
@@ -131,13 +134,13 @@ def main():
   parser.add_argument("--no-write", dest="write", action="store_false")
   args = parser.parse_args()
 
-  config = llm.PRESETS[args.backbone]
+  config = qwen3.PRESETS[args.backbone]
   if args.prompt_len + args.channels + 1 > config.max_position_embeddings:
     raise ValueError(
         f"--prompt_len={args.prompt_len} + --channels={args.channels} + 1"
         f" exceeds max_position_embeddings="
         f"{config.max_position_embeddings} of --backbone={args.backbone}")
-  backbone = llm.Qwen3(config, rngs=nnx.Rngs(args.seed))
+  backbone = qwen3.Qwen3(config, rngs=nnx.Rngs(args.seed))
   codebook_kd = jax.random.normal(jax.random.key(args.seed + 1),
                                   (args.codes, args.code_dim))
   model = car_lib.CAR(backbone, codebook_kd, args.channels,
@@ -185,7 +188,7 @@ def main():
     import torch
     import transformers
 
-    sampling = ("greedy" if args.temperature == 0.0 else
+    decoding = ("greedy" if args.temperature == 0.0 else
                 f"temperature {args.temperature}")
     cfg = ("no CFG" if args.cfg_scale == 1.0 else
            f"CFG scale {args.cfg_scale} (doubles the decoded batch)")
@@ -193,10 +196,10 @@ def main():
         f"`{args.backbone}` Qwen3 backbone, batch {args.batch}, prompts of"
         f" {args.prompt_len} ids, C = {args.channels} tokens per image;"
         f" median of {args.reps} runs after a compile warm-up. CAR rows:"
-        f" `sample.generate` ({sampling}, {cfg}) over K = {args.codes} codes"
+        f" `sampling.generate` ({decoding}, {cfg}) over K = {args.codes} codes"
         f" of dimension {args.code_dim}. The Qwen3 and HF rows decode C"
         " greedy tokens over the text vocabulary with the same weights (ours"
-        " written out by `llm.to_hf`): ours is one jitted prefill +"
+        " written out by `qwen3.to_hf`): ours is one jitted prefill +"
         " `lax.scan` with the KV cache; HF is transformers"
         f" {transformers.__version__} `generate(do_sample=False,"
         " use_cache=True)` under `torch.inference_mode()`, float32, torch"

@@ -47,15 +47,17 @@ def worker(size: str, devices: int, steps: int) -> dict:
   """Runs in a child process: times `steps` train steps after a warm-up."""
   import jax
 
-  from cvqcar import data, sharding, train
+  from cvqcar import sharding
+  from cvqcar.data import images as image_data
+  from cvqcar.tokenizer import trainer as tokenizer_trainer
 
   if jax.device_count() < devices:
     return {"skipped": f"{jax.device_count()} devices"}
   config = _config(size, devices)
   mesh = sharding.make_mesh(config, devices=jax.devices()[:devices])
-  trainer = train.Trainer(config, mesh=mesh)
+  trainer = tokenizer_trainer.Trainer(config, mesh=mesh)
   state = trainer.init()
-  batches = iter(data.train_dataset(config))
+  batches = iter(image_data.train_dataset(config))
   cached = [next(batches) for _ in range(2)]  # time the step, not the input
   for i in range(2):  # compile + warm-up
     state, m = trainer.step(state, cached[i % 2])

@@ -2,7 +2,7 @@
 
 Run (embedded captioned photos, CPU, after the tiny tokenizer quick start):
   python -m cvqcar.export --workdir=runs/cvq_tiny --out=exports/cvq_tiny
-  python -m cvqcar.car_main --config=configs/car_stage1.py:tiny \
+  python -m cvqcar.train --config=configs/car_stage1.py:tiny \
       --workdir=runs/car1_tiny
 
 The LLM is frozen; the projector (codeword -> LLM width, two-layer MLP), the
@@ -23,6 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = cvq_tokenizer.parse_args(arg, {"tiny", "llm"})
   tiny = "tiny" in args
   config = ml_collections.ConfigDict()
+  config.trainer = "car"  # what `python -m cvqcar.train` runs
   config.stage = 1
   config.seed = 0
   config.tokenizer = cvq_tokenizer.get_config("tiny" if tiny else "").model

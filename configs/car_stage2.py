@@ -1,7 +1,7 @@
 """CAR stage II: train everything end to end from a stage-I checkpoint.
 
 Run (after stage I):
-  python -m cvqcar.car_main --config=configs/car_stage2.py:tiny \
+  python -m cvqcar.train --config=configs/car_stage2.py:tiny \
       --config.init_from=runs/car1_tiny --workdir=runs/car2_tiny
 
 Imports the stage-I config, so the tokenizer, LLM and data cannot drift

@@ -1,11 +1,11 @@
 """CVQ tokenizer: channel-wise VQ (or the patch-wise baseline) with a VQGAN.
 
 Run (embedded photos, laptop CPU, a few minutes):
-  python -m cvqcar.main --config=configs/cvq_tokenizer.py:tiny \
+  python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny \
       --workdir=runs/cvq_tiny
 
 ImageNet at 256 px, 256 channel tokens of 16x16 (a pod job):
-  python -m cvqcar.main --config=configs/cvq_tokenizer.py \
+  python -m cvqcar.train --config=configs/cvq_tokenizer.py \
       --config.data.data_dir=/path/to/tfds --workdir=gs://bucket/cvq256
 
 Arguments after ':' are comma-separated: `tiny` shrinks everything to run on
@@ -35,6 +35,7 @@ def parse_args(arg: str, known: set[str]) -> dict[str, str]:
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = parse_args(arg, KNOWN_ARGS)
   config = ml_collections.ConfigDict()
+  config.trainer = "tokenizer"  # what `python -m cvqcar.train` runs
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()

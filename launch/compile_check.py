@@ -54,7 +54,8 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cvqcar import sharding, train  # noqa: E402
+from cvqcar import sharding  # noqa: E402
+from cvqcar.tokenizer import trainer as tokenizer_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (a get_config(arg) module).",
@@ -77,7 +78,8 @@ def main(argv):
     sys.exit(f"--num_devices={_FAKE_DEVICES} but JAX sees"
              f" {jax.device_count()} devices; is another"
              " --xla_force_host_platform_device_count in XLA_FLAGS?")
-  trainer = train.Trainer(config)  # checks the mesh and batch divisibility
+  # Checks the mesh and the batch's divisibility.
+  trainer = tokenizer_trainer.Trainer(config)
   mesh = trainer.mesh
   batch_size, res = config.batch_size, config.model.resolution
   data_sharding = sharding.batch_sharded(mesh)

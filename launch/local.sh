@@ -12,4 +12,4 @@ shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
 cd "$root"
-exec "$python" -m cvqcar.main --config="$config" --workdir="$workdir" "$@"
+exec "$python" -m cvqcar.train --config="$config" --workdir="$workdir" "$@"

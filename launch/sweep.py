@@ -104,7 +104,7 @@ def overrides(point: dict[str, Any]) -> list[str]:
 
 
 def _parse_config(config_arg: str, args: list[str]):
-  """The config as cvqcar.main would see it after these overrides."""
+  """The config as cvqcar.train would see it after these overrides."""
   flag_values = flags.FlagValues()
   argv = ["sweep", f"--config={config_arg}", *args]
   holder = config_flags.DEFINE_config_file(

@@ -5,7 +5,7 @@
 # the home directory), which `setup` puts there: it copies this checkout's
 # tracked and untracked-but-not-ignored files and pip-installs requirements.txt
 # with jax[tpu] using REMOTE_PYTHON (default python3; needs >= 3.11).
-# cvqcar.main calls jax.distributed.initialize(), which detects the pod, so no
+# cvqcar.train calls jax.distributed.initialize(), which detects the pod, so no
 # process flags are needed. The workdir must be shared by all workers: gs://.
 # The run lives as long as this ssh session: start it inside tmux or screen.
 # Usage:
@@ -59,4 +59,4 @@ shift 2
 # %q quoting survives the remote shell: values with spaces or quotes stay one
 # argument each.
 args=$(printf ' %q' --config="$config" --workdir="$workdir" "$@")
-on_all_workers "cd $remote_dir && exec .venv/bin/python -m cvqcar.main$args"
+on_all_workers "cd $remote_dir && exec .venv/bin/python -m cvqcar.train$args"

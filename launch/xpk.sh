@@ -3,7 +3,7 @@
 # Needs: xpk (pip install xpk) and gcloud/kubectl access to the cluster; a
 # DOCKER_IMAGE whose working directory is this repo with requirements.txt and
 # jax[tpu] installed. Set CLUSTER, TPU_TYPE (e.g. v5litepod-256), DOCKER_IMAGE;
-# NUM_SLICES (default 1), PROJECT and ZONE are optional. cvqcar.main calls
+# NUM_SLICES (default 1), PROJECT and ZONE are optional. cvqcar.train calls
 # jax.distributed.initialize(), which detects the GKE TPU job, so no process
 # flags are needed. With NUM_SLICES > 1 set the cross-slice mesh too, e.g.
 # --config.dcn_mesh.data=NUM_SLICES. The workdir must be a gs:// path.
@@ -41,4 +41,4 @@ args=$(printf ' %q' --config="$config" --workdir="$workdir" "$@")
 exec xpk workload create --cluster="$CLUSTER" --workload="$workload" \
   --tpu-type="$TPU_TYPE" --num-slices="${NUM_SLICES:-1}" \
   --docker-image="$DOCKER_IMAGE" ${optional[@]+"${optional[@]}"} \
-  --command="python -m cvqcar.main$args"
+  --command="python -m cvqcar.train$args"

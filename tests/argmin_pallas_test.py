@@ -11,8 +11,8 @@ from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cvqcar import argmin
-from cvqcar import argmin_pallas as ap
+from cvqcar.kernels import argmin
+from cvqcar.kernels import argmin_pallas as ap
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-3}
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvqcar import argmin
+from cvqcar.kernels import argmin
 
 
 def numpy_argmin(x, codebook):

@@ -7,15 +7,16 @@ import optax
 import pytest
 from flax import nnx
 
-from cvqcar import car, llm, sample
+from cvqcar.car import model as car_lib
+from cvqcar.car import qwen3, sampling
 
 C, K, D = 8, 64, 16
 
 
 def tiny_car(seed=0):
-  backbone = llm.Qwen3(llm.PRESETS["tiny"], rngs=nnx.Rngs(seed))
+  backbone = qwen3.Qwen3(qwen3.PRESETS["tiny"], rngs=nnx.Rngs(seed))
   codebook = jax.random.normal(jax.random.key(seed), (K, D))
-  return car.CAR(backbone, codebook, C, rngs=nnx.Rngs(seed + 1))
+  return car_lib.CAR(backbone, codebook, C, rngs=nnx.Rngs(seed + 1))
 
 
 def prompts():
@@ -58,19 +59,19 @@ def test_left_padding_does_not_change_the_result():
 def test_guidance_scale_one_is_conditional_zero_unconditional():
   cond = jnp.array([[1.0, 3.0]])
   uncond = jnp.array([[2.0, -1.0]])
-  np.testing.assert_allclose(car.guided_logits(cond, uncond, 1.0), cond)
-  np.testing.assert_allclose(car.guided_logits(cond, uncond, 0.0), uncond)
+  np.testing.assert_allclose(car_lib.guided_logits(cond, uncond, 1.0), cond)
+  np.testing.assert_allclose(car_lib.guided_logits(cond, uncond, 0.0), uncond)
   # And in the sampler: greedy CFG-0 equals greedy on an empty prompt.
   model = tiny_car()
   graphdef, state = nnx.split(model)
   text, mask = prompts()
   key = jax.random.key(0)
-  g0 = sample.generate(graphdef, (state,), text, mask, key, temperature=0.0,
+  g0 = sampling.generate(graphdef, (state,), text, mask, key, temperature=0.0,
                        cfg_scale=0.0)
-  empty = sample.generate(graphdef, (state,), text, jnp.zeros_like(mask),
+  empty = sampling.generate(graphdef, (state,), text, jnp.zeros_like(mask),
                           key, temperature=0.0, cfg_scale=1.0)
   np.testing.assert_array_equal(g0, empty)
-  g1 = sample.generate(graphdef, (state,), text, mask, key, temperature=0.0,
+  g1 = sampling.generate(graphdef, (state,), text, mask, key, temperature=0.0,
                        cfg_scale=1.0)
   assert g1.shape == (2, C) and not np.array_equal(g1, empty)
 
@@ -85,15 +86,15 @@ def test_kv_cache_decode_equals_full_recompute(kwargs):
   graphdef, state = nnx.split(model)
   text, mask = prompts()
   key = jax.random.key(3)
-  cached = sample.generate(graphdef, (state,), text, mask, key, **kwargs)
-  full = sample.generate(graphdef, (state,), text, mask, key,
+  cached = sampling.generate(graphdef, (state,), text, mask, key, **kwargs)
+  full = sampling.generate(graphdef, (state,), text, mask, key,
                          use_cache=False, **kwargs)
   np.testing.assert_array_equal(cached, full)
 
 
 def test_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  kept = lambda **kw: np.isfinite(np.asarray(sample.filter_logits(logits,
+  kept = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(logits,
                                                                   **kw)))
   np.testing.assert_array_equal(kept(top_k=2), [[1, 1, 0, 0]])
   np.testing.assert_array_equal(kept(top_p=0.7), [[1, 1, 0, 0]])
@@ -102,7 +103,7 @@ def test_top_k_and_top_p_filters():
 
 def test_prompt_dropout_empties_whole_prompts():
   mask = jnp.ones((1000, 4), jnp.int32)
-  dropped = car.drop_prompts(mask, 0.3, jax.random.key(0))
+  dropped = car_lib.drop_prompts(mask, 0.3, jax.random.key(0))
   rows = np.asarray(dropped).sum(-1)
   assert set(np.unique(rows)) == {0, 4}
   assert 0.25 < np.mean(rows == 0) < 0.35
@@ -111,13 +112,13 @@ def test_prompt_dropout_empties_whole_prompts():
 @pytest.mark.parametrize("stage", [1, 2])
 def test_stage_freezing(stage):
   model = tiny_car()
-  graphdef, params, frozen = nnx.split(model, car.trainable(stage), ...)
+  graphdef, params, frozen = nnx.split(model, car_lib.trainable(stage), ...)
   text, mask = prompts()
   tokens = jax.random.randint(jax.random.key(1), (2, C), 0, K)
   tx = optax.adam(1e-2)
 
   def loss(p):
-    return car.loss_fn(nnx.merge(graphdef, p, frozen)(text, mask, tokens),
+    return car_lib.loss_fn(nnx.merge(graphdef, p, frozen)(text, mask, tokens),
                        tokens)
 
   grads = jax.grad(loss)(params)

@@ -7,7 +7,11 @@ import pytest
 
 from configs import car_stage1, car_stage2
 from conftest import tiny_config
-from cvqcar import car_train, export, sample, train
+from cvqcar.car import export as car_export
+from cvqcar.car import pipeline
+from cvqcar.car import trainer as car_trainer
+from cvqcar.tokenizer import export
+from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +21,7 @@ def tokenizer_export(tmp_path_factory):
   root = tmp_path_factory.mktemp("tok")
   config = tiny_config()
   config.num_train_steps = 2
-  train.train_and_evaluate(config, str(root / "run"))
+  tokenizer_trainer.train_and_evaluate(config, str(root / "run"))
   return export.export(str(root / "run"), str(root / "export"))
 
 
@@ -39,7 +43,7 @@ def car_config(stage_module, tokenizer_path, **overrides):
 def test_stage1_stage2_sample_chain(tokenizer_export, tmp_path):
   config = car_config(car_stage1, tokenizer_export, num_train_steps=30)
   config.optimizer.learning_rate = 3e-3
-  stage1 = car_train.train_and_evaluate(config, str(tmp_path / "car1"))
+  stage1 = car_trainer.train_and_evaluate(config, str(tmp_path / "car1"))
   losses = [stage1.train[s]["train/loss"] for s in sorted(stage1.train)]
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
   assert os.path.exists(tmp_path / "car1" / "images" /
@@ -47,19 +51,19 @@ def test_stage1_stage2_sample_chain(tokenizer_export, tmp_path):
 
   config = car_config(car_stage2, tokenizer_export, num_train_steps=3,
                       init_from=str(tmp_path / "car1"))
-  stage2 = car_train.train_and_evaluate(config, str(tmp_path / "car2"))
+  stage2 = car_trainer.train_and_evaluate(config, str(tmp_path / "car2"))
   # Stage II starts from stage I's weights, not from scratch.
   assert stage2.train[1]["train/loss"] < np.mean(losses[:5]) - 0.1
   assert all(np.isfinite(v["train/loss"]) for v in stage2.train.values())
 
-  out = car_train.export_car(str(tmp_path / "car2"), str(tmp_path / "exp"))
-  paths = sample.sample_to_files(out, tokenizer_export,
-                                 ["a ginger tabby cat", ""],
-                                 str(tmp_path / "samples"), cfg_scale=2.0)
+  out = car_export.export_car(str(tmp_path / "car2"), str(tmp_path / "exp"))
+  paths = pipeline.sample_to_files(out, tokenizer_export,
+                                   ["a ginger tabby cat", ""],
+                                   str(tmp_path / "samples"), cfg_scale=2.0)
   assert len(paths) == 4 and all(os.path.exists(p) for p in paths)
   with pytest.raises(ValueError, match="more than the maximum text length"):
-    sample.sample_to_files(out, tokenizer_export, ["x" * 500],
-                           str(tmp_path / "samples"))
+    pipeline.sample_to_files(out, tokenizer_export, ["x" * 500],
+                             str(tmp_path / "samples"))
 
 
 def test_tokenizer_of_another_shape_is_refused(tokenizer_export, tmp_path):
@@ -67,11 +71,11 @@ def test_tokenizer_of_another_shape_is_refused(tokenizer_export, tmp_path):
   config.tokenizer.latent_channels = 16
   with pytest.raises(ValueError, match=r"model.latent_channels: saved 8 vs"
                      r" now 16"):
-    car_train.train_and_evaluate(config, str(tmp_path / "car"))
+    car_trainer.train_and_evaluate(config, str(tmp_path / "car"))
 
 
 def test_stage2_needs_a_stage1_run(tokenizer_export, tmp_path):
   config = car_config(car_stage2, tokenizer_export, num_train_steps=1,
                       init_from="")
   with pytest.raises(ValueError, match="config.init_from"):
-    car_train.train_and_evaluate(config, str(tmp_path / "car"))
+    car_trainer.train_and_evaluate(config, str(tmp_path / "car"))

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from cvqcar import cvq
+from cvqcar.tokenizer import model as tokenizer_lib
 
 
 def images(n=4, res=16, seed=0):
@@ -18,8 +18,8 @@ def images(n=4, res=16, seed=0):
 @pytest.mark.parametrize("arg,tokens", [("tiny", 8), ("tiny,patch", 64)])
 def test_encode_decode_shapes_and_dtypes(arg, tokens):
   config = tiny_config(arg)
-  model = cvq.Tokenizer(config.model, rngs=nnx.Rngs(0))
-  assert model.num_tokens == tokens == cvq.num_tokens(config.model)
+  model = tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))
+  assert model.num_tokens == tokens == tokenizer_lib.num_tokens(config.model)
   ids = model.encode(images())
   assert ids.shape == (4, tokens) and ids.dtype == jnp.int32
   assert int(ids.max()) < config.model.num_codes
@@ -34,7 +34,7 @@ def test_nested_dropout_zeroes_exactly_the_channels_past_k():
   config = tiny_config()
   config.model.nested_dropout_alpha = 1.0  # every image gets a random k
   config.model.codebook.ema = False  # EMA would move codes during the call
-  model = cvq.Tokenizer(config.model, rngs=nnx.Rngs(0))
+  model = tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))
   x = images(8)
   out = model(x, train=True, key=jax.random.key(5))
   kept = np.asarray(out.channels_kept)
@@ -53,20 +53,21 @@ def test_nested_dropout_zeroes_exactly_the_channels_past_k():
 def test_nested_dropout_is_off_at_eval_and_alpha_zero():
   config = tiny_config()
   config.model.nested_dropout_alpha = 1.0
-  model = cvq.Tokenizer(config.model, rngs=nnx.Rngs(0))
+  model = tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))
   out = model(images(), train=False)
   np.testing.assert_array_equal(out.channels_kept, 8)
   config.model.nested_dropout_alpha = 0.0
-  model = cvq.Tokenizer(config.model, rngs=nnx.Rngs(0))
+  model = tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))
   out = model(images(), train=True, key=jax.random.key(0))
   np.testing.assert_array_equal(out.channels_kept, 8)
 
 
 def test_prefix_decode_rejects_bad_lengths():
-  model = cvq.Tokenizer(tiny_config().model, rngs=nnx.Rngs(0))
+  model = tokenizer_lib.Tokenizer(tiny_config().model, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"1\.\.8"):
     model.decode(jnp.zeros((1, 9), jnp.int32))
-  patch = cvq.Tokenizer(tiny_config("tiny,patch").model, rngs=nnx.Rngs(0))
+  patch = tokenizer_lib.Tokenizer(tiny_config("tiny,patch").model,
+                                  rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="64 tokens"):
     patch.decode(jnp.zeros((1, 8), jnp.int32))
 
@@ -78,7 +79,7 @@ def test_prefix_decode_rejects_bad_lengths():
     (jnp.zeros((2, 16, 16, 3), jnp.uint8), "dtype uint8"),
 ])
 def test_bad_images_get_clear_errors(bad, match):
-  model = cvq.Tokenizer(tiny_config().model, rngs=nnx.Rngs(0))
+  model = tokenizer_lib.Tokenizer(tiny_config().model, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=match):
     model.encode(bad)
 
@@ -92,11 +93,11 @@ def test_bad_model_config(field, value, match):
   config = tiny_config()
   config.model[field] = value
   with pytest.raises(ValueError, match=match):
-    cvq.Tokenizer(config.model, rngs=nnx.Rngs(0))
+    tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))
 
 
 def test_patch_with_nested_dropout_is_an_error():
   config = tiny_config("tiny,patch")
   config.model.nested_dropout_alpha = 0.5
   with pytest.raises(ValueError, match="needs quantize='channel'"):
-    cvq.check_model_config(config.model)
+    tokenizer_lib.check_model_config(config.model)

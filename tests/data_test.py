@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from cvqcar import data
+from cvqcar.data import images as image_data
 
 
 def png_bytes(rng, h=40, w=50):
@@ -18,22 +18,22 @@ def png_bytes(rng, h=40, w=50):
 
 
 def test_embedded_photos_are_real_and_split():
-  train = data.embedded_photos("train")
-  evals = data.embedded_photos("eval")
-  assert len(train) >= 20 and len(evals) == len(data.EMBEDDED_EVAL_FILES)
+  train = image_data.embedded_photos("train")
+  evals = image_data.embedded_photos("eval")
+  assert len(train) >= 20 and len(evals) == len(image_data.EMBEDDED_EVAL_FILES)
   assert not {r["name"] for r in train} & {r["name"] for r in evals}
   for r in train + evals:
     assert r["image"].dtype == np.uint8 and r["image"].shape[-1] == 3
     assert min(r["image"].shape[:2]) >= 64
   with pytest.raises(ValueError, match="'train' or 'eval'"):
-    data.embedded_photos("test")
+    image_data.embedded_photos("test")
 
 
 @pytest.mark.parametrize("crop", ["center", "random", "random_scale"])
 def test_preprocess_shape_and_range(crop):
   rng = np.random.default_rng(0)
   record = {"image": png_bytes(rng, 40, 70)}
-  out = data.Preprocess(16, crop=crop, flip=True)(record, rng)
+  out = image_data.Preprocess(16, crop=crop, flip=True)(record, rng)
   assert out["image"].shape == (16, 16, 3)
   assert out["image"].dtype == np.float32
   assert -1.0 <= out["image"].min() and out["image"].max() <= 1.0
@@ -42,7 +42,7 @@ def test_preprocess_shape_and_range(crop):
 
 def test_center_crop_is_exact_on_a_square_image():
   image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
-  out = data.Preprocess(16, crop="center")({"image": image}, None)
+  out = image_data.Preprocess(16, crop="center")({"image": image}, None)
   np.testing.assert_allclose(out["image"], image / 127.5 - 1.0, atol=1e-6)
 
 
@@ -52,7 +52,7 @@ def test_corrupt_records_are_skipped_and_counted():
   bad = [{"image": b"\x89PNG not really"}, {"image": b""}]
   records = [good[0], bad[0], good[1], good[2], bad[1], good[3], good[4],
              good[5]]
-  ds = data.image_pipeline(records, preprocess=data.Preprocess(8),
+  ds = image_data.image_pipeline(records, preprocess=image_data.Preprocess(8),
                            batch_size=2, seed=0, train=False)
   batches = list(ds)
   assert len(batches) == 3  # 6 good images in batches of 2
@@ -63,19 +63,19 @@ def test_corrupt_records_are_skipped_and_counted():
 
 def test_train_stream_is_deterministic_and_resumable():
   config = tiny_config()
-  it = iter(data.train_dataset(config))
+  it = iter(image_data.train_dataset(config))
   next(it)
   state = it.get_state()
   want = next(it)["image"]
-  again = iter(data.train_dataset(config))
+  again = iter(image_data.train_dataset(config))
   again.set_state(state)
   np.testing.assert_array_equal(next(again)["image"], want)
 
 
 def test_eval_set_is_fixed():
   config = tiny_config()
-  a = [b["image"] for b in data.eval_dataset(config)]
-  b = [b["image"] for b in data.eval_dataset(config)]
+  a = [b["image"] for b in image_data.eval_dataset(config)]
+  b = [b["image"] for b in image_data.eval_dataset(config)]
   assert len(a) == 2
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
@@ -84,15 +84,15 @@ def test_eval_set_is_fixed():
 def test_batch_must_split_over_processes(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 3)
   with pytest.raises(ValueError, match="not divisible by the 3 JAX processes"):
-    data.image_pipeline([], preprocess=data.Preprocess(8), batch_size=8,
-                        seed=0, train=False)
+    image_data.image_pipeline([], preprocess=image_data.Preprocess(8),
+                              batch_size=8, seed=0, train=False)
 
 
 def test_unknown_dataset_name():
   config = tiny_config()
   config.data.name = "cifar"
   with pytest.raises(ValueError, match="'embedded' or 'imagenet2012'"):
-    data.train_dataset(config)
+    image_data.train_dataset(config)
 
 
 def test_imagenet_needs_a_local_dir():
@@ -100,7 +100,7 @@ def test_imagenet_needs_a_local_dir():
   config.data.name = "imagenet2012"
   config.data.data_dir = ""
   with pytest.raises(ValueError, match="local TFDS directory"):
-    data.train_dataset(config)
+    image_data.train_dataset(config)
 
 
 def test_imagenet_pipeline_under_tfds_mock():
@@ -110,8 +110,8 @@ def test_imagenet_pipeline_under_tfds_mock():
   config.data.data_dir = "/nonexistent"  # mock_data never reads it
   with tfds.testing.mock_data(num_examples=20,
                               policy=tfds.testing.MockPolicy.USE_CODE):
-    batch = next(iter(data.train_dataset(config)))
-    evals = list(data.eval_dataset(config))
+    batch = next(iter(image_data.train_dataset(config)))
+    evals = list(image_data.eval_dataset(config))
   assert batch["image"].shape == (8, 16, 16, 3)
   assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
   assert batch["image"].std() > 0.1  # real decoded pixels, not a fill
@@ -126,7 +126,7 @@ def test_processes_read_disjoint_shares(monkeypatch):
   def images(index, count):
     monkeypatch.setattr(jax, "process_index", lambda: index)
     monkeypatch.setattr(jax, "process_count", lambda: count)
-    ds = data.image_pipeline(records, preprocess=data.Preprocess(8),
+    ds = image_data.image_pipeline(records, preprocess=image_data.Preprocess(8),
                              batch_size=4, seed=0, train=False)
     return {x.tobytes() for b in ds for x in b["image"]}
 

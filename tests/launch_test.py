@@ -167,7 +167,7 @@ def test_tpu_pod_runs_main_on_every_worker(tmp_path):
   command = [a for a in args if a.startswith("--command=")][0]
   remote = shlex.split(command.removeprefix("--command="))
   assert remote == ["cd", "cvqcar", "&&", "exec", ".venv/bin/python", "-m",
-                    "cvqcar.main", f"--config={CONFIG}",
+                    "cvqcar.train", f"--config={CONFIG}",
                     "--workdir=gs://b/run", "--config.data.data_dir=/my data"]
 
 
@@ -188,7 +188,7 @@ def test_xpk_creates_one_workload(tmp_path):
   assert args[:8] == ["workload", "create", "--cluster=c1", "--workload=run1",
                       "--tpu-type=v5litepod-16", "--num-slices=2",
                       "--docker-image=gcr.io/p/cvqcar:1",
-                      f"--command=python -m cvqcar.main --config={CONFIG}"
+                      f"--command=python -m cvqcar.train --config={CONFIG}"
                       " --workdir=gs://b/run --config.dcn_mesh.data=2"]
   missing = run(["bash", "launch/xpk.sh", "run1", CONFIG, "gs://b/run"],
                 env={**env, "DOCKER_IMAGE": ""})
@@ -205,7 +205,7 @@ def test_slurm_gives_each_node_process_all_its_gpus(tmp_path):
   assert (tmp_path / "ids").read_text().strip() == "0,1,2,3"
   args = recorded_args(tmp_path, "srun")
   assert args == ["--kill-on-bad-exit=1", ".venv/bin/python", "-m",
-                  "cvqcar.main", f"--config={CONFIG}", "--workdir=/shared/run",
+                  "cvqcar.train", f"--config={CONFIG}", "--workdir=/shared/run",
                   "--config.batch_size=64"]
   elsewhere = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"],
                   env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)})

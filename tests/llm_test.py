@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvqcar import llm
+from cvqcar.car import qwen3
 
 # Small enough for 2 CPU cores; kv heads < heads so GQA grouping is exercised.
 HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -62,9 +62,9 @@ def test_from_hf_matches_transformers_logits(tmp_path, tie, sharded):
   hf = _hf_model(tie)
   directory = _save_hf(hf, tmp_path,
                        **({"max_shard_size": "30KB"} if sharded else {}))
-  index = os.path.exists(os.path.join(directory, llm._HF_INDEX))
+  index = os.path.exists(os.path.join(directory, qwen3._HF_INDEX))
   assert index == sharded
-  model, config = llm.from_hf(directory)
+  model, config = qwen3.from_hf(directory)
   assert config.tie_word_embeddings == tie and config.rope_theta == 5e4
   assert (model.lm_head is None) == tie
   ids = _random_ids((2, 9), HF_SHAPE["vocab_size"])
@@ -89,7 +89,7 @@ def test_both_config_json_rope_forms_load(tmp_path, form):
     d.update(rope_parameters={"rope_theta": 2e4, "rope_type": "default"})
   with open(path, "w") as f:
     json.dump(d, f)
-  model, config = llm.from_hf(directory)
+  model, config = qwen3.from_hf(directory)
   assert config.rope_theta == 2e4
   ids = _random_ids((1, 12), HF_SHAPE["vocab_size"], seed=1)
   np.testing.assert_allclose(model(jnp.asarray(ids)), _hf_logits(hf, ids),
@@ -104,21 +104,21 @@ def test_both_config_json_rope_forms_load(tmp_path, form):
 def test_unknown_rope_type_is_rejected(rope):
   d = dict(model_type="qwen3", **HF_SHAPE, **rope)
   with pytest.raises(ValueError, match="rope_type=.*(yarn|dynamic)"):
-    llm.Qwen3Config.from_hf_dict(d)
+    qwen3.Qwen3Config.from_hf_dict(d)
 
 
 def test_config_errors_name_the_bad_value():
   with pytest.raises(ValueError, match="model_type='qwen2'"):
-    llm.Qwen3Config.from_hf_dict(dict(model_type="qwen2", **HF_SHAPE))
+    qwen3.Qwen3Config.from_hf_dict(dict(model_type="qwen2", **HF_SHAPE))
   with pytest.raises(ValueError, match="num_key_value_heads=3"):
-    dataclasses.replace(llm.PRESETS["tiny"], num_key_value_heads=3)
+    dataclasses.replace(qwen3.PRESETS["tiny"], num_key_value_heads=3)
   with pytest.raises(ValueError, match="lacks.*vocab_size"):
-    llm.Qwen3Config.from_hf_dict({"hidden_size": 8})
+    qwen3.Qwen3Config.from_hf_dict({"hidden_size": 8})
 
 
 def test_to_hf_dict_is_read_back_by_transformers():
   transformers = pytest.importorskip("transformers")
-  config = dataclasses.replace(llm.PRESETS["0.6b"], param_dtype="bfloat16")
+  config = dataclasses.replace(qwen3.PRESETS["0.6b"], param_dtype="bfloat16")
   d = config.to_hf_dict()
   hf = transformers.Qwen3Config(**d)
   for key in ("vocab_size", "hidden_size", "intermediate_size", "head_dim",
@@ -130,38 +130,38 @@ def test_to_hf_dict_is_read_back_by_transformers():
            if getattr(hf, "rope_parameters", None) else hf.rope_theta)
   assert theta == 1e6
   # config.json has one dtype: the weights', which then also computes.
-  assert llm.Qwen3Config.from_hf_dict(d) == dataclasses.replace(
+  assert qwen3.Qwen3Config.from_hf_dict(d) == dataclasses.replace(
       config, dtype="bfloat16")
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_to_hf_round_trip_through_transformers(tmp_path, tie):
   transformers = pytest.importorskip("transformers")
-  config = llm.Qwen3Config(**HF_SHAPE, rope_theta=3e4,
+  config = qwen3.Qwen3Config(**HF_SHAPE, rope_theta=3e4,
                            tie_word_embeddings=tie)
-  model = llm.Qwen3(config, rngs=nnx.Rngs(3))
+  model = qwen3.Qwen3(config, rngs=nnx.Rngs(3))
   # Random norm weights, so a norm exported to the wrong name shows.
   for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if variable.get_metadata()["logical_axes"] == ("norm",):
       noise = jax.random.normal(jax.random.key(7), variable.get_value().shape)
       variable.set_value(1 + 0.2 * noise)
-  llm.to_hf(model, config, str(tmp_path))
+  qwen3.to_hf(model, config, str(tmp_path))
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
   assert type(hf).__name__ == "Qwen3ForCausalLM"
   ids = _random_ids((2, 7), HF_SHAPE["vocab_size"], seed=2)
   np.testing.assert_allclose(_hf_logits(hf, ids), model(jnp.asarray(ids)),
                              atol=1e-4, rtol=0)
-  back, back_config = llm.from_hf(str(tmp_path))
+  back, back_config = qwen3.from_hf(str(tmp_path))
   assert back_config == config
   np.testing.assert_array_equal(back(jnp.asarray(ids)), model(jnp.asarray(ids)))
 
 
 def test_to_hf_bfloat16_export_loads_back_rounded(tmp_path):
-  config = llm.Qwen3Config(**HF_SHAPE)
-  model = llm.Qwen3(config, rngs=nnx.Rngs(0))
-  llm.to_hf(model, dataclasses.replace(config, param_dtype="bfloat16"),
+  config = qwen3.Qwen3Config(**HF_SHAPE)
+  model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
+  qwen3.to_hf(model, dataclasses.replace(config, param_dtype="bfloat16"),
             str(tmp_path))
-  back, back_config = llm.from_hf(str(tmp_path))
+  back, back_config = qwen3.from_hf(str(tmp_path))
   assert back_config.param_dtype == back_config.dtype == "bfloat16"
   kernel = back.layers[1].mlp.down_proj.kernel.get_value()
   assert kernel.dtype == jnp.bfloat16
@@ -169,17 +169,17 @@ def test_to_hf_bfloat16_export_loads_back_rounded(tmp_path):
       kernel, model.layers[1].mlp.down_proj.kernel.get_value().astype(
           jnp.bfloat16))
   with pytest.raises(ValueError, match="does not describe the model"):
-    llm.to_hf(model, dataclasses.replace(config, num_hidden_layers=3),
+    qwen3.to_hf(model, dataclasses.replace(config, num_hidden_layers=3),
               str(tmp_path))
 
 
 def test_missing_shard_names_the_file(tmp_path):
   directory = _save_hf(_hf_model(tie=False), tmp_path, max_shard_size="30KB")
-  with open(os.path.join(directory, llm._HF_INDEX)) as f:
+  with open(os.path.join(directory, qwen3._HF_INDEX)) as f:
     shard = sorted(set(json.load(f)["weight_map"].values()))[1]
   os.remove(os.path.join(directory, shard))
   with pytest.raises(FileNotFoundError, match=shard):
-    llm.from_hf(directory)
+    qwen3.from_hf(directory)
 
 
 def test_missing_tensor_names_the_tensor(tmp_path):
@@ -190,16 +190,16 @@ def test_missing_tensor_names_the_tensor(tmp_path):
   del tensors["model.layers.1.self_attn.k_norm.weight"]
   safetensors_numpy.save_file(tensors, path, metadata={"format": "pt"})
   with pytest.raises(KeyError, match=r"layers\.1\.self_attn\.k_norm"):
-    llm.from_hf(directory)
+    qwen3.from_hf(directory)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
-    llm.from_hf(str(tmp_path))
+    qwen3.from_hf(str(tmp_path))
   with open(tmp_path / "config.json", "w") as f:
-    json.dump(llm.PRESETS["tiny"].to_hf_dict(), f)
+    json.dump(qwen3.PRESETS["tiny"].to_hf_dict(), f)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    llm.from_hf(str(tmp_path))
+    qwen3.from_hf(str(tmp_path))
 
 
 # Jitted: eager dispatch compiles every op for every new shape, ~10x slower.
@@ -207,8 +207,8 @@ _apply = nnx.jit(lambda model, ids, **kwargs: model(ids, **kwargs))
 
 
 def _tiny_model(seed=0, **changes):
-  config = dataclasses.replace(llm.PRESETS["tiny"], **changes)
-  return llm.Qwen3(config, rngs=nnx.Rngs(seed))
+  config = dataclasses.replace(qwen3.PRESETS["tiny"], **changes)
+  return qwen3.Qwen3(config, rngs=nnx.Rngs(seed))
 
 
 def _greedy_cached(model, prompt, steps):
@@ -263,7 +263,7 @@ def test_kv_cache_greedy_decode_equals_transformers_generate(tmp_path):
   import torch
 
   hf = _hf_model(tie=False)
-  model, _ = llm.from_hf(_save_hf(hf, tmp_path))
+  model, _ = qwen3.from_hf(_save_hf(hf, tmp_path))
   prompt = _random_ids((2, 4), HF_SHAPE["vocab_size"], seed=5)
   with torch.no_grad():
     want = hf.generate(torch.as_tensor(prompt), max_new_tokens=6,
@@ -328,6 +328,6 @@ def test_every_param_carries_logical_axes():
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_preset_param_counts_match_published(name):
-  count = llm.param_count(llm.PRESETS[name])
+  count = qwen3.param_count(qwen3.PRESETS[name])
   assert count == PUBLISHED_PARAMS[name]
   assert abs(count / NOMINAL_PARAMS[name] - 1) < 0.03

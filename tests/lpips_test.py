@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvqcar import lpips
+from cvqcar.tokenizer import lpips
 
 
 def test_roundtrip_and_distance_properties(tmp_path):

@@ -19,7 +19,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 
-from cvqcar import train  # noqa: E402
+from cvqcar.tokenizer import trainer as tokenizer_trainer  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   config = tiny_config()
   config.run_steps = int(run_steps)
-  summary = train.train_and_evaluate(config, workdir)
+  summary = tokenizer_trainer.train_and_evaluate(config, workdir)
   losses = {k: v["train/loss"] for k, v in summary.train.items()}
   print("RESULT " + json.dumps(losses), flush=True)
   jax.distributed.shutdown()

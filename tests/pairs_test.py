@@ -11,7 +11,8 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from conftest import tiny_config
-from cvqcar import convert_pairs, data, pairs, text
+from cvqcar.data import convert, pairs, text
+from cvqcar.data import images as image_data
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
           "white": (255, 255, 255), "black": (0, 0, 0),
@@ -107,7 +108,7 @@ def test_webdataset_to_shards_to_batches(tmp_path):
               ("part/0102.png", image_bytes(COLORS["red"]))]
   write_tar(tmp_path / "shard-000.tar", members)
   out = str(tmp_path / "shards")
-  stats = convert_pairs.convert(str(tmp_path / "*.tar"), "webdataset", out,
+  stats = convert.convert(str(tmp_path / "*.tar"), "webdataset", out,
                                 examples_per_shard=4)
   assert (stats.read, stats.written) == (9, 6)
   assert stats.skipped == {"no image": 1, "image does not open": 1,
@@ -139,7 +140,7 @@ def test_parquet_to_shards(tmp_path, form):
   pq.write_table(pa.table({"jpg": column, "txt": captions,
                            "width": [30] * len(images)}), path)
   out = str(tmp_path / "shards")
-  stats = convert_pairs.convert(str(tmp_path), "parquet", out,
+  stats = convert.convert(str(tmp_path), "parquet", out,
                                 image_column="jpg", caption_column="txt")
   assert stats.written == len(COLORS) - 1
   assert stats.skipped == {"no image": 1, "no caption": 1}
@@ -157,16 +158,16 @@ def test_parquet_column_errors(tmp_path):
   pq.write_table(pa.table({"jpg": [b"x"], "txt": ["c"], "url": ["u"]}), path)
   with pytest.raises(ValueError, match=r"no column 'caption'; its columns are"
                      r" \['jpg', 'txt', 'url'\]"):
-    convert_pairs.convert(path, "parquet", str(tmp_path / "o"),
+    convert.convert(path, "parquet", str(tmp_path / "o"),
                           image_column="jpg")
   with pytest.raises(ValueError, match="column 'url' has type string,"
                      " expected binary"):
-    convert_pairs.convert(path, "parquet", str(tmp_path / "o"),
+    convert.convert(path, "parquet", str(tmp_path / "o"),
                           image_column="url", caption_column="txt")
   with pytest.raises(ValueError, match="--format must be one of"):
-    convert_pairs.convert(path, "csv", str(tmp_path / "o"))
+    convert.convert(path, "csv", str(tmp_path / "o"))
   with pytest.raises(FileNotFoundError, match="matches no parquet files"):
-    convert_pairs.convert(str(tmp_path / "*.nope"), "parquet",
+    convert.convert(str(tmp_path / "*.nope"), "parquet",
                           str(tmp_path / "o"))
 
 
@@ -236,9 +237,10 @@ def test_processes_read_disjoint_shares(monkeypatch):
 
 def test_every_embedded_photo_has_a_caption():
   splits = {s: pairs.embedded_pairs(s) for s in ("train", "eval")}
-  names = {r["name"] for s in splits for r in data.embedded_photos(s)}
+  names = {r["name"] for s in splits for r in image_data.embedded_photos(s)}
   assert set(pairs.EMBEDDED_CAPTIONS) == names  # none missing, none stale
-  assert {r["key"] for r in splits["eval"]} == set(data.EMBEDDED_EVAL_FILES)
+  eval_files = set(image_data.EMBEDDED_EVAL_FILES)
+  assert {r["key"] for r in splits["eval"]} == eval_files
   records = splits["train"] + splits["eval"]
   assert len(records) == len(names)
   captions = [r["caption"] for r in records]
@@ -290,7 +292,7 @@ def test_config_shards_must_match_pretokenized(tmp_path):
 
 def test_embedded_conversion_writes_every_photo(tmp_path):
   out = str(tmp_path / "embedded")
-  stats = convert_pairs.convert("", "embedded", out, examples_per_shard=10)
+  stats = convert.convert("", "embedded", out, examples_per_shard=10)
   assert stats.written == len(pairs.EMBEDDED_CAPTIONS)
   captions = {pairs.deserialize(r)["caption"]
               for r in pairs.read_source(out)}
@@ -300,18 +302,20 @@ def test_embedded_conversion_writes_every_photo(tmp_path):
 @pytest.fixture(scope="module")
 def exported_tokenizer(tmp_path_factory):
   """A tiny tokenizer trained 2 steps and exported: the real format."""
-  from cvqcar import export, train
+  from cvqcar.tokenizer import export
+  from cvqcar.tokenizer import trainer as tokenizer_trainer
 
   root = tmp_path_factory.mktemp("tok")
   config = tiny_config()
   config.num_train_steps = 2
-  train.train_and_evaluate(config, str(root / "work"))
+  tokenizer_trainer.train_and_evaluate(config, str(root / "work"))
   return export.export(str(root / "work"), str(root / "export"))
 
 
 @pytest.mark.slow
 def test_tokenize_dataset_matches_the_tokenizer(tmp_path, exported_tokenizer):
-  from cvqcar import export, tokenize_dataset
+  from cvqcar.car import pretokenize
+  from cvqcar.tokenizer import export
 
   rng = np.random.default_rng(0)
   examples = []
@@ -325,14 +329,14 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, exported_tokenizer):
   images_dir, tokens_dir = str(tmp_path / "images"), str(tmp_path / "tokens")
   pairs.write_shards(examples[:2] + [{"image": b"junk", "caption": "bad"}]
                      + examples[2:], images_dir, num_shards=2)
-  stats = tokenize_dataset.tokenize_shards(exported_tokenizer, images_dir,
+  stats = pretokenize.tokenize_shards(exported_tokenizer, images_dir,
                                            tokens_dir, batch_size=2)
   assert stats == {"read": 6, "written": 5, "skipped": 1}
   tokenizer = export.load_tokenizer(exported_tokenizer)
   got = {r["key"]: r for r in map(pairs.deserialize,
                                   pairs.read_source(tokens_dir))}
   assert sorted(got) == [e["key"] for e in examples]
-  crop = data.Preprocess(tokenizer.resolution, crop="center")
+  crop = image_data.Preprocess(tokenizer.resolution, crop="center")
   images = np.stack([crop(e, None)["image"] for e in examples])
   want = np.asarray(tokenizer.encode(images))
   assert want.shape == (5, tokenizer.num_tokens)
@@ -343,5 +347,5 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, exported_tokenizer):
                              num_tokens=tokenizer.num_tokens)))
   assert batch["tokens"].shape == (2, tokenizer.num_tokens)
   with pytest.raises(ValueError, match="hold tokens already"):
-    tokenize_dataset.tokenize_shards(exported_tokenizer, tokens_dir,
+    pretokenize.tokenize_shards(exported_tokenizer, tokens_dir,
                                      str(tmp_path / "again"))

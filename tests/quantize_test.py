@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvqcar import quantize
+from cvqcar.tokenizer import quantize
 
 
 def make_vq(**kwargs):

@@ -7,7 +7,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
-from cvqcar import data, sharding, train
+from cvqcar import sharding
+from cvqcar.data import images as image_data
+from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 MESHES = {"data=8": dict(data=8), "data=4,fsdp=2": dict(data=4, fsdp=2),
           "data=2,model=4": dict(data=2, model=4)}
@@ -58,7 +60,7 @@ def test_hybrid_mesh_over_slices():
 
 def test_parameter_shardings_follow_the_rules():
   config = with_mesh(tiny_config(), data=2, model=4)
-  trainer = train.Trainer(config)
+  trainer = tokenizer_trainer.Trainer(config)
   s = trainer.state_sharding
   spec = lambda v: v.value.spec
   enc = s.params["encoder"]
@@ -71,7 +73,7 @@ def test_parameter_shardings_follow_the_rules():
   assert spec(mu["encoder"]["conv_in"]["kernel"]) == P(None, None, None,
                                                        "model")
   config = with_mesh(tiny_config(), data=4, fsdp=2)
-  s = train.Trainer(config).state_sharding
+  s = tokenizer_trainer.Trainer(config).state_sharding
   enc = s.params["encoder"]
   # 3 input channels do not split in 2: that dim stays whole.
   assert spec(enc["conv_in"]["kernel"]) == P()
@@ -81,7 +83,7 @@ def test_parameter_shardings_follow_the_rules():
 
 def test_state_is_created_sharded():
   config = with_mesh(tiny_config(), data=2, model=4)
-  trainer = train.Trainer(config)
+  trainer = tokenizer_trainer.Trainer(config)
   state = trainer.init()
   kernel = state.params["encoder"]["conv_in"]["kernel"].value
   assert kernel.sharding.spec == P(None, None, None, "model")
@@ -95,9 +97,9 @@ def test_unknown_logical_axis_is_named():
 
 
 def _losses(config, mesh=None, steps=3):
-  trainer = train.Trainer(config, mesh=mesh)
+  trainer = tokenizer_trainer.Trainer(config, mesh=mesh)
   state = trainer.init()
-  batches = iter(data.train_dataset(config))
+  batches = iter(image_data.train_dataset(config))
   out = []
   for _ in range(steps):
     state, m = trainer.step(state, next(batches))
@@ -118,15 +120,15 @@ def test_same_losses_on_every_mesh():
 @pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   config = with_mesh(tiny_config(), data=8)
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  full = tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "full"))
   config.run_steps = 2
-  train.train_and_evaluate(config, str(tmp_path / "moved"))
+  tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "moved"))
   moved = with_mesh(tiny_config(), data=2, model=4)
-  resumed = train.train_and_evaluate(moved, str(tmp_path / "moved"))
+  resumed = tokenizer_trainer.train_and_evaluate(moved, str(tmp_path / "moved"))
   assert sorted(resumed.train) == [3, 4]
   for step in (3, 4):
     np.testing.assert_allclose(resumed.train[step]["train/loss"],
                                full.train[step]["train/loss"], rtol=2e-5)
-  state = train.Trainer(moved).abstract_state
+  state = tokenizer_trainer.Trainer(moved).abstract_state
   assert isinstance(state.params["encoder"]["conv_in"]["kernel"],
                     nnx.Variable)

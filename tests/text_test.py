@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cvqcar import text
+from cvqcar.data import text
 
 PROMPTS = ["a ginger tabby cat", "café crème ☕", "猫と珈琲", ""]
 

@@ -11,7 +11,10 @@ from flax import nnx
 from ml_collections import config_flags
 
 from conftest import tiny_config
-from cvqcar import checkpoint, data, export, lpips, sharding, train
+from cvqcar import checkpoint, sharding
+from cvqcar.data import images as image_data
+from cvqcar.tokenizer import export, lpips
+from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.slow
 def finished_run(tmp_path_factory):
   """An uninterrupted 4-step run, shared by the tests below."""
   workdir = str(tmp_path_factory.mktemp("full"))
-  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, tokenizer_trainer.train_and_evaluate(tiny_config(), workdir)
 
 
 def test_runs_on_all_devices_and_logs(finished_run):
@@ -40,10 +43,10 @@ def test_interrupted_run_resumes_exactly(finished_run, tmp_path):
   _, full = finished_run
   config = tiny_config()
   config.run_steps = 2  # stop after two steps, as a preempted job would
-  first = train.train_and_evaluate(config, str(tmp_path))
+  first = tokenizer_trainer.train_and_evaluate(config, str(tmp_path))
   assert first.last_step == 2
   config.run_steps = 0
-  resumed = train.train_and_evaluate(config, str(tmp_path))
+  resumed = tokenizer_trainer.train_and_evaluate(config, str(tmp_path))
   assert sorted(resumed.train) == [3, 4]
   for step in (3, 4):
     np.testing.assert_allclose(resumed.train[step]["train/loss"],
@@ -57,12 +60,12 @@ def test_export_load_encode_gives_the_trainers_tokens(finished_run, tmp_path):
   out = export.export(workdir, str(tmp_path / "export"))
   loaded = export.load_tokenizer(out)
   config = tiny_config()
-  trainer = train.Trainer(config)
+  trainer = tokenizer_trainer.Trainer(config)
   state = checkpoint.Checkpointer(workdir, config, read_only=True).restore(
       trainer.abstract_state)
   model = nnx.merge(trainer.setup.gen_graphdef, state.ema_params,
                     state.buffers)
-  batch = next(iter(data.eval_dataset(config)))["image"]
+  batch = next(iter(image_data.eval_dataset(config)))["image"]
   want = model.encode(batch)
   np.testing.assert_array_equal(loaded.encode(batch), want)
   assert want.shape == (8, 8)
@@ -74,7 +77,7 @@ def test_checkpoint_from_another_config_is_refused(finished_run, tmp_path):
   config.model.latent_channels = 16
   with pytest.raises(ValueError, match=r"model.latent_channels: saved 8 vs"
                      r" now 16"):
-    train.train_and_evaluate(config, workdir)
+    tokenizer_trainer.train_and_evaluate(config, workdir)
   out = export.export(workdir, str(tmp_path / "export"))
   with pytest.raises(ValueError, match="model.latent_channels"):
     export.load_tokenizer(out, expect=config)
@@ -84,7 +87,7 @@ def test_nan_guard_names_the_step(tmp_path):
   config = tiny_config()
   config.optimizer.learning_rate = float("nan")
   with pytest.raises(FloatingPointError, match="at step 2"):
-    train.train_and_evaluate(config, str(tmp_path))
+    tokenizer_trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_gan_and_perceptual_losses_train(tmp_path):
@@ -97,10 +100,10 @@ def test_gan_and_perceptual_losses_train(tmp_path):
   config.loss.disc_num_layers = 1
   config.loss.perceptual_weights = weights
   config.num_train_steps = 2
-  trainer = train.Trainer(config)
+  trainer = tokenizer_trainer.Trainer(config)
   state = trainer.init()
   disc_before = jax.tree.map(np.asarray, state.disc_params)
-  batches = iter(data.train_dataset(config))
+  batches = iter(image_data.train_dataset(config))
   state, m0 = trainer.step(state, next(batches))
   state, m1 = trainer.step(state, next(batches))
   assert float(m0["d_loss"]) == 0.0  # before gan_start_step
@@ -138,9 +141,9 @@ def test_pallas_codebook_search_in_the_sharded_step():
   for impl in ("xla", "pallas"):
     config = tiny_config()
     config.model.codebook.argmin_impl = impl
-    trainer = train.Trainer(config)
+    trainer = tokenizer_trainer.Trainer(config)
     state = trainer.init()
-    batches = iter(data.train_dataset(config))
+    batches = iter(image_data.train_dataset(config))
     for _ in range(2):
       state, m = trainer.step(state, next(batches))
     losses[impl] = float(m["loss"])
@@ -152,6 +155,6 @@ def test_relative_workdir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   config = tiny_config()
   config.num_train_steps = 2
-  summary = train.train_and_evaluate(config, "runs/rel")
+  summary = tokenizer_trainer.train_and_evaluate(config, "runs/rel")
   assert summary.last_step == 2
   assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvqcar import llm, sharding
+from cvqcar import sharding
+from cvqcar.car import qwen3
 
 
 class FrozenCodebook(nnx.Variable):
@@ -23,7 +24,7 @@ class FrozenCodebook(nnx.Variable):
 class CAR(nnx.Module):
   """Text-conditioned autoregression over C channel tokens."""
 
-  def __init__(self, backbone: llm.Qwen3, codebook_kd: jax.Array,
+  def __init__(self, backbone: qwen3.Qwen3, codebook_kd: jax.Array,
                num_channels: int, *, rngs: nnx.Rngs):
     self.backbone = backbone
     self.num_channels = num_channels

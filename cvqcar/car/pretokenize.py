@@ -1,12 +1,9 @@
 """Pre-tokenize pair shards with a frozen CVQ tokenizer.
 
-  python -m cvqcar.tokenize_dataset --tokenizer=exports/cvq_tiny \
-      --input=shards/embedded --out=shards/embedded_tokens
-
 Each image is resized (short side) and center-cropped to the tokenizer's
 resolution, encoded to its C channel tokens and written with its caption as
-{'tokens': int32 [C], 'caption'} records (format in cvqcar/pairs.py), so CAR
-training skips the image decode and the tokenizer's encoder. Runs in one
+{'tokens': int32 [C], 'caption'} records (format in cvqcar/data/pairs.py), so
+CAR training skips the image decode and the tokenizer's encoder. Runs in one
 process on the default device.
 """
 
@@ -19,17 +16,19 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
 
-from cvqcar import data, export, logs, pairs
+from cvqcar.data import images as image_data
+from cvqcar.data import pairs
+from cvqcar.tokenizer import export
 
 
 class _Prepare:
   """Record bytes -> {'image', 'caption', 'key'} or {'corrupt': True}."""
 
   def __init__(self, resolution: int):
-    self.preprocess = data.Preprocess(resolution, crop="center")
+    self.preprocess = image_data.Preprocess(resolution, crop="center")
 
   def __call__(self, raw: Any) -> dict[str, Any]:
     try:
@@ -68,7 +67,7 @@ def tokenized_examples(tokenizer, source, *, batch_size: int = 64,
   encode = jax.jit(lambda state, images: nnx.merge(graphdef, state).encode(
       images))
   ds = grain.MapDataset.source(source).map(_Prepare(tokenizer.resolution))
-  ds = data.SkipCorrupt(ds.to_iter_dataset(grain.ReadOptions(
+  ds = image_data.SkipCorrupt(ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=2 * batch_size)))
   start, r = time.time(), tokenizer.resolution
   for step, batch in enumerate(_batches(ds, batch_size)):
@@ -108,25 +107,3 @@ def tokenize_shards(tokenizer_dir: str, input_spec: str, out: str, *,
   logging.info("finished: %d written, %d corrupt records skipped",
                stats["written"], stats["skipped"])
   return stats
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
-  f = flags.FLAGS
-  tokenize_shards(f.tokenizer, f.input, f.out, batch_size=f.batch_size,
-                  examples_per_shard=f.examples_per_shard)
-
-
-if __name__ == "__main__":
-  # Defined here, not at import: other entry points import this module.
-  flags.DEFINE_string("tokenizer", None, "CVQ tokenizer export directory.")
-  flags.DEFINE_string("input", None,
-                      "Image pair shards: a directory or a glob.")
-  flags.DEFINE_string("out", None, "Output directory for token shards.")
-  flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
-  flags.DEFINE_integer("examples_per_shard", pairs.DEFAULT_EXAMPLES_PER_SHARD,
-                       "Examples per output shard.")
-  flags.mark_flags_as_required(["tokenizer", "input", "out"])
-  app.run(main)

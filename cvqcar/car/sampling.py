@@ -1,7 +1,4 @@
-"""Sampling CVQ channel tokens from a CAR model, and the sampling command.
-
-  python -m cvqcar.sample --car=exports/car2_tiny \
-      --tokenizer=exports/cvq_tiny --prompt="a ginger tabby cat" --out=samples
+"""Sampling CVQ channel tokens from a CAR model.
 
 Decoding is one jitted function: prefill [prompt][begin-of-image] into a KV
 cache, then exactly C steps of one token each (`lax.scan`), with
@@ -12,14 +9,14 @@ conditional and unconditional rows run as one batch).
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cvqcar import car as car_lib
+from cvqcar import metrics
+from cvqcar.car import model as car_lib
 
 
 def filter_logits(logits_bk, *, top_k: int = 0, top_p: float = 1.0):
@@ -108,76 +105,7 @@ def generate(graphdef, states, text_bl, mask_bl, key, *, temperature=1.0,
 
 def coarse_to_fine_strip(tokenizer, tokens_bc) -> np.ndarray:
   """[B, 1 + len(ks), H, W, 3] decodes from the first C/16 ... C tokens."""
-  from cvqcar import metrics  # Local: keeps the sampler import light.
-
   tokens_bc = np.asarray(tokens_bc)  # Off the sampling mesh.
   ks = metrics.prefix_lengths(tokens_bc.shape[1])
   return np.stack([np.asarray(tokenizer.decode(tokens_bc[:, :k]))
                    for k in ks], axis=1)
-
-
-def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
-                    *, seed: int = 0, num_seeds: int = 1,
-                    temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0, cfg_scale: float = 3.0) -> list[str]:
-  """Samples every prompt (an empty one is unconditional) and writes
-  PNGs and coarse-to-fine strips; returns the paths written."""
-  import ml_collections
-
-  from cvqcar import car_train, export, text, visualize
-
-  model, config = car_train.load_car(car_path)
-  # The tokenizer must have the shape the CAR model was trained on.
-  tokenizer = export.load_tokenizer(
-      tokenizer_path,
-      expect=ml_collections.ConfigDict({"model": config.tokenizer}))
-  text_tok = text.load_text_tokenizer(config.text_tokenizer)
-  prompts = list(prompts) or [""]
-  ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
-                                truncate=False)
-  graphdef, state = nnx.split(model)
-  os.makedirs(out, exist_ok=True)
-  written = []
-  for s in range(seed, seed + num_seeds):
-    tokens = generate(graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask),
-                      jax.random.key(s), temperature=temperature,
-                      top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
-    strips = coarse_to_fine_strip(tokenizer, tokens)
-    for i, prompt in enumerate(prompts):
-      name = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40]
-      base = os.path.join(out, f"{i:02d}_{name or 'unconditional'}_s{s}")
-      visualize.save_png(visualize.to_uint8(strips[i, -1]), base + ".png")
-      visualize.save_png(visualize.strip(strips[i]), base + "_strip.png")
-      written += [base + ".png", base + "_strip.png"]
-      print(f"wrote {base}.png and {base}_strip.png")
-  return written
-
-
-def main(argv):
-  del argv
-  from absl import flags
-
-  from cvqcar import logs
-
-  logs.setup()
-  f = flags.FLAGS
-  sample_to_files(f.car, f.tokenizer, f.prompt, f.out, seed=f.seed,
-                  num_seeds=f.num_seeds, temperature=f.temperature,
-                  top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale)
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-
-  flags.DEFINE_string("car", None, "CAR export directory.")
-  flags.DEFINE_string("tokenizer", None, "CVQ tokenizer export directory.")
-  flags.DEFINE_multi_string("prompt", [], "Prompt(s); none: unconditional.")
-  flags.DEFINE_string("out", None, "Output directory for PNGs.")
-  flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
-  flags.DEFINE_integer("top_k", 0, "0 = off.")
-  flags.DEFINE_float("top_p", 1.0, "1 = off.")
-  flags.DEFINE_float("cfg_scale", 3.0, "1 = no guidance.")
-  flags.DEFINE_integer("seed", 0, "First seed.")
-  flags.DEFINE_integer("num_seeds", 1, "Samples per prompt.")
-  flags.mark_flags_as_required(["car", "tokenizer", "out"])
-  app.run(main)

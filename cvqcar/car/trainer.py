@@ -15,27 +15,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import nnx
 
-from cvqcar import car as car_lib
-from cvqcar import (
-  checkpoint,
-  export,
-  llm,
-  pairs,
-  sample,
-  sharding,
-  text,
-  train,
-  visualize,
-)
+from cvqcar import checkpoint, sharding, visualize
+from cvqcar.car import model as car_lib
+from cvqcar.car import qwen3, sampling
+from cvqcar.data import pairs, text
+from cvqcar.tokenizer import export
+from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 # What must match between a workdir and the config that resumes it.
-_SECTIONS = ("tokenizer", "llm_config", "stage")
-PARAMS_DIR = "params"
+SECTIONS = ("tokenizer", "llm_config", "stage")
 
 
 @flax.struct.dataclass
@@ -55,28 +47,28 @@ def tokenizer_shape(tok_cfg) -> tuple[int, int, int]:
   return tok_cfg.num_codes, tok_cfg.latent_channels, side * side
 
 
-def resolve_llm_config(config) -> llm.Qwen3Config:
+def resolve_llm_config(config) -> qwen3.Qwen3Config:
   if config.llm.hf_dir:
     import json
 
     path = epath.Path(config.llm.hf_dir) / "config.json"
-    return llm.Qwen3Config.from_hf_dict(json.loads(path.read_text()))
-  if config.llm.preset not in llm.PRESETS:
+    return qwen3.Qwen3Config.from_hf_dict(json.loads(path.read_text()))
+  if config.llm.preset not in qwen3.PRESETS:
     raise ValueError(f"config.llm.preset must be one of"
-                     f" {sorted(llm.PRESETS)}, got {config.llm.preset!r}")
-  return llm.PRESETS[config.llm.preset]
+                     f" {sorted(qwen3.PRESETS)}, got {config.llm.preset!r}")
+  return qwen3.PRESETS[config.llm.preset]
 
 
-def build_car(config, llm_cfg: llm.Qwen3Config, key,
+def build_car(config, llm_cfg: qwen3.Qwen3Config, key,
               codebook_kd=None) -> car_lib.CAR:
   """A CAR with random (or HF) backbone weights; zeros for the codebook
   unless given (it is overwritten by the tokenizer's or a checkpoint's)."""
   num_codes, channels, code_dim = tokenizer_shape(config.tokenizer)
   rngs = nnx.Rngs(params=key)
   if config.llm.hf_dir:
-    backbone, _ = llm.from_hf(config.llm.hf_dir)
+    backbone, _ = qwen3.from_hf(config.llm.hf_dir)
   else:
-    backbone = llm.Qwen3(llm_cfg, rngs=rngs)
+    backbone = qwen3.Qwen3(llm_cfg, rngs=rngs)
   if codebook_kd is None:
     codebook_kd = jnp.zeros((num_codes, code_dim), jnp.float32)
   return car_lib.CAR(backbone, codebook_kd, channels, rngs=rngs)
@@ -128,7 +120,7 @@ def _init_model(config, llm_cfg, tokenizer) -> car_lib.CAR:
     if not config.init_from:
       raise ValueError("stage II starts from stage I: set"
                        " config.init_from to a stage-I workdir")
-    start, _ = load_car(config.init_from, from_workdir=True)
+    start, _ = load_from_workdir(config.init_from)
     nnx.update(model, nnx.state(start))
     logging.info("initialised from stage I at %s", config.init_from)
   return model
@@ -151,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       model, car_lib.trainable(config.stage), ...)
   tok_graphdef, tok_state = nnx.split(tokenizer)
   tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
-  tx = train.make_optimizer(config)
+  tx = tokenizer_trainer.make_optimizer(config)
   state = CarState(step=jnp.zeros((), jnp.int32), params=params,
                    frozen=frozen, opt_state=tx.init(params))
   shardings = sharding.state_shardings(state, mesh, config)
@@ -166,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       *_teacher_forced(graphdef, params, frozen, tok_graphdef, tok_state,
                        batch)))
 
-  ckpt = checkpoint.Checkpointer(workdir, config, sections=_SECTIONS)
+  ckpt = checkpoint.Checkpointer(workdir, config, sections=SECTIONS)
   train_iter = iter(pairs.train_dataset(config, text_tok))
   eval_ds = pairs.eval_dataset(config, text_tok)
   if ckpt.latest_step() is not None:
@@ -242,54 +234,34 @@ def _sample_strips(config, graphdef, state, tokenizer, text_tok):
   ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
                                 truncate=True)
   s = config.sample
-  tokens = sample.generate(
+  tokens = sampling.generate(
       graphdef, (state.params, state.frozen),
       jnp.asarray(ids), jnp.asarray(mask), jax.random.key(config.seed),
       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
       cfg_scale=s.cfg_scale)
-  return sample.coarse_to_fine_strip(tokenizer, tokens)
+  return sampling.coarse_to_fine_strip(tokenizer, tokens)
 
 
-def _abstract_state(config):
+def abstract_state(config):
   """(graphdef, abstract CarState) for a saved config, without weights."""
-  llm_cfg = llm.Qwen3Config(**config.llm_config)
+  llm_cfg = qwen3.Qwen3Config(**config.llm_config)
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.llm.hf_dir = ""  # shapes come from llm_config; weights from the save
   model = nnx.eval_shape(lambda: build_car(cfg, llm_cfg, jax.random.key(0)))
   graphdef, params, frozen = nnx.split(
       model, car_lib.trainable(config.stage), ...)
-  tx = train.make_optimizer(config)
+  tx = tokenizer_trainer.make_optimizer(config)
   opt = jax.eval_shape(tx.init, params)
   return graphdef, CarState(step=jax.ShapeDtypeStruct((), jnp.int32),
                             params=params, frozen=frozen, opt_state=opt)
 
 
-def load_car(path: str, from_workdir: bool = False
-             ) -> tuple[car_lib.CAR, ml_collections.ConfigDict]:
-  """A CAR model from an export (or, with from_workdir, the latest
-  checkpoint of a training workdir) and its config."""
-  config = checkpoint.load_config(path)
-  graphdef, abstract = _abstract_state(config)
-  if from_workdir:
-    state = checkpoint.Checkpointer(path, config, read_only=True,
-                                    sections=_SECTIONS).restore(abstract)
-    return nnx.merge(graphdef, state.params, state.frozen), config
-  target = {"params": abstract.params, "frozen": abstract.frozen}
-  with ocp.StandardCheckpointer() as loader:
-    restored = loader.restore(
-        os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
-  return nnx.merge(graphdef, restored["params"], restored["frozen"]), config
-
-
-def export_car(workdir: str, out: str) -> str:
-  """Params-only export of the latest checkpoint in `workdir`."""
-  model, config = load_car(workdir, from_workdir=True)
-  _, params, frozen = nnx.split(
-      model, car_lib.trainable(config.stage), ...)
-  epath.Path(out).mkdir(parents=True, exist_ok=True)
-  (epath.Path(out) / checkpoint.CONFIG_FILE).write_text(
-      checkpoint.config_to_json(config))
-  with ocp.StandardCheckpointer() as saver:
-    saver.save(os.path.abspath(os.path.join(out, PARAMS_DIR)),
-               {"params": params, "frozen": frozen}, force=True)
-  return out
+def load_from_workdir(workdir: str
+                      ) -> tuple[car_lib.CAR, ml_collections.ConfigDict]:
+  """The CAR model of a training workdir's latest checkpoint, and its
+  config."""
+  config = checkpoint.load_config(workdir)
+  graphdef, abstract = abstract_state(config)
+  state = checkpoint.Checkpointer(workdir, config, read_only=True,
+                                  sections=SECTIONS).restore(abstract)
+  return nnx.merge(graphdef, state.params, state.frozen), config

@@ -1,17 +1,10 @@
 """Convert webdataset tars or parquet files to ArrayRecord pair shards.
 
-  python -m cvqcar.convert_pairs --input='data/laion/{00000..00009}.tar' \
-      --format=webdataset --out=shards/laion
-  python -m cvqcar.convert_pairs --input='data/cc3m/*.parquet' \
-      --format=parquet --image_column=image --caption_column=caption \
-      --out=shards/cc3m
-  python -m cvqcar.convert_pairs --format=embedded --out=shards/embedded
-
 webdataset: members KEY.jpg|jpeg|png|webp and KEY.txt sharing a KEY make
 one example. parquet: an image column of raw bytes or of structs with a
 'bytes' field (as HF datasets write it) and a str caption column. Examples
 whose image does not open or whose caption is empty are skipped and counted
-by reason. The record format is described in cvqcar/pairs.py.
+by reason. The record format is described in cvqcar/data/pairs.py.
 """
 
 from __future__ import annotations
@@ -27,10 +20,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from absl import app, flags, logging
+from absl import logging
 from PIL import Image
 
-from cvqcar import logs, pairs
+from cvqcar.data import pairs
 
 FORMATS = ("webdataset", "parquet", "embedded")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -238,30 +231,3 @@ def convert(input_spec: str, fmt: str, out: str, *,
   pairs.write_shards(counted(), out, examples_per_shard=examples_per_shard)
   logging.info("finished: %s", stats.summary())
   return stats
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
-  f = flags.FLAGS
-  if f.format != "embedded" and not f.input:
-    raise app.UsageError(f"--format={f.format} needs --input")
-  convert(f.input, f.format, f.out, image_column=f.image_column,
-          caption_column=f.caption_column,
-          examples_per_shard=f.examples_per_shard)
-
-
-if __name__ == "__main__":
-  # Defined here, not at import: export and tokenize_dataset own --out too.
-  flags.DEFINE_string(
-      "input", None, "Files: comma list of paths, globs, {000..009} ranges"
-      " or directories (not needed for --format=embedded).")
-  flags.DEFINE_enum("format", None, FORMATS, "Input format.")
-  flags.DEFINE_string("out", None, "Output directory for the shards.")
-  flags.DEFINE_string("image_column", "image", "Parquet image column.")
-  flags.DEFINE_string("caption_column", "caption", "Parquet caption column.")
-  flags.DEFINE_integer("examples_per_shard", pairs.DEFAULT_EXAMPLES_PER_SHARD,
-                       "Examples per output shard.")
-  flags.mark_flags_as_required(["format", "out"])
-  app.run(main)

@@ -28,12 +28,14 @@ import numpy as np
 from array_record.python import array_record_module
 from PIL import Image
 
-from cvqcar import data, text
+from cvqcar.data import images as image_data
+from cvqcar.data import text
 
 SHARD_SUFFIX = ".array_record"
 DEFAULT_EXAMPLES_PER_SHARD = 4096
 
-# One truthful caption per photo scikit-image bundles (data.embedded_photos),
+# One truthful caption per photo scikit-image bundles
+# (image_data.embedded_photos),
 # at most 64 bytes to fit the tiny CAR config's max_text_len with 'bytes'.
 # No caption says left or right, so horizontal flips keep them true.
 EMBEDDED_CAPTIONS = {
@@ -134,7 +136,7 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   old = glob.glob(os.path.join(out_dir, "*" + SHARD_SUFFIX))
   if old:
-    # Mixing with an earlier run's shards would silently change the data.
+    # Mixing with an earlier run's shards would silently change the image_data.
     raise FileExistsError(f"{out_dir} already holds {len(old)} shards; remove"
                           " them or choose another output directory")
   per_shard = examples_per_shard or DEFAULT_EXAMPLES_PER_SHARD
@@ -190,10 +192,10 @@ def read_source(pattern_or_dir: str) -> grain.sources.ArrayRecordDataSource:
 def embedded_pairs(split: str) -> list[dict[str, Any]]:
   """The embedded photos with captions: {'image' uint8, 'caption', 'key'}.
 
-  'train' and 'eval' split as data.embedded_photos does.
+  'train' and 'eval' split as image_data.embedded_photos does.
   """
   records = []
-  for photo in data.embedded_photos(split):
+  for photo in image_data.embedded_photos(split):
     caption = EMBEDDED_CAPTIONS.get(photo["name"])
     if caption is None:
       # A newer scikit-image may ship more photos; they need a caption here.
@@ -235,7 +237,7 @@ def record_kind(source: Sequence[Any]) -> str:
 class PairPreprocess:
   """Record -> {'image' | 'tokens', 'text', 'text_mask'} or corrupt."""
 
-  preprocess: data.Preprocess | None  # None: pre-tokenized records
+  preprocess: image_data.Preprocess | None  # None: pre-tokenized records
   text_tokenizer: Any
   max_text_len: int
   truncate: bool = True
@@ -303,9 +305,9 @@ def pair_pipeline(
   else:
     if resolution is None:
       raise ValueError("image records need a resolution to crop to")
-    preprocess = data.Preprocess(resolution, crop=crop, flip=flip,
+    preprocess = image_data.Preprocess(resolution, crop=crop, flip=flip,
                                  min_scale=min_scale)
-  return data.records_pipeline(
+  return image_data.records_pipeline(
       source, PairPreprocess(preprocess, text_tokenizer, max_text_len,
                              truncate, num_tokens),
       batch_size=batch_size, seed=seed, train=train,
@@ -352,7 +354,7 @@ def _config_pipeline(config, text_tokenizer, split: str):
       resolution=config.tokenizer.resolution,
       crop="random_scale" if embedded else d.get("crop", "center"),
       flip=embedded and train,
-      min_scale=d.get("min_scale", data.Preprocess.min_scale),
+      min_scale=d.get("min_scale", image_data.Preprocess.min_scale),
       num_tokens=config.tokenizer.latent_channels, num_examples=num,
       num_threads=d.get("num_threads", 4),
       worker_count=d.get("worker_count", 0) if train else 0)

@@ -122,7 +122,7 @@ def _pallas(x: jax.Array, codebook: jax.Array, data_axis: str) -> jax.Array:
   tokens onto every device; under a mesh context (`jax.set_mesh`) the kernel
   instead runs on each device's rows via shard_map.
   """
-  from cvqcar import argmin_pallas  # Imports Pallas only when used.
+  from cvqcar.kernels import argmin_pallas  # Imports Pallas only when used.
 
   mesh = jax.sharding.get_abstract_mesh()
   if (not mesh.empty and mesh.shape.get(data_axis, 1) > 1

@@ -1,10 +1,8 @@
-"""Export a training checkpoint as a params-only tokenizer, and load one.
+"""Params-only tokenizer exports: write one from a training workdir, load one.
 
-  python -m cvqcar.export --workdir=runs/cvq_tiny --out=exports/cvq_tiny
-
-writes OUT/config.json and OUT/params (EMA generator params plus codebook
-state), which `load_tokenizer` turns back into a `cvq.Tokenizer` without the
-trainer, optimizer or discriminator.
+An export is OUT/config.json plus OUT/params (EMA generator params plus
+codebook state), which `load_tokenizer` turns back into a `Tokenizer`
+without the trainer, optimizer or discriminator.
 """
 
 from __future__ import annotations
@@ -14,11 +12,13 @@ import os
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import logging
 from etils import epath
 from flax import nnx
 
-from cvqcar import checkpoint, cvq, logs, sharding, train
+from cvqcar import checkpoint, sharding
+from cvqcar.tokenizer import model as tokenizer_lib
+from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 PARAMS_DIR = "params"
 
@@ -28,7 +28,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   config = checkpoint.load_config(workdir)
   mesh = sharding.make_mesh(
       _single_device(config), devices=jax.devices()[:1])
-  trainer = train.Trainer(config, mesh=mesh)
+  trainer = tokenizer_trainer.Trainer(config, mesh=mesh)
   ckpt = checkpoint.Checkpointer(workdir, config, read_only=True)
   state = ckpt.restore(trainer.abstract_state, step=step)
   out_path = epath.Path(out)
@@ -53,33 +53,17 @@ def _single_device(config):
 
 def load_tokenizer(path: str,
                    expect: ml_collections.ConfigDict | None = None
-                   ) -> cvq.Tokenizer:
+                   ) -> tokenizer_lib.Tokenizer:
   """Rebuilds the exported tokenizer. With `expect`, a different model
   config is an error naming the fields that differ."""
   config = checkpoint.load_config(path)
   if expect is not None:
     checkpoint.check_same_model(config, expect, path)
   abstract = nnx.eval_shape(
-      lambda: cvq.Tokenizer(config.model, rngs=nnx.Rngs(0)))
+      lambda: tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0)))
   graphdef, params, buffers = nnx.split(abstract, nnx.Param, ...)
   target = {"params": params, "buffers": buffers}
   with ocp.StandardCheckpointer() as loader:
     restored = loader.restore(
         os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
   return nnx.merge(graphdef, restored["params"], restored["buffers"])
-
-
-def main(argv):
-  del argv
-  logs.setup()
-  f = flags.FLAGS
-  export(f.workdir, f.out, f.step)
-
-
-if __name__ == "__main__":
-  # Flags only for the command: other entry points import this module.
-  flags.DEFINE_string("workdir", None, "Training workdir to export.")
-  flags.DEFINE_string("out", None, "Export directory.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (latest if unset).")
-  flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cvqcar import quantize, vqgan
+from cvqcar.tokenizer import quantize, vqgan
 
 QUANTIZERS = ("channel", "patch")
 

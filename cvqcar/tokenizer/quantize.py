@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvqcar import argmin, sharding
+from cvqcar import sharding
+from cvqcar.kernels import argmin
 
 
 class CodebookEma(nnx.Variable):

@@ -18,17 +18,10 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import (
-  checkpoint,
-  cvq,
-  data,
-  losses,
-  lpips,
-  metrics,
-  sharding,
-  visualize,
-  vqgan,
-)
+from cvqcar import checkpoint, metrics, sharding, visualize
+from cvqcar.data import images as image_data
+from cvqcar.tokenizer import losses, lpips, vqgan
+from cvqcar.tokenizer import model as tokenizer_lib
 
 
 @flax.struct.dataclass
@@ -68,7 +61,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def _build(config, key):
   rngs = nnx.Rngs(params=key)
-  gen = cvq.Tokenizer(config.model, rngs=rngs)
+  gen = tokenizer_lib.Tokenizer(config.model, rngs=rngs)
   disc = None
   if uses_gan(config):
     disc = vqgan.PatchDiscriminator(
@@ -201,7 +194,7 @@ class Trainer:
   """Jitted, sharded steps over a mesh; state stays on device."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
-    cvq.check_model_config(config.model)
+    tokenizer_lib.check_model_config(config.model)
     self.config = config
     self.mesh = sharding.make_mesh(config) if mesh is None else mesh
     self.setup = make_setup(config)
@@ -290,8 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   trainer = Trainer(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  train_iter = iter(data.train_dataset(config))
-  eval_ds = data.eval_dataset(config)
+  train_iter = iter(image_data.train_dataset(config))
+  eval_ds = image_data.eval_dataset(config)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if ckpt.latest_step() is not None:
@@ -300,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state = trainer.init()
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("tokenizer: %.2fM parameters, %d tokens per image",
-                 n_params / 1e6, cvq.num_tokens(config.model))
+                 n_params / 1e6, tokenizer_lib.num_tokens(config.model))
   start = int(state.step)
   total = config.num_train_steps
   stop = min(total, start + config.run_steps) if config.run_steps else total

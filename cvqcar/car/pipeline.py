@@ -1,0 +1,54 @@
+"""Text to image files: CAR and tokenizer exports in, PNGs out.
+
+What `python -m cvqcar.sample` runs; notebooks and benchmark writers call
+`sample_to_files` directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from cvqcar import visualize
+from cvqcar.car import export as car_export
+from cvqcar.car import sampling
+from cvqcar.data import text
+from cvqcar.tokenizer import export
+
+
+def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
+                    *, seed: int = 0, num_seeds: int = 1,
+                    temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, cfg_scale: float = 3.0) -> list[str]:
+  """Samples every prompt (an empty one is unconditional) and writes
+  PNGs and coarse-to-fine strips; returns the paths written."""
+  model, config = car_export.load_car(car_path)
+  # The tokenizer must have the shape the CAR model was trained on.
+  tokenizer = export.load_tokenizer(
+      tokenizer_path,
+      expect=ml_collections.ConfigDict({"model": config.tokenizer}))
+  text_tok = text.load_text_tokenizer(config.text_tokenizer)
+  prompts = list(prompts) or [""]
+  ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
+                                truncate=False)
+  graphdef, state = nnx.split(model)
+  os.makedirs(out, exist_ok=True)
+  written = []
+  for s in range(seed, seed + num_seeds):
+    tokens = sampling.generate(
+        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask),
+        jax.random.key(s), temperature=temperature, top_k=top_k,
+        top_p=top_p, cfg_scale=cfg_scale)
+    strips = sampling.coarse_to_fine_strip(tokenizer, tokens)
+    for i, prompt in enumerate(prompts):
+      name = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40]
+      base = os.path.join(out, f"{i:02d}_{name or 'unconditional'}_s{s}")
+      visualize.save_png(visualize.to_uint8(strips[i, -1]), base + ".png")
+      visualize.save_png(visualize.strip(strips[i]), base + "_strip.png")
+      written += [base + ".png", base + "_strip.png"]
+      print(f"wrote {base}.png and {base}_strip.png")
+  return written
