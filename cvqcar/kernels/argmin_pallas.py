@@ -537,8 +537,8 @@ def argmin_pallas(
     x: [N, D] fp32 or bf16 vectors.
     codebook: [K, D] codewords, same dtype as x.
     tiles: tile sizes; `default_tiles(backend)` when None.
-    backend: 'tpu', 'gpu' or 'cpu' (the TPU kernel, interpreted); the default
-      JAX backend when None.
+    backend: 'tpu', 'gpu' (compiled, it needs Hopper's wgmma: sm_90) or 'cpu'
+      (the TPU kernel, interpreted); the default JAX backend when None.
     interpret: run the kernel in the Pallas interpreter; when None, only if
       the kernel's platform is not the default backend.
 
