@@ -1,5 +1,7 @@
 """codebook_argmin: every path against a numpy reference."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,18 @@ def test_bad_shapes_name_both(x_shape, cb_shape):
 def test_unknown_impl():
   with pytest.raises(ValueError, match="impl must be one of"):
     argmin.codebook_argmin(jnp.zeros((2, 2)), jnp.zeros((2, 2)), impl="fast")
+
+
+@pytest.mark.parametrize("platform,capability,expect", [
+    ("tpu", None, "pallas"),
+    ("gpu", "9.0", "pallas"),  # Hopper: the wgmma/TMA kernel
+    ("gpu", "8.0", "xla"),  # A100: no wgmma, the blocked scan
+    ("gpu", "10.0", "xla"),
+    ("cpu", None, "xla"),
+])
+def test_auto_picks_the_kernel_only_where_it_compiles(platform, capability,
+                                                      expect):
+  device = types.SimpleNamespace(platform=platform)
+  if capability is not None:
+    device.compute_capability = capability
+  assert argmin.default_impl(device) == expect

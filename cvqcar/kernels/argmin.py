@@ -108,11 +108,19 @@ def blocked(
   return best_idx_n
 
 
-def default_impl() -> str:
-  """The fastest correct path for the default backend."""
-  # The fused kernel needs a TPU/GPU; on CPU it only runs interpreted (for
-  # checking), and the blocked scan fuses well with XLA's CPU matmul.
-  return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+def default_impl(device: jax.Device | None = None) -> str:
+  """The fastest correct path for `device` (the first default device)."""
+  device = jax.devices()[0] if device is None else device
+  if device.platform == "tpu":
+    return "pallas"
+  if device.platform == "gpu":
+    # The GPU kernel is built on Hopper's wgmma and TMA (sm_90); other GPUs
+    # take the blocked scan, which XLA fuses with its own matmul.
+    capability = getattr(device, "compute_capability", "")
+    return "pallas" if str(capability).startswith("9.") else "xla"
+  # On CPU the kernels only run interpreted (for checking), and the blocked
+  # scan fuses well with XLA's CPU matmul.
+  return "xla"
 
 
 def _pallas(x: jax.Array, codebook: jax.Array, data_axis: str) -> jax.Array:
