@@ -149,7 +149,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, config) -> Any:
   def one(x):
     if _is_variable(x):
       names = x.get_metadata().get("logical_axes")
-      shape = np.shape(x.value)
+      shape = np.shape(x.get_value())
       spec = P() if names is None else logical_to_spec(names, shape, mesh,
                                                         rules)
       return x.replace(NamedSharding(mesh, spec))

@@ -62,7 +62,7 @@ def test_parameter_shardings_follow_the_rules():
   config = with_mesh(tiny_config(), data=2, model=4)
   trainer = tokenizer_trainer.Trainer(config)
   s = trainer.state_sharding
-  spec = lambda v: v.value.spec
+  spec = lambda v: v.get_value().spec
   enc = s.params["encoder"]
   assert spec(enc["conv_in"]["kernel"]) == P(None, None, None, "model")
   assert spec(enc["conv_in"]["bias"]) == P("model")
@@ -85,7 +85,7 @@ def test_state_is_created_sharded():
   config = with_mesh(tiny_config(), data=2, model=4)
   trainer = tokenizer_trainer.Trainer(config)
   state = trainer.init()
-  kernel = state.params["encoder"]["conv_in"]["kernel"].value
+  kernel = state.params["encoder"]["conv_in"]["kernel"][...]
   assert kernel.sharding.spec == P(None, None, None, "model")
   assert kernel.addressable_shards[0].data.shape == (3, 3, 3, 2)
 

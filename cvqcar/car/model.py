@@ -50,18 +50,18 @@ class CAR(nnx.Module):
 
   @property
   def num_codes(self) -> int:
-    return self.codebook_kd.value.shape[0]
+    return self.codebook_kd[...].shape[0]
 
   def embed_image_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     """Channel tokens [B, T] -> LLM inputs [B, T, D] via codeword + MLP."""
-    codewords = jnp.take(self.codebook_kd.value, tokens_bt, axis=0)
+    codewords = jnp.take(self.codebook_kd[...], tokens_bt, axis=0)
     return self.proj_out(nnx.gelu(self.proj_in(codewords)))
 
   def prefix(self, text_bl: jax.Array, text_mask_bl: jax.Array):
     """Embeddings, positions and mask of [prompt][begin-of-image]."""
     b = text_bl.shape[0]
     text = self.backbone.embed(text_bl)
-    boi = jnp.broadcast_to(self.begin_image.value.astype(text.dtype),
+    boi = jnp.broadcast_to(self.begin_image[...].astype(text.dtype),
                            (b, 1, text.shape[-1]))
     mask = jnp.concatenate([text_mask_bl.astype(bool),
                             jnp.ones((b, 1), bool)], axis=1)

@@ -58,17 +58,17 @@ class LPIPS(nnx.Module):
                               strict=True):
       fx = fx * jax.lax.rsqrt(jnp.sum(fx * fx, -1, keepdims=True) + 1e-10)
       fy = fy * jax.lax.rsqrt(jnp.sum(fy * fy, -1, keepdims=True) + 1e-10)
-      total = total + jnp.mean(jnp.sum(jnp.square(fx - fy) * lin.value, -1),
+      total = total + jnp.mean(jnp.sum(jnp.square(fx - fy) * lin[...], -1),
                                axis=(1, 2))
     return total
 
   def weights(self) -> dict[str, np.ndarray]:
     out = {}
     for i, conv in enumerate(self.convs):
-      out[f"conv{i}/kernel"] = np.asarray(conv.kernel.value)
-      out[f"conv{i}/bias"] = np.asarray(conv.bias.value)
+      out[f"conv{i}/kernel"] = np.asarray(conv.kernel[...])
+      out[f"conv{i}/bias"] = np.asarray(conv.bias[...])
     for j, lin in enumerate(self.lins):
-      out[f"lin{j}"] = np.asarray(lin.value)
+      out[f"lin{j}"] = np.asarray(lin[...])
     return out
 
   def save(self, path: str) -> None:
@@ -93,8 +93,8 @@ def load(path: str) -> LPIPS:
       raise ValueError(f"LPIPS weights {path!r}: {name} has shape"
                        f" {stored[name].shape}, expected {value.shape}")
   for i, conv in enumerate(model.convs):
-    conv.kernel.value = jnp.asarray(stored[f"conv{i}/kernel"])
-    conv.bias.value = jnp.asarray(stored[f"conv{i}/bias"])
+    conv.kernel[...] = jnp.asarray(stored[f"conv{i}/kernel"])
+    conv.bias[...] = jnp.asarray(stored[f"conv{i}/bias"])
   for j, lin in enumerate(model.lins):
-    lin.value = jnp.asarray(stored[f"lin{j}"])
+    lin[...] = jnp.asarray(stored[f"lin{j}"])
   return model

@@ -89,9 +89,9 @@ class VectorQuantizer(nnx.Module):
   def codebook(self) -> jax.Array:
     """The effective [K, D] codebook used for lookup and decoding."""
     if self.simvq:
-      codebook_kd = self.proj(self.basis_kd.value)
+      codebook_kd = self.proj(self.basis_kd[...])
     else:
-      codebook_kd = self.codebook_kd.value
+      codebook_kd = self.codebook_kd[...]
     return _l2_normalize(codebook_kd) if self.cosine else codebook_kd
 
   def lookup(self, indices: jax.Array) -> jax.Array:
@@ -144,8 +144,8 @@ class VectorQuantizer(nnx.Module):
     decay = self.ema_decay
     sums_kd = jnp.zeros((self.num_codes, self.dim), jnp.float32).at[
         indices_n].add(z_nd * weight_n[:, None])
-    count_k = decay * self.ema_count_k.value + (1 - decay) * counts_k
-    sum_kd = decay * self.ema_sum_kd.value + (1 - decay) * sums_kd
+    count_k = decay * self.ema_count_k[...] + (1 - decay) * counts_k
+    sum_kd = decay * self.ema_sum_kd[...] + (1 - decay) * sums_kd
     # Restart codes that nobody picks from rows of this batch, so the
     # codebook cannot collapse onto a few codes on small data.
     mean_count = jnp.mean(count_k)
@@ -156,9 +156,9 @@ class VectorQuantizer(nnx.Module):
     )
     count_k = jnp.where(dead_k, mean_count, count_k)
     sum_kd = jnp.where(dead_k[:, None], z_nd[rows_k] * mean_count, sum_kd)
-    self.ema_count_k.value = count_k
-    self.ema_sum_kd.value = sum_kd
-    self.codebook_kd.value = sum_kd / jnp.maximum(count_k, 1e-6)[:, None]
+    self.ema_count_k[...] = count_k
+    self.ema_sum_kd[...] = sum_kd
+    self.codebook_kd[...] = sum_kd / jnp.maximum(count_k, 1e-6)[:, None]
 
 
 class ChannelQuantizer(nnx.Module):
