@@ -102,7 +102,7 @@ def train_step(state: CarState, batch, key, tok_state, *, graphdef,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "accuracy": accuracy,
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, params=params,
                        opt_state=opt_state), metrics
 

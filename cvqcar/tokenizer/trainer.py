@@ -163,7 +163,7 @@ def train_step(state: TrainState, batch, key, *, config, setup: Setup):
 
   counts = out.code_counts
   aux.update(
-      loss=loss, grad_norm=optax.global_norm(grads),
+      loss=loss, grad_norm=optax.tree.norm(grads),
       batch_usage=jnp.mean((counts > 0).astype(jnp.float32)),
       psnr=jnp.mean(metrics.psnr(out.reconstructions, images)),
       skipped=jnp.sum(batch["skipped"]).astype(jnp.float32))
