@@ -136,6 +136,7 @@ def test_to_hf_dict_is_read_back_by_transformers():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_to_hf_round_trip_through_transformers(tmp_path, tie):
+  pytest.importorskip("torch")  # AutoModelForCausalLM needs it.
   transformers = pytest.importorskip("transformers")
   config = qwen3.Qwen3Config(**HF_SHAPE, rope_theta=3e4,
                            tie_word_embeddings=tie)
@@ -260,8 +261,7 @@ def test_kv_cache_greedy_decode_equals_full_recompute():
 
 
 def test_kv_cache_greedy_decode_equals_transformers_generate(tmp_path):
-  import torch
-
+  torch = pytest.importorskip("torch")
   hf = _hf_model(tie=False)
   model, _ = qwen3.from_hf(_save_hf(hf, tmp_path))
   prompt = _random_ids((2, 4), HF_SHAPE["vocab_size"], seed=5)
