@@ -7,6 +7,17 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# TensorFlow >= 2.20 dlopens itself RTLD_GLOBAL, exporting its static LLVM;
+# triton (>= 3.7, pulled in by CUDA torch) loaded after it binds to that LLVM
+# and segfaults. torch imports triton lazily (torch._dynamo, reached from
+# transformers' model modules), so importing torch first does not help, and
+# no env var stops it. Loading triton before any test imports TensorFlow is
+# safe and cheap (0.2 s); running HF in subprocesses would cost ~8 s a test.
+try:
+  import triton  # noqa: F401
+except ImportError:
+  pass
+
 import pytest  # noqa: E402
 
 from configs import cvq_tokenizer  # noqa: E402
