@@ -136,3 +136,37 @@ def test_stage_freezing(stage):
       assert not same, path  # projector / head (and LLM in II) changed
   # The tokenizer codebook is never trained.
   assert "codebook_kd" not in dict(nnx.to_flat_state(params)).keys()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature must be > 0"),
+    (dict(temperature=float("nan")), "temperature must be > 0"),
+    (dict(top_k=-1), rf"top_k must be in 0\.\.{K}.*got -1"),
+    (dict(top_k=K + 1), rf"top_k must be in 0\.\.{K}.*got {K + 1}"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\].*got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\].*got 1.5"),
+])
+def test_sampling_refuses_bad_settings(kwargs, match):
+  graphdef, state = nnx.split(tiny_car())
+  text, mask = prompts()
+  with pytest.raises(ValueError, match=match):
+    sampling.generate(graphdef, (state,), text, mask, jax.random.key(0),
+                      **kwargs)
+
+
+def test_greedy_and_edge_settings_are_accepted():
+  graphdef, state = nnx.split(tiny_car())
+  text, mask = prompts()
+  for kwargs in (dict(temperature=0.0), dict(top_k=K, top_p=1.0),
+                 dict(top_k=1, top_p=1e-3)):
+    tokens = sampling.generate(graphdef, (state,), text, mask,
+                               jax.random.key(0), **kwargs)
+    assert tokens.shape == (2, C)
+
+
+@pytest.mark.parametrize("bad", [-1, K])
+def test_embedding_refuses_token_ids_outside_the_codebook(bad):
+  model = tiny_car()
+  with pytest.raises(ValueError, match=rf"token id {bad} is outside"
+                     rf" 0\.\.{K - 1}"):
+    model.embed_image_tokens(jnp.full((1, 3), bad, jnp.int32))

@@ -72,6 +72,15 @@ def test_prefix_decode_rejects_bad_lengths():
     patch.decode(jnp.zeros((1, 8), jnp.int32))
 
 
+@pytest.mark.parametrize("bad", [-1, 64, 10**6])
+def test_decode_refuses_token_ids_outside_the_codebook(bad):
+  model = tokenizer_lib.Tokenizer(tiny_config().model, rngs=nnx.Rngs(0))
+  tokens = jnp.zeros((2, 8), jnp.int32).at[1, 3].set(bad)
+  with pytest.raises(ValueError, match=rf"token id {bad} is outside 0\.\.63"):
+    model.decode(tokens)
+  model.decode(tokens.at[1, 3].set(63))  # the last code is fine
+
+
 @pytest.mark.parametrize("bad,match", [
     (jnp.zeros((2, 32, 32, 3)), r"\[B, 16, 16, 3\].*\(2, 32, 32, 3\)"),
     (jnp.zeros((16, 16, 3)), r"shape \(16, 16, 3\)"),

@@ -214,6 +214,10 @@ def test_pretokenized_shards(tmp_path):
       np.testing.assert_array_equal(tokens, np.arange(4) + int(caption[-1]))
   with pytest.raises(ValueError, match="has 4 tokens, expected 5"):
     list(pipeline(pairs.read_source(out), num_tokens=5))
+  # Ids up to 6 are written: a 6-code tokenizer cannot have made them.
+  list(pipeline(pairs.read_source(out), num_codes=7))
+  with pytest.raises(ValueError, match=r"token id 6, outside 0\.\.5"):
+    list(pipeline(pairs.read_source(out), num_codes=6))
 
 
 def test_processes_read_disjoint_shares(monkeypatch):

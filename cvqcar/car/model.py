@@ -15,6 +15,7 @@ from flax import nnx
 
 from cvqcar import sharding
 from cvqcar.car import qwen3
+from cvqcar.tokenizer import model as tokenizer_lib
 
 
 class FrozenCodebook(nnx.Variable):
@@ -54,6 +55,8 @@ class CAR(nnx.Module):
 
   def embed_image_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     """Channel tokens [B, T] -> LLM inputs [B, T, D] via codeword + MLP."""
+    tokenizer_lib.check_token_ids(tokens_bt, self.num_codes,
+                                  "CAR.embed_image_tokens")
     codewords = jnp.take(self.codebook_kd[...], tokens_bt, axis=0)
     return self.proj_out(nnx.gelu(self.proj_in(codewords)))
 

@@ -35,6 +35,22 @@ def filter_logits(logits_bk, *, top_k: int = 0, top_p: float = 1.0):
   return logits_bk
 
 
+def check_settings(*, temperature: float, top_k: int, top_p: float,
+                   num_codes: int) -> None:
+  """Raises naming the value unless the sampling settings make sense.
+
+  temperature 0 is the explicit greedy mode; top_k 0 and top_p 1 are off.
+  """
+  if not temperature >= 0.0:  # also catches NaN
+    raise ValueError(f"temperature must be > 0 (or 0 for greedy), got"
+                     f" {temperature}")
+  if not 0 <= top_k <= num_codes:
+    raise ValueError(f"top_k must be in 0..{num_codes} (0 = off, K ="
+                     f" {num_codes} codes), got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
 def pick(logits_bk, key, *, temperature: float, top_k: int, top_p: float):
   if temperature == 0.0:
     return jnp.argmax(logits_bk, axis=-1).astype(jnp.int32)
@@ -67,6 +83,8 @@ def generate(graphdef, states, text_bl, mask_bl, key, *, temperature=1.0,
   reference for the cached path, and the baseline in bench/decode.py).
   """
   model = nnx.merge(graphdef, *states)
+  check_settings(temperature=temperature, top_k=top_k, top_p=top_p,
+                 num_codes=model.num_codes)
   b = text_bl.shape[0]
   c = model.num_channels
   text2, mask2 = _with_unconditional(text_bl, mask_bl, cfg_scale)

@@ -242,6 +242,7 @@ class PairPreprocess:
   max_text_len: int
   truncate: bool = True
   num_tokens: int | None = None
+  num_codes: int | None = None  # K: pre-tokenized ids must lie in 0..K-1
 
   def __call__(self, element: Any, rng: np.random.Generator):
     try:
@@ -258,6 +259,12 @@ class PairPreprocess:
         raise ValueError(
             f"a record has {tokens.shape[0]} tokens, expected"
             f" {self.num_tokens}: shards from another tokenizer?")
+      if self.num_codes is not None and tokens.size and not (
+          0 <= tokens.min() and tokens.max() < self.num_codes):
+        bad = tokens.min() if tokens.min() < 0 else tokens.max()
+        raise ValueError(
+            f"a record holds token id {bad}, outside 0..{self.num_codes - 1}"
+            f" (K = {self.num_codes}): shards from another tokenizer?")
       out = {"tokens": tokens, "corrupt": False}
     else:
       if "image" not in record:
@@ -283,6 +290,7 @@ def pair_pipeline(
     flip: bool = False,
     min_scale: float = 0.15,
     num_tokens: int | None = None,
+    num_codes: int | None = None,
     num_examples: int | None = None,
     num_threads: int = 4,
     worker_count: int = 0,
@@ -309,7 +317,7 @@ def pair_pipeline(
                                  min_scale=min_scale)
   return image_data.records_pipeline(
       source, PairPreprocess(preprocess, text_tokenizer, max_text_len,
-                             truncate, num_tokens),
+                             truncate, num_tokens, num_codes),
       batch_size=batch_size, seed=seed, train=train,
       num_examples=num_examples, num_threads=num_threads,
       worker_count=worker_count)
@@ -355,7 +363,8 @@ def _config_pipeline(config, text_tokenizer, split: str):
       crop="random_scale" if embedded else d.get("crop", "center"),
       flip=embedded and train,
       min_scale=d.get("min_scale", image_data.Preprocess.min_scale),
-      num_tokens=config.tokenizer.latent_channels, num_examples=num,
+      num_tokens=config.tokenizer.latent_channels,
+      num_codes=config.tokenizer.num_codes, num_examples=num,
       num_threads=d.get("num_threads", 4),
       worker_count=d.get("worker_count", 0) if train else 0)
 

@@ -55,6 +55,25 @@ def num_tokens(cfg: ml_collections.ConfigDict) -> int:
   return (cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)) ** 2
 
 
+def check_token_ids(tokens, num_codes: int, where: str) -> None:
+  """Raises naming the value unless concrete token ids lie in 0..K-1.
+
+  Traced ids are not checked (jnp.take would clamp them silently): the
+  eager entry points (decode, embedding, shard readers) are where bad ids
+  come in.
+  """
+  if isinstance(tokens, jax.core.Tracer) or not getattr(tokens, "size", 0):
+    return
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{where}: token ids must be integers, got dtype"
+                     f" {tokens.dtype}")
+  lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+  if lo < 0 or hi >= num_codes:
+    bad = lo if lo < 0 else hi
+    raise ValueError(f"{where}: token id {bad} is outside 0..{num_codes - 1}"
+                     f" (K = {num_codes} codes)")
+
+
 def check_images(images, resolution: int) -> None:
   """Shape, dtype and (for concrete arrays) range check of an image batch."""
   shape = getattr(images, "shape", None)
@@ -83,6 +102,7 @@ class Tokenizer(nnx.Module):
     self.num_tokens = num_tokens(cfg)
     self.quantize = cfg.quantize
     self.latent_channels = cfg.latent_channels
+    self.num_codes = cfg.num_codes
     self.nested_dropout_alpha = cfg.nested_dropout_alpha
     self.latent_size = cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)
     net = dict(base_channels=cfg.base_channels,
@@ -148,6 +168,7 @@ class Tokenizer(nnx.Module):
     """Tokens [B, T] -> images [B, H, W, 3]. Channel tokens may be a prefix."""
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    check_token_ids(tokens, self.num_codes, "Tokenizer.decode")
     if self.quantize == "channel":
       if not 1 <= tokens.shape[1] <= self.latent_channels:
         raise ValueError(
