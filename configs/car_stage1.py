@@ -33,7 +33,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.llm = ml_collections.ConfigDict()
   config.llm.preset = args.get("llm", "tiny" if tiny else "4b")
   config.llm.hf_dir = ""  # local HF Qwen3 checkpoint; empty: random init
-  config.text_tokenizer = "bytes"  # or a local tokenizer.json (Qwen3's)
+  # 'auto': the tokenizer.json in llm.hf_dir, else byte-level; or 'bytes',
+  # or the path of a tokenizer.json.
+  config.text_tokenizer = "auto"
   config.max_text_len = 64 if tiny else 256
   config.cfg_drop_prob = 0.1  # prompt dropped -> unconditional training
 

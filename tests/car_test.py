@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -9,6 +10,7 @@ from flax import nnx
 
 from cvqcar.car import model as car_lib
 from cvqcar.car import qwen3, sampling
+from cvqcar.car import trainer as car_trainer
 
 C, K, D = 8, 64, 16
 
@@ -170,3 +172,22 @@ def test_embedding_refuses_token_ids_outside_the_codebook(bad):
   with pytest.raises(ValueError, match=rf"token id {bad} is outside"
                      rf" 0\.\.{K - 1}"):
     model.embed_image_tokens(jnp.full((1, 3), bad, jnp.int32))
+
+
+@pytest.mark.parametrize("spec,hf_dir,expect", [
+    ("auto", "", "bytes"),  # random backbone: byte-level ids
+    ("auto", "/ckpt/qwen3", "/ckpt/qwen3"),  # its tokenizer.json
+    ("/tok/tokenizer.json", "/ckpt/qwen3", "/tok/tokenizer.json"),
+    ("bytes", "", "bytes"),
+])
+def test_text_tokenizer_follows_the_backbone(spec, hf_dir, expect):
+  config = ml_collections.ConfigDict(
+      {"text_tokenizer": spec, "llm": {"hf_dir": hf_dir}})
+  assert car_trainer.resolve_text_tokenizer(config) == expect
+
+
+def test_byte_tokenizer_with_a_pretrained_backbone_is_refused():
+  config = ml_collections.ConfigDict(
+      {"text_tokenizer": "bytes", "llm": {"hf_dir": "/ckpt/qwen3"}})
+  with pytest.raises(ValueError, match=r"'bytes'.*'/ckpt/qwen3'"):
+    car_trainer.resolve_text_tokenizer(config)

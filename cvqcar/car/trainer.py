@@ -59,6 +59,26 @@ def resolve_llm_config(config) -> qwen3.Qwen3Config:
   return qwen3.PRESETS[config.llm.preset]
 
 
+def resolve_text_tokenizer(config) -> str:
+  """The text tokenizer for this config's backbone.
+
+  'auto' is the tokenizer.json beside a pretrained backbone's weights
+  (config.llm.hf_dir), else byte-level for a randomly initialised one.
+  Byte ids fed to a pretrained backbone would index embeddings trained for
+  other tokens, so that combination is refused.
+  """
+  spec, hf_dir = config.text_tokenizer, config.llm.hf_dir
+  if spec == "auto":
+    return hf_dir or "bytes"
+  if spec == "bytes" and hf_dir:
+    raise ValueError(
+        f"config.text_tokenizer='bytes' with the pretrained backbone"
+        f" config.llm.hf_dir={hf_dir!r}: its embeddings expect its own"
+        " tokenizer's ids; use 'auto' (the tokenizer.json beside the"
+        " weights) or the path of that tokenizer.json")
+  return spec
+
+
 def build_car(config, llm_cfg: qwen3.Qwen3Config, key,
               codebook_kd=None) -> car_lib.CAR:
   """A CAR with random (or HF) backbone weights; zeros for the codebook
@@ -134,6 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   config.llm_config = dataclasses.asdict(llm_cfg)
   mesh = sharding.make_mesh(config)
   tokenizer = load_frozen_tokenizer(config)
+  # Resolved before the config is saved, so exports name the real one.
+  config.text_tokenizer = resolve_text_tokenizer(config)
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
   if text_tok.vocab_size > llm_cfg.vocab_size:
     raise ValueError(f"text tokenizer has {text_tok.vocab_size} ids but the"
