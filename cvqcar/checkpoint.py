@@ -33,7 +33,25 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
   path = epath.Path(directory) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: not a cvqcar workdir/export")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): damaged by hand or by"
+                     " an older writer; restore it from the run's launch"
+                     " config") from None
+
+
+def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
+  """Writes DIRECTORY/config.json atomically: readers (other processes
+  resuming the same workdir, a later run after a kill) see the old file or
+  the new one, never a part of one."""
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  # A unique temporary name per writer; rename replaces in one step on a
+  # POSIX filesystem, and object stores (gs://) publish an object whole.
+  tmp = directory / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+  tmp.write_text(config_to_json(config))
+  tmp.replace(directory / CONFIG_FILE)
 
 
 def check_same_model(saved: ml_collections.ConfigDict,
@@ -73,8 +91,7 @@ class Checkpointer:
     if self.manager.latest_step() is not None and config_path.exists():
       check_same_model(load_config(workdir), config, workdir, sections)
     if jax.process_index() == 0 and not read_only:
-      config_path.parent.mkdir(parents=True, exist_ok=True)
-      config_path.write_text(config_to_json(config))
+      write_config(workdir, config)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -10,7 +10,6 @@ import os
 
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
 from cvqcar import checkpoint
@@ -36,9 +35,7 @@ def export_car(workdir: str, out: str) -> str:
   model, config = car_trainer.load_from_workdir(workdir)
   _, params, frozen = nnx.split(
       model, car_lib.trainable(config.stage), ...)
-  epath.Path(out).mkdir(parents=True, exist_ok=True)
-  (epath.Path(out) / checkpoint.CONFIG_FILE).write_text(
-      checkpoint.config_to_json(config))
+  checkpoint.write_config(out, config)
   with ocp.StandardCheckpointer() as saver:
     saver.save(os.path.abspath(os.path.join(out, PARAMS_DIR)),
                {"params": params, "frozen": frozen}, force=True)

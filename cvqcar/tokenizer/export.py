@@ -13,7 +13,6 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from flax import nnx
 
 from cvqcar import checkpoint, sharding
@@ -31,10 +30,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   trainer = tokenizer_trainer.Trainer(config, mesh=mesh)
   ckpt = checkpoint.Checkpointer(workdir, config, read_only=True)
   state = ckpt.restore(trainer.abstract_state, step=step)
-  out_path = epath.Path(out)
-  out_path.mkdir(parents=True, exist_ok=True)
-  (out_path / checkpoint.CONFIG_FILE).write_text(
-      checkpoint.config_to_json(config))
+  checkpoint.write_config(out, config)
   with ocp.StandardCheckpointer() as saver:
     saver.save(os.path.abspath(os.path.join(out, PARAMS_DIR)),
                {"params": state.ema_params, "buffers": state.buffers},
