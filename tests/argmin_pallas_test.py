@@ -141,18 +141,23 @@ class _KernelTests:
     for g, w in zip(grads, want, strict=True):
       np.testing.assert_allclose(g, w, rtol=1e-6)
 
-  def test_sharded_tokens_replicated_codebook(self):
-    if jax.device_count() < 2:
-      pytest.skip("needs at least 2 devices")
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    x, codebook = random_inputs(8 * jax.device_count(), 50, 16, jnp.float32)
-    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+  @pytest.mark.parametrize("mesh_shape,axes", [
+      ((8,), ("data",)),
+      ((1, 8), ("data", "fsdp")),  # pure FSDP: the tokens split over fsdp
+      ((2, 4), ("data", "fsdp")),
+  ])
+  def test_sharded_tokens_replicated_codebook(self, mesh_shape, axes):
+    if jax.device_count() < 8:
+      pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp")[:len(mesh_shape)])
+    x, codebook = random_inputs(8 * 24, 50, 16, jnp.float32)
+    x = jax.device_put(x, NamedSharding(mesh, P(axes)))
     fn = jax.jit(lambda x, cb: ap.sharded_argmin(
-        x, cb, mesh, tiles=self.TILES[0], backend=self.BACKEND,
+        x, cb, mesh, axes, tiles=self.TILES[0], backend=self.BACKEND,
         interpret=self.INTERPRET,
     ))
     got = fn(x, codebook)
-    assert got.sharding.spec == P("data")
+    assert got.sharding.spec == P(axes)
     np.testing.assert_array_equal(got, argmin.reference(x, codebook))
 
 
@@ -295,3 +300,33 @@ def test_cpu_default_runs_tpu_kernel_interpreted():
   np.testing.assert_array_equal(
       ap.argmin_pallas(x, codebook), argmin.reference(x, codebook)
   )
+
+
+def _pallas_operand_rows(jaxpr) -> list[int]:
+  """Token rows of every pallas_call's first operand, at any depth."""
+  rows = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      rows.append(eqn.invars[0].aval.shape[0])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          rows += _pallas_operand_rows(sub)
+  return rows
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4), (8, 1)])
+def test_codebook_search_runs_per_shard_over_every_batch_axis(mesh_shape):
+  """Under a data x fsdp mesh the kernel sees only its device's rows (no
+  device gathers the tokens), and the result equals the reference."""
+  mesh = jax.make_mesh(mesh_shape, ("data", "fsdp"))
+  n = 8 * 128  # a whole 128-row tile per device: no padding to hide it
+  x, codebook = random_inputs(n, 40, 8, jnp.float32, seed=3)
+  x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  search = jax.jit(functools.partial(argmin.codebook_argmin, impl="pallas"))
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(search)(x, codebook)
+    got = search(x, codebook)
+  assert _pallas_operand_rows(jaxpr.jaxpr) == [n // 8]
+  np.testing.assert_array_equal(got, argmin.reference(x, codebook))

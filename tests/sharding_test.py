@@ -132,3 +132,11 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   state = tokenizer_trainer.Trainer(moved).abstract_state
   assert isinstance(state.params["encoder"]["conv_in"]["kernel"],
                     nnx.Variable)
+
+
+def test_kernels_split_tokens_over_the_batch_axes():
+  # The kernels package repeats the names (it imports nothing of the
+  # project); they must stay the axes batches are sharded over.
+  from cvqcar.kernels import argmin
+
+  assert argmin.BATCH_AXES == sharding.BATCH_AXES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import jax
@@ -10,6 +11,9 @@ import jax.numpy as jnp
 
 Impl = Literal["auto", "reference", "xla", "pallas"]
 IMPLS = ("auto", "reference", "xla", "pallas")
+# The mesh axes a batch is split over (cvqcar.sharding.BATCH_AXES; kernels
+# import nothing of the project, so the names are repeated here).
+BATCH_AXES = ("data", "fsdp")
 
 # Codes per scan step of the blocked path. 1024 keeps the [N, block] distance
 # tile large enough for the matmul to run at full rate on CPU/GPU while the
@@ -123,19 +127,23 @@ def default_impl(device: jax.Device | None = None) -> str:
   return "xla"
 
 
-def _pallas(x: jax.Array, codebook: jax.Array, data_axis: str) -> jax.Array:
+def _pallas(x: jax.Array, codebook: jax.Array,
+            batch_axes: tuple[str, ...]) -> jax.Array:
   """The fused kernel; per shard when the tokens are split over a mesh.
 
   A Pallas call is opaque to XLA's partitioner, which would gather sharded
   tokens onto every device; under a mesh context (`jax.set_mesh`) the kernel
-  instead runs on each device's rows via shard_map.
+  instead runs on each device's rows via shard_map, over every batch axis
+  of size > 1 (data and fsdp alike).
   """
   from cvqcar.kernels import argmin_pallas  # Imports Pallas only when used.
 
   mesh = jax.sharding.get_abstract_mesh()
-  if (not mesh.empty and mesh.shape.get(data_axis, 1) > 1
-      and x.shape[0] % mesh.shape[data_axis] == 0):
-    return argmin_pallas.sharded_argmin(x, codebook, mesh, data_axis)
+  if not mesh.empty:
+    axes = tuple(a for a in batch_axes if mesh.shape.get(a, 1) > 1)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if axes and x.shape[0] % shards == 0:
+      return argmin_pallas.sharded_argmin(x, codebook, mesh, axes)
   return argmin_pallas.argmin_pallas(x, codebook)
 
 
@@ -145,7 +153,7 @@ def codebook_argmin(
     *,
     impl: Impl = "auto",
     block_k: int = DEFAULT_BLOCK_K,
-    data_axis: str = "data",
+    batch_axes: tuple[str, ...] = BATCH_AXES,
 ) -> jax.Array:
   """Index of the nearest codeword (squared L2) for each row of x.
 
@@ -155,7 +163,8 @@ def codebook_argmin(
     impl: 'reference' (full distance matrix), 'xla' (blocked scan), 'pallas'
       (fused kernel) or 'auto' (best for the backend).
     block_k: codes per block for the blocked path.
-    data_axis: mesh axis the rows are sharded over (for the Pallas path).
+    batch_axes: mesh axes the rows may be sharded over, major to minor (for
+      the Pallas path, which runs per shard over those of size > 1).
 
   Returns:
     int32 [N] indices; ties resolve to the lowest index.
@@ -168,4 +177,4 @@ def codebook_argmin(
     return reference(x, codebook)
   if impl == "xla":
     return blocked(x, codebook, block_k=block_k)
-  return _pallas(x, codebook, data_axis)
+  return _pallas(x, codebook, batch_axes)

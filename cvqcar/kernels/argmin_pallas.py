@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -563,26 +564,35 @@ def sharded_argmin(
     x: jax.Array,
     codebook: jax.Array,
     mesh: jax.sharding.Mesh,
-    axis: str = "data",
+    axes: str | tuple[str, ...] = "data",
     **kwargs,
 ) -> jax.Array:
-  """`argmin_pallas` on tokens sharded over `axis`, codebook replicated.
+  """`argmin_pallas` on tokens sharded over mesh `axes`, codebook replicated.
 
-  Each device runs the kernel on its own rows, so no [N, K] data and no
-  cross-device traffic is needed; the result is int32 [N] sharded like x.
+  `axes` names every mesh axis the rows are split over (e.g. ('data',
+  'fsdp'), major to minor, as in the batch's PartitionSpec). Each device
+  runs the kernel on its own rows, so no device gathers the tokens and no
+  [N, K] data exists; the result is int32 [N] sharded like x.
   """
-  if axis not in mesh.shape:
-    raise ValueError(f"axis {axis!r} is not in the mesh axes {mesh.axis_names}")
-  if x.ndim != 2 or x.shape[0] % mesh.shape[axis]:
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  missing = [a for a in axes if a not in mesh.shape]
+  if not axes or missing:
     raise ValueError(
-        f"x {x.shape} must be [N, D] with N divisible by mesh axis {axis!r}"
-        f" of size {mesh.shape[axis]} (codebook {codebook.shape})"
+        f"axes {axes} must be non-empty mesh axes; {missing} not in"
+        f" {mesh.axis_names}"
     )
-  axis_type = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[axis]
-  if axis_type == jax.sharding.AxisType.Explicit:
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if x.ndim != 2 or x.shape[0] % shards:
+    raise ValueError(
+        f"x {x.shape} must be [N, D] with N divisible by the {shards} shards"
+        f" of mesh axes {axes} (codebook {codebook.shape})"
+    )
+  rows = P(axes, None)
+  types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+  if any(types[a] == jax.sharding.AxisType.Explicit for a in axes):
     # Explicit axes reject an input sharded unlike in_specs (Auto ones
     # reshard silently), so place both operands first.
-    x = jax.sharding.reshard(x, NamedSharding(mesh, P(axis, None)))
+    x = jax.sharding.reshard(x, NamedSharding(mesh, rows))
     codebook = jax.sharding.reshard(codebook, NamedSharding(mesh, P()))
   fn = functools.partial(argmin_pallas, **kwargs)
   # check_vma off: under it pallas_call wants each output's manual axis type
@@ -591,7 +601,7 @@ def sharded_argmin(
   return jax.shard_map(
       fn,
       mesh=mesh,
-      in_specs=(P(axis, None), P(None, None)),
-      out_specs=P(axis),
+      in_specs=(rows, P(None, None)),
+      out_specs=P(axes),
       check_vma=False,
   )(x, codebook)
