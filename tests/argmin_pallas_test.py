@@ -11,7 +11,7 @@ from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cvqcar.kernels import argmin
+from cvqcar.kernels import argmin, argmin_mosaic_gpu
 from cvqcar.kernels import argmin_pallas as ap
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-3}
@@ -183,7 +183,7 @@ class TestGpuKernelInterpret(_KernelTests):
     # pieces) cannot stay in SMEM, so x streams through it with the codes.
     pieces = 3 if dtype == jnp.float32 else 1
     dim = 2000 // pieces
-    assert not ap._gpu_plan(64, 64, dim, pieces, 3).resident_x
+    assert not argmin_mosaic_gpu._gpu_plan(64, 64, dim, pieces, 3).resident_x
     x, codebook = random_inputs(20, 150, dim, dtype, seed=7)
     got = self.run(x, codebook, self.TILES[0])
     assert_as_near(x, codebook, got, TOLERANCE[dtype])
