@@ -32,10 +32,7 @@ from flax import nnx  # noqa: E402
 
 from bench import report  # noqa: E402
 from cvqcar.car import model as car_lib  # noqa: E402
-from cvqcar.car import (
-  qwen3,  # noqa: E402
-  sampling,  # noqa: E402
-)
+from cvqcar.car import qwen3, sampling  # noqa: E402
 
 
 def _median_seconds(fn, reps: int) -> float:
