@@ -1,4 +1,4 @@
-"""CAR training (stage I: LLM frozen; stage II: everything), export, load."""
+"""CAR training: stage I (LLM frozen), stage II (all); workdir loading."""
 
 from __future__ import annotations
 
