@@ -73,6 +73,31 @@ def check_same_model(saved: ml_collections.ConfigDict,
                      f" model config ({details})")
 
 
+EXPORT_PARAMS_DIR = "params"
+
+
+def save_export(out: str, config: ml_collections.ConfigDict,
+                tree: Any) -> str:
+  """A params-only export: OUT/config.json and the pytree in OUT/params."""
+  write_config(out, config)
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(_absolute(os.path.join(out, EXPORT_PARAMS_DIR)), tree,
+               force=True)
+  return out
+
+
+def restore_export(path: str, target: Any) -> Any:
+  """The pytree of an export, restored onto `target`'s (abstract) leaves."""
+  with ocp.StandardCheckpointer() as loader:
+    return loader.restore(_absolute(os.path.join(path, EXPORT_PARAMS_DIR)),
+                          target)
+
+
+def _absolute(path: str) -> str:
+  # Orbax wants absolute local paths; URLs (gs://...) stay as they are.
+  return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpointer:
   """Saves {state, data iterator} per step; restores the latest."""
 

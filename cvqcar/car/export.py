@@ -6,27 +6,20 @@ parameters, no optimizer state), which `load_car` turns back into a CAR.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from cvqcar import checkpoint
 from cvqcar.car import model as car_lib
 from cvqcar.car import trainer as car_trainer
 
-PARAMS_DIR = "params"
-
 
 def load_car(path: str) -> tuple[car_lib.CAR, ml_collections.ConfigDict]:
   """A CAR model from an export directory, and its config."""
   config = checkpoint.load_config(path)
   graphdef, abstract = car_trainer.abstract_state(config)
-  target = {"params": abstract.params, "frozen": abstract.frozen}
-  with ocp.StandardCheckpointer() as loader:
-    restored = loader.restore(
-        os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+  restored = checkpoint.restore_export(
+      path, {"params": abstract.params, "frozen": abstract.frozen})
   return nnx.merge(graphdef, restored["params"], restored["frozen"]), config
 
 
@@ -35,8 +28,5 @@ def export_car(workdir: str, out: str) -> str:
   model, config = car_trainer.load_from_workdir(workdir)
   _, params, frozen = nnx.split(
       model, car_lib.trainable(config.stage), ...)
-  checkpoint.write_config(out, config)
-  with ocp.StandardCheckpointer() as saver:
-    saver.save(os.path.abspath(os.path.join(out, PARAMS_DIR)),
-               {"params": params, "frozen": frozen}, force=True)
-  return out
+  return checkpoint.save_export(out, config,
+                                {"params": params, "frozen": frozen})

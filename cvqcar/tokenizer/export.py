@@ -7,19 +7,14 @@ without the trainer, optimizer or discriminator.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
 from cvqcar import checkpoint, sharding
 from cvqcar.tokenizer import model as tokenizer_lib
 from cvqcar.tokenizer import trainer as tokenizer_trainer
-
-PARAMS_DIR = "params"
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
@@ -30,11 +25,8 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   trainer = tokenizer_trainer.Trainer(config, mesh=mesh)
   ckpt = checkpoint.Checkpointer(workdir, config, read_only=True)
   state = ckpt.restore(trainer.abstract_state, step=step)
-  checkpoint.write_config(out, config)
-  with ocp.StandardCheckpointer() as saver:
-    saver.save(os.path.abspath(os.path.join(out, PARAMS_DIR)),
-               {"params": state.ema_params, "buffers": state.buffers},
-               force=True)
+  checkpoint.save_export(
+      out, config, {"params": state.ema_params, "buffers": state.buffers})
   logging.info("exported step %d of %s to %s", int(state.step), workdir, out)
   return out
 
@@ -58,8 +50,6 @@ def load_tokenizer(path: str,
   abstract = nnx.eval_shape(
       lambda: tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0)))
   graphdef, params, buffers = nnx.split(abstract, nnx.Param, ...)
-  target = {"params": params, "buffers": buffers}
-  with ocp.StandardCheckpointer() as loader:
-    restored = loader.restore(
-        os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+  restored = checkpoint.restore_export(
+      path, {"params": params, "buffers": buffers})
   return nnx.merge(graphdef, restored["params"], restored["buffers"])
