@@ -8,7 +8,7 @@ Every row decodes C tokens for each of `batch` prompts of `prompt_len` ids
 on the same machine with the same Qwen3 weights: CAR sampling
 (`sampling.generate`) with the KV cache and with full recompute at every step;
 a plain greedy Qwen3 decode with our KV cache; and Hugging Face
-`transformers` `generate` on those weights written out by `qwen3.to_hf`. An
+`transformers` `generate` on those weights written out by `hf_io.to_hf`. An
 "image" is C generated tokens. The speedup printed last is our Qwen3 row
 over the HF row (the like-for-like pair: same trunk, same vocabulary head).
 Results go to docs/benchmarks.md.
@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import report  # noqa: E402
+from cvqcar.car import hf_io, qwen3, sampling  # noqa: E402
 from cvqcar.car import model as car_lib  # noqa: E402
-from cvqcar.car import qwen3, sampling  # noqa: E402
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -91,7 +91,7 @@ def time_hf(backbone, config, prompt_bp, args):
   transformers.utils.logging.disable_progress_bar()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   with tempfile.TemporaryDirectory() as tmp:
-    qwen3.to_hf(backbone, config, tmp)
+    hf_io.to_hf(backbone, config, tmp)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp, dtype=torch.float32)  # `torch_dtype` before 4.56
   model = model.to(device).eval()
@@ -196,7 +196,7 @@ def main():
         f" `sampling.generate` ({decoding}, {cfg}) over K = {args.codes} codes"
         f" of dimension {args.code_dim}. The Qwen3 and HF rows decode C"
         " greedy tokens over the text vocabulary with the same weights (ours"
-        " written out by `qwen3.to_hf`): ours is one jitted prefill +"
+        " written out by `hf_io.to_hf`): ours is one jitted prefill +"
         " `lax.scan` with the KV cache; HF is transformers"
         f" {transformers.__version__} `generate(do_sample=False,"
         " use_cache=True)` under `torch.inference_mode()`, float32, torch"

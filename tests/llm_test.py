@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvqcar.car import qwen3
+from cvqcar.car import hf_io, qwen3
 
 # Small enough for 2 CPU cores; kv heads < heads so GQA grouping is exercised.
 HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -62,9 +62,9 @@ def test_from_hf_matches_transformers_logits(tmp_path, tie, sharded):
   hf = _hf_model(tie)
   directory = _save_hf(hf, tmp_path,
                        **({"max_shard_size": "30KB"} if sharded else {}))
-  index = os.path.exists(os.path.join(directory, qwen3._HF_INDEX))
+  index = os.path.exists(os.path.join(directory, hf_io.HF_INDEX))
   assert index == sharded
-  model, config = qwen3.from_hf(directory)
+  model, config = hf_io.from_hf(directory)
   assert config.tie_word_embeddings == tie and config.rope_theta == 5e4
   assert (model.lm_head is None) == tie
   ids = _random_ids((2, 9), HF_SHAPE["vocab_size"])
@@ -89,7 +89,7 @@ def test_both_config_json_rope_forms_load(tmp_path, form):
     d.update(rope_parameters={"rope_theta": 2e4, "rope_type": "default"})
   with open(path, "w") as f:
     json.dump(d, f)
-  model, config = qwen3.from_hf(directory)
+  model, config = hf_io.from_hf(directory)
   assert config.rope_theta == 2e4
   ids = _random_ids((1, 12), HF_SHAPE["vocab_size"], seed=1)
   np.testing.assert_allclose(model(jnp.asarray(ids)), _hf_logits(hf, ids),
@@ -146,41 +146,46 @@ def test_to_hf_round_trip_through_transformers(tmp_path, tie):
     if variable.get_metadata()["logical_axes"] == ("norm",):
       noise = jax.random.normal(jax.random.key(7), variable.get_value().shape)
       variable.set_value(1 + 0.2 * noise)
-  qwen3.to_hf(model, config, str(tmp_path))
+  hf_io.to_hf(model, config, str(tmp_path))
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
   assert type(hf).__name__ == "Qwen3ForCausalLM"
   ids = _random_ids((2, 7), HF_SHAPE["vocab_size"], seed=2)
   np.testing.assert_allclose(_hf_logits(hf, ids), model(jnp.asarray(ids)),
                              atol=1e-4, rtol=0)
-  back, back_config = qwen3.from_hf(str(tmp_path))
+  back, back_config = hf_io.from_hf(str(tmp_path))
   assert back_config == config
   np.testing.assert_array_equal(back(jnp.asarray(ids)), model(jnp.asarray(ids)))
 
 
-def test_to_hf_bfloat16_export_loads_back_rounded(tmp_path):
+def test_to_hf_bfloat16_export_loads_back_upcast(tmp_path):
   config = qwen3.Qwen3Config(**HF_SHAPE)
   model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
-  qwen3.to_hf(model, dataclasses.replace(config, param_dtype="bfloat16"),
-            str(tmp_path))
-  back, back_config = qwen3.from_hf(str(tmp_path))
-  assert back_config.param_dtype == back_config.dtype == "bfloat16"
-  kernel = back.layers[1].mlp.down_proj.kernel.get_value()
-  assert kernel.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(
-      kernel, model.layers[1].mlp.down_proj.kernel.get_value().astype(
-          jnp.bfloat16))
-  with pytest.raises(ValueError, match="does not describe the model"):
-    qwen3.to_hf(model, dataclasses.replace(config, num_hidden_layers=3),
+  hf_io.to_hf(model, dataclasses.replace(config, param_dtype="bfloat16"),
               str(tmp_path))
+  # Master weights upcast to float32 on load; bfloat16 when asked.
+  back, back_config = hf_io.from_hf(str(tmp_path))
+  assert back_config.param_dtype == "float32"
+  assert back_config.dtype == "bfloat16"  # the file's dtype computes
+  kernel = back.layer(1).mlp.down_proj.kernel.get_value()
+  assert kernel.dtype == jnp.float32
+  want = model.layer(1).mlp.down_proj.kernel.get_value().astype(jnp.bfloat16)
+  np.testing.assert_array_equal(kernel, want.astype(jnp.float32))
+  assert not np.array_equal(kernel, model.layer(1).mlp.down_proj.kernel
+                            .get_value())  # rounded, so really bf16 on disk
+  kept, _ = hf_io.from_hf(str(tmp_path), param_dtype="bfloat16")
+  assert kept.layer(1).mlp.down_proj.kernel.get_value().dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="does not describe the model"):
+    hf_io.to_hf(model, dataclasses.replace(config, num_hidden_layers=3),
+                str(tmp_path))
 
 
 def test_missing_shard_names_the_file(tmp_path):
   directory = _save_hf(_hf_model(tie=False), tmp_path, max_shard_size="30KB")
-  with open(os.path.join(directory, qwen3._HF_INDEX)) as f:
+  with open(os.path.join(directory, hf_io.HF_INDEX)) as f:
     shard = sorted(set(json.load(f)["weight_map"].values()))[1]
   os.remove(os.path.join(directory, shard))
   with pytest.raises(FileNotFoundError, match=shard):
-    qwen3.from_hf(directory)
+    hf_io.from_hf(directory)
 
 
 def test_missing_tensor_names_the_tensor(tmp_path):
@@ -191,16 +196,16 @@ def test_missing_tensor_names_the_tensor(tmp_path):
   del tensors["model.layers.1.self_attn.k_norm.weight"]
   safetensors_numpy.save_file(tensors, path, metadata={"format": "pt"})
   with pytest.raises(KeyError, match=r"layers\.1\.self_attn\.k_norm"):
-    qwen3.from_hf(directory)
+    hf_io.from_hf(directory)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
-    qwen3.from_hf(str(tmp_path))
+    hf_io.from_hf(str(tmp_path))
   with open(tmp_path / "config.json", "w") as f:
     json.dump(qwen3.PRESETS["tiny"].to_hf_dict(), f)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    qwen3.from_hf(str(tmp_path))
+    hf_io.from_hf(str(tmp_path))
 
 
 # Jitted: eager dispatch compiles every op for every new shape, ~10x slower.
@@ -263,7 +268,7 @@ def test_kv_cache_greedy_decode_equals_full_recompute():
 def test_kv_cache_greedy_decode_equals_transformers_generate(tmp_path):
   torch = pytest.importorskip("torch")
   hf = _hf_model(tie=False)
-  model, _ = qwen3.from_hf(_save_hf(hf, tmp_path))
+  model, _ = hf_io.from_hf(_save_hf(hf, tmp_path))
   prompt = _random_ids((2, 4), HF_SHAPE["vocab_size"], seed=5)
   with torch.no_grad():
     want = hf.generate(torch.as_tensor(prompt), max_new_tokens=6,
@@ -323,7 +328,9 @@ def test_every_param_carries_logical_axes():
       names = variable.get_metadata().get("logical_axes")
       assert names is not None, path
       assert len(names) == variable.get_value().ndim, path
-      assert set(names) <= {"vocab", "embed", "heads", "mlp", "norm"}, path
+      assert set(names) <= {"vocab", "embed", "heads", "kv_heads", "mlp",
+                            "norm", "layers"}, path
+      assert ("layers" in names) == (path[0] == "layers"), path
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
@@ -331,3 +338,84 @@ def test_preset_param_counts_match_published(name):
   count = qwen3.param_count(qwen3.PRESETS[name])
   assert count == PUBLISHED_PARAMS[name]
   assert abs(count / NOMINAL_PARAMS[name] - 1) < 0.03
+
+
+def _loss_and_grads(model, ids):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state):
+    def loss(state):
+      logits = nnx.merge(graphdef, state)(ids)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+    return jax.value_and_grad(loss)(state)
+
+  return run(state)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(scan_layers=False),
+    dict(remat="full"),
+    dict(remat="save-dots", scan_layers=False),
+    dict(attention="plain"),
+    dict(attention="xla", remat="save-dots"),
+])
+def test_trunk_variants_give_the_same_logits_and_gradients(changes):
+  # The reference: scanned, no remat, and the einsum attention.
+  ref = _tiny_model(seed=1, attention="plain", num_hidden_layers=3)
+  state = nnx.state(ref)
+  config = dataclasses.replace(ref.config, **changes)
+  other = nnx.merge(nnx.graphdef(qwen3.Qwen3(config, rngs=nnx.Rngs(0))),
+                    state)
+  ids = jnp.asarray(_random_ids((2, 11), 512, seed=9))
+  np.testing.assert_allclose(_apply(other, ids), _apply(ref, ids), atol=2e-5,
+                             rtol=0)
+  (la, ga), (lb, gb) = _loss_and_grads(ref, ids), _loss_and_grads(other, ids)
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  flat_a, flat_b = jax.tree.leaves(ga), jax.tree.leaves(gb)
+  assert len(flat_a) == len(flat_b)
+  for a, b in zip(flat_a, flat_b, strict=True):
+    assert float(jnp.abs(a).max()) > 0  # every weight gets a gradient
+    np.testing.assert_allclose(b, a, atol=2e-6, rtol=1e-4)
+
+
+def test_kv_cache_decode_equals_full_recompute_unscanned_and_scanned():
+  model = _tiny_model(tie_word_embeddings=False, num_hidden_layers=3)
+  loop = nnx.merge(nnx.graphdef(qwen3.Qwen3(dataclasses.replace(
+      model.config, scan_layers=False), rngs=nnx.Rngs(0))), nnx.state(model))
+  prompt = jnp.asarray(_random_ids((2, 5), 512, seed=10), jnp.int32)
+  full = _greedy_full(model, prompt, steps=6)
+  np.testing.assert_array_equal(_greedy_cached(model, prompt, 6), full)
+  np.testing.assert_array_equal(_greedy_cached(loop, prompt, 6), full)
+
+
+def test_bad_trunk_options_are_named():
+  with pytest.raises(ValueError, match="remat='some'"):
+    dataclasses.replace(qwen3.PRESETS["tiny"], remat="some")
+  with pytest.raises(ValueError, match="attention='flash'"):
+    dataclasses.replace(qwen3.PRESETS["tiny"], attention="flash")
+
+
+def test_presets_keep_float32_master_weights_and_compute_in_bf16():
+  for name in ("0.6b", "1.7b", "4b", "8b"):
+    config = qwen3.PRESETS[name]
+    assert (config.param_dtype, config.dtype) == ("float32", "bfloat16")
+  model = _tiny_model(dtype="bfloat16")
+  ids = jnp.asarray(_random_ids((1, 4), 512))
+  assert _apply(model, ids).dtype == jnp.bfloat16
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+
+
+def test_multi_file_export_round_trips_through_transformers(tmp_path):
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config = qwen3.Qwen3Config(**HF_SHAPE, tie_word_embeddings=False)
+  model = qwen3.Qwen3(config, rngs=nnx.Rngs(4))
+  hf_io.to_hf(model, config, str(tmp_path), max_shard_bytes=40_000)
+  with open(tmp_path / hf_io.HF_INDEX) as f:
+    assert len(set(json.load(f)["weight_map"].values())) > 3
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  ids = _random_ids((2, 6), HF_SHAPE["vocab_size"], seed=3)
+  np.testing.assert_allclose(_hf_logits(hf, ids), _apply(model, ids),
+                             atol=1e-4, rtol=0)

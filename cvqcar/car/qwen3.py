@@ -1,26 +1,27 @@
-"""Qwen3 decoder-only language model with a KV cache and HF weight I/O."""
+"""Qwen3 decoder-only language model: scanned layers, remat, KV cache.
+
+The decoder layers' weights are stacked on a leading 'layers' axis and run
+under lax.scan, so compile time does not grow with depth; `config.remat`
+picks what the backward pass recomputes. Hugging Face checkpoints load and
+save through cvqcar.car.hf_io.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from cvqcar import sharding
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_HF_CONFIG = "config.json"
-_HF_WEIGHTS = "model.safetensors"
-_HF_INDEX = "model.safetensors.index.json"
+_REMAT_NAMES = ("none", "full", "save-dots")
+_ATTENTION = ("auto", "xla", "cudnn", "plain")
 # HF's Qwen3Config default when a config.json names no rope_theta.
 _HF_DEFAULT_ROPE_THETA = 10000.0
 
@@ -41,7 +42,11 @@ class Qwen3Config:
   max_position_embeddings: int = 40960
   tie_word_embeddings: bool = False
   dtype: str = "float32"  # activations and matmuls
-  param_dtype: str = "float32"  # stored weights
+  param_dtype: str = "float32"  # stored (master) weights
+  # How the trunk runs; not part of the architecture or of config.json.
+  scan_layers: bool = True  # lax.scan over the stacked layers, else a loop
+  remat: str = "none"  # REMAT_POLICIES: none, full, save-dots
+  attention: str = "auto"  # auto, xla, cudnn or plain; see attention()
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size",
@@ -66,6 +71,12 @@ class Qwen3Config:
         raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r};"
                          f" expected one of {_DTYPES}")
       object.__setattr__(self, name, value)
+    if self.remat not in _REMAT_NAMES:
+      raise ValueError(f"Qwen3Config.remat={self.remat!r}; expected one of"
+                       f" {_REMAT_NAMES}")
+    if self.attention not in _ATTENTION:
+      raise ValueError(f"Qwen3Config.attention={self.attention!r}; expected"
+                       f" one of {_ATTENTION}")
 
   @classmethod
   def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> Qwen3Config:
@@ -150,23 +161,28 @@ PRESETS = {
         vocab_size=512, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True),
-    # The rest are the published Qwen/Qwen3-* config.json values.
+    # The rest are the published Qwen/Qwen3-* config.json values, computing
+    # in bfloat16 on float32 master weights.
     "0.6b": Qwen3Config(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072,
         num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-        head_dim=128, tie_word_embeddings=True),
+        head_dim=128, tie_word_embeddings=True,
+        dtype="bfloat16"),
     "1.7b": Qwen3Config(
         vocab_size=151936, hidden_size=2048, intermediate_size=6144,
         num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-        head_dim=128, tie_word_embeddings=True),
+        head_dim=128, tie_word_embeddings=True,
+        dtype="bfloat16"),
     "4b": Qwen3Config(
         vocab_size=151936, hidden_size=2560, intermediate_size=9728,
         num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, tie_word_embeddings=True),
+        head_dim=128, tie_word_embeddings=True,
+        dtype="bfloat16"),
     "8b": Qwen3Config(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288,
         num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, tie_word_embeddings=False),
+        head_dim=128, tie_word_embeddings=False,
+        dtype="bfloat16"),
 }
 
 
@@ -179,7 +195,7 @@ class KVCache:
   dynamic_update_slice clamps a write past the end onto the last slots.
   """
 
-  k: jax.Array  # [L, B, S, K, hd], post-RoPE
+  k: jax.Array  # [L, B, S, K, hd], post-RoPE; scanned with the layers
   v: jax.Array  # [L, B, S, K, hd]
   mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
   index: jax.Array  # [] int32: slots filled so far
@@ -235,6 +251,33 @@ class RMSNorm(nnx.Module):
     return self.weight.astype(self.dtype) * x32.astype(self.dtype)
 
 
+def attention(q, k, v, mask, causal: bool, implementation: str):
+  """softmax(q k^T / sqrt(hd)) v with grouped kv heads.
+
+  q [B, T, H, hd], k and v [B, S, K, hd], mask [B, 1, T or 1, S] (true:
+  may attend); `causal` adds the lower-triangular mask (T == S). 'plain' is
+  the reference einsum path with float32 scores; anything else goes through
+  jax.nn.dot_product_attention ('xla', 'cudnn', or None: its own choice,
+  cuDNN flash attention on a GPU when the shapes and dtypes allow).
+  """
+  if implementation != "plain":
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal,
+        implementation=None if implementation == "auto" else implementation)
+  b, t, h, hd = q.shape
+  groups = h // k.shape[2]
+  if causal:
+    mask = mask & jnp.tril(jnp.ones((t, k.shape[1]), bool))
+  # Query head h reads kv head h // groups, as HF's repeat_kv.
+  q = q.reshape(b, t, -1, groups, hd)  # [B, T, K, G, hd]
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32) * hd ** -0.5
+  # A finite floor keeps rows with no visible key (padding) free of NaN.
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with per-head q/k RMSNorm before RoPE."""
 
@@ -243,49 +286,43 @@ class Attention(nnx.Module):
     self.q_proj = _linear(c.hidden_size, c.num_attention_heads * hd,
                           ("embed", "heads"), c, rngs)
     self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * hd,
-                          ("embed", "heads"), c, rngs)
+                          ("embed", "kv_heads"), c, rngs)
     self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * hd,
-                          ("embed", "heads"), c, rngs)
+                          ("embed", "kv_heads"), c, rngs)
     self.o_proj = _linear(c.num_attention_heads * hd, c.hidden_size,
                           ("heads", "embed"), c, rngs)
     self.q_norm = RMSNorm(hd, c, rngs=rngs)
     self.k_norm = RMSNorm(hd, c, rngs=rngs)
     self.config = c
 
-  def __call__(self, x, positions, mask, kv=None, layer=0, index=0):
-    """x [B, T, D], mask [B, T, S] -> ([B, T, D], kv).
+  def __call__(self, x, positions, mask, kv=None, index=0):
+    """x [B, T, D], mask [B, 1, T or 1, S] -> ([B, T, D], kv).
 
-    kv, when given, is the whole cache (k, v) [L, B, S, K, hd]: this layer's
-    keys and values are written at slot `index` and attention reads all S.
+    Without kv the T tokens attend causally among themselves (mask: key
+    padding). kv, when given, is this layer's cache (k, v) [B, S, K, hd]:
+    the new keys and values are written at slot `index`, and `mask` holds
+    causality and padding over all S slots.
     """
     c = self.config
     b, t, _ = x.shape
-    groups = c.num_attention_heads // c.num_key_value_heads
     q = self.q_norm(self.q_proj(x).reshape(b, t, -1, c.head_dim))
     k = self.k_norm(self.k_proj(x).reshape(b, t, -1, c.head_dim))
     v = self.v_proj(x).reshape(b, t, -1, c.head_dim)
     q = rope(q, positions, c.rope_theta)  # [B, T, H, hd]
     k = rope(k, positions, c.rope_theta)  # [B, T, K, hd]
+    impl = c.attention
     if kv is not None:
       k_all, v_all = kv
-      start = (layer, 0, index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
-                                           start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
-                                           start)
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype),
+                                           (0, index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype),
+                                           (0, index, 0, 0))
       kv = (k_all, v_all)
-      k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
-    # Query head h reads kv head h // groups, as HF's repeat_kv.
-    q = q.reshape(b, t, -1, groups, c.head_dim)  # [B, T, K, G, hd]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                        preferred_element_type=jnp.float32)
-    scores = scores * c.head_dim ** -0.5
-    # A finite floor keeps rows with no visible key (padding) free of NaN.
-    scores = jnp.where(mask[:, None, None], scores,
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
-    return self.o_proj(out), kv
+      k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+      # Decoding steps are tiny; cuDNN's kernels want T == S.
+      impl = "plain" if impl == "plain" else "xla"
+    out = attention(q, k, v, mask, kv is None, impl)
+    return self.o_proj(out.reshape(b, t, -1)), kv
 
 
 class MLP(nnx.Module):
@@ -311,11 +348,36 @@ class DecoderLayer(nnx.Module):
                                             rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, kv=None, layer=0, index=0):
+  def __call__(self, x, positions, mask, kv=None, index=0):
     h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv,
-                           layer, index)
+                           index)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the layer
+    # keep matmul outputs, recompute the cheap elementwise work
+    "save-dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stacked_layers(config: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
+  """All decoder layers as one DecoderLayer whose weights carry a leading
+  [num_hidden_layers] axis (logical axis 'layers'), for lax.scan."""
+  keys = jax.random.split(rngs.params(), config.num_hidden_layers)
+  template = nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(template)
+  states = jax.vmap(lambda key: nnx.state(
+      DecoderLayer(config, rngs=nnx.Rngs(params=key))))(keys)
+  layers = nnx.merge(graphdef, states)
+  for _, variable in nnx.iter_graph(layers):
+    if isinstance(variable, nnx.Variable):
+      names = variable.get_metadata().get("logical_axes")
+      if names is not None:
+        variable.set_metadata(logical_axes=("layers", *names))
+  return layers
 
 
 class Qwen3(nnx.Module):
@@ -328,12 +390,16 @@ class Qwen3(nnx.Module):
         param_dtype=config.param_dtype, rngs=rngs,
         embedding_init=sharding.axes(nnx.initializers.normal(0.02), "vocab",
                                      "embed"))
-    self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
-                            for _ in range(config.num_hidden_layers)])
+    self.layers = stacked_layers(config, rngs)
     self.norm = RMSNorm(config.hidden_size, config, rngs=rngs)
     self.lm_head = None if config.tie_word_embeddings else _linear(
         config.hidden_size, config.vocab_size, ("embed", "vocab"), config,
         rngs)
+
+  def layer(self, i: int) -> DecoderLayer:
+    """Decoder layer i, a view of row i of the stacked weights."""
+    graphdef, state = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     return init_cache(self.config, batch, max_len, dtype)
@@ -376,7 +442,8 @@ class Qwen3(nnx.Module):
       raise ValueError(f"positions {positions.shape}; expected {(b, t)} for"
                        f" embeddings {x.shape}")
     if cache is None:
-      key_valid, kv = attention_mask.astype(bool), None  # [B, S=T]
+      mask = attention_mask.astype(bool)[:, None, None]  # [B, 1, 1, S=T]
+      kv = None
     else:
       if cache.k.shape[1] != b or t > cache.max_len:
         raise ValueError(f"{t} new tokens for batch {b} do not fit a cache of"
@@ -384,16 +451,38 @@ class Qwen3(nnx.Module):
                          f" {cache.max_len}")
       key_valid = jax.lax.dynamic_update_slice(
           cache.mask, attention_mask.astype(bool), (0, index))
+      k_slots = jnp.arange(key_valid.shape[1])  # [S]
+      # Causal over slots, not positions: callers may pass any positions.
+      causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+      mask = (causal[None] & key_valid[:, None])[:, None]  # [B, 1, T, S]
       kv = (cache.k, cache.v)
-    k_slots = jnp.arange(key_valid.shape[1])  # [S]
-    # Causal over slots, not positions: callers may pass any positions.
-    mask = (k_slots[None, :] <= q_slots[:, None])[None] & key_valid[:, None]
-    h = x.astype(self.config.dtype)
-    for i, layer in enumerate(self.layers):
-      h, kv = layer(h, positions, mask, kv, i, index)
+    h, kv = self._trunk(x.astype(self.config.dtype), positions, mask, kv,
+                        index)
     if cache is not None:
       cache = KVCache(k=kv[0], v=kv[1], mask=key_valid, index=index + t)
     return self.norm(h), cache
+
+  def _trunk(self, h, positions, mask, kv, index):
+    """The decoder layers, scanned (or looped) over the stacked weights."""
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(h, xs):
+      state, kv_i = xs
+      h, kv_i = nnx.merge(graphdef, state)(h, positions, mask, kv_i, index)
+      return h, kv_i
+
+    policy = self.config.remat
+    if policy != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
+                            prevent_cse=not self.config.scan_layers)
+    if self.config.scan_layers:
+      return jax.lax.scan(body, h, (stacked, kv))
+    outs = []
+    for i in range(self.config.num_hidden_layers):
+      h, kv_i = body(h, jax.tree.map(lambda x: x[i], (stacked, kv)))
+      outs.append(kv_i)
+    return h, (None if kv is None else jax.tree.map(
+        lambda *xs: jnp.stack(xs), *outs))
 
   def __call__(self, token_ids, positions=None, cache=None,
                attention_mask=None):
@@ -409,134 +498,3 @@ def param_count(config: Qwen3Config) -> int:
   model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
   return sum(math.prod(x.shape)
              for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _hf_params(model: Qwen3, prefix: str = "model."
-               ) -> Iterator[tuple[str, nnx.Variable, bool]]:
-  """(HF tensor name, our variable, whether HF stores it transposed)."""
-  yield prefix + "embed_tokens.weight", model.embed_tokens.embedding, False
-  for i, layer in enumerate(model.layers):
-    p = f"{prefix}layers.{i}."
-    attn, mlp = layer.self_attn, layer.mlp
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      yield p + f"self_attn.{name}.weight", getattr(attn, name).kernel, True
-    yield p + "self_attn.q_norm.weight", attn.q_norm.weight, False
-    yield p + "self_attn.k_norm.weight", attn.k_norm.weight, False
-    for name in ("gate_proj", "up_proj", "down_proj"):
-      yield p + f"mlp.{name}.weight", getattr(mlp, name).kernel, True
-    yield p + "input_layernorm.weight", layer.input_layernorm.weight, False
-    yield (p + "post_attention_layernorm.weight",
-           layer.post_attention_layernorm.weight, False)
-  yield prefix + "norm.weight", model.norm.weight, False
-  if model.lm_head is not None:
-    # Qwen3ForCausalLM keeps the head outside the `model.` trunk.
-    yield "lm_head.weight", model.lm_head.kernel, True
-
-
-def _safetensors_files(directory: str) -> dict[str, str]:
-  """Tensor name -> path of the .safetensors file holding it."""
-  index_path = os.path.join(directory, _HF_INDEX)
-  single = os.path.join(directory, _HF_WEIGHTS)
-  if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f)["weight_map"]
-    paths = {name: os.path.join(directory, file)
-             for name, file in weight_map.items()}
-    for name, file in weight_map.items():
-      path = paths[name]
-      if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{index_path} puts tensor {name!r} in shard {file!r}, but {path}"
-            " does not exist; the checkpoint is incomplete")
-    return paths
-  if not os.path.exists(single):
-    raise FileNotFoundError(f"{directory} has neither {_HF_WEIGHTS} nor"
-                            f" {_HF_INDEX}; expected a Hugging Face"
-                            " safetensors checkpoint")
-  from safetensors import safe_open  # test/optional dependency
-
-  with safe_open(single, framework="np") as f:
-    return dict.fromkeys(f.keys(), single)
-
-
-def _read_tensors(paths: Mapping[str, str], names) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # test/optional dependency
-
-  out, by_file = {}, {}
-  for name in names:
-    by_file.setdefault(paths[name], []).append(name)
-  for path, file_names in by_file.items():
-    with safe_open(path, framework="np") as f:
-      for name in file_names:
-        try:
-          out[name] = f.get_tensor(name)
-        except (TypeError, KeyError, ValueError):
-          # safetensors before numpy-bfloat16 support: go through jax.
-          with safe_open(path, framework="flax") as g:
-            out[name] = np.asarray(g.get_tensor(name))
-  return out
-
-
-def from_hf(directory: str, **overrides) -> tuple[Qwen3, Qwen3Config]:
-  """Loads a local Hugging Face Qwen3 checkpoint (config.json + safetensors).
-
-  `overrides` replace config fields, e.g. dtype='bfloat16'. Weights keep the
-  checkpoint's dtype unless param_dtype is overridden. Nothing downloads.
-  """
-  config_path = os.path.join(directory, _HF_CONFIG)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found; expected a Hugging"
-                            " Face checkpoint directory")
-  with open(config_path) as f:
-    config = Qwen3Config.from_hf_dict(json.load(f), **overrides)
-  paths = _safetensors_files(directory)
-  # Qwen3Model checkpoints (embedding models) drop the `model.` prefix.
-  prefix = "" if ("embed_tokens.weight" in paths and
-                  "model.embed_tokens.weight" not in paths) else "model."
-  model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
-  wanted = list(_hf_params(model, prefix))
-  missing = [name for name, _, _ in wanted if name not in paths]
-  if missing:
-    raise KeyError(f"{directory} lacks tensor {missing[0]!r} ({len(missing)}"
-                   f" missing in all) needed by {config}")
-  used = {name for name, _, _ in wanted}
-  unused = sorted(set(paths) - used - {"lm_head.weight"})
-  if unused:
-    logging.warning("%s: ignoring %d tensors not in Qwen3, e.g. %s",
-                    directory, len(unused), unused[:3])
-  tensors = _read_tensors(paths, used)
-  for name, variable, transposed in wanted:
-    array = tensors.pop(name)
-    array = array.T if transposed else array
-    if array.shape != variable.get_value().shape:
-      raise ValueError(f"tensor {name!r} in {paths[name]} has shape"
-                       f" {array.shape} (after transpose); expected"
-                       f" {variable.get_value().shape} for {config}")
-    variable.set_value(jnp.asarray(array, dtype=config.param_dtype))
-  return model, config
-
-
-def to_hf(model: Qwen3, config: Qwen3Config, directory: str) -> None:
-  """Writes config.json and model.safetensors for transformers to load.
-
-  Tensors are stored in config.param_dtype, so a float32 model exports to
-  bfloat16 with dataclasses.replace(config, param_dtype='bfloat16').
-  """
-  from safetensors.numpy import save_file  # test/optional dependency
-
-  ignore = dict(dtype="float32", param_dtype="float32")
-  if (dataclasses.replace(config, **ignore) !=
-      dataclasses.replace(model.config, **ignore)):
-    raise ValueError(f"config {config} does not describe the model, built"
-                     f" from {model.config}")
-  os.makedirs(directory, exist_ok=True)
-  dtype = jnp.dtype(config.param_dtype)
-  tensors = {}
-  for name, variable, transposed in _hf_params(model):
-    array = np.asarray(jax.device_get(variable.get_value())).astype(dtype)
-    # safetensors writes the raw buffer, so a transposed view must be copied.
-    tensors[name] = np.ascontiguousarray(array.T if transposed else array)
-  save_file(tensors, os.path.join(directory, _HF_WEIGHTS),
-            metadata={"format": "pt"})
-  with open(os.path.join(directory, _HF_CONFIG), "w") as f:
-    json.dump(config.to_hf_dict(), f, indent=2)
