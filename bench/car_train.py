@@ -33,6 +33,7 @@ from bench import report  # noqa: E402
 from configs import car_stage2  # noqa: E402
 from cvqcar.car import model as car_lib  # noqa: E402
 from cvqcar.car import qwen3  # noqa: E402
+from cvqcar.car import state as car_state  # noqa: E402
 from cvqcar.car import trainer as car_trainer  # noqa: E402
 from cvqcar.tokenizer import trainer as tokenizer_trainer  # noqa: E402
 
@@ -57,6 +58,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--llm", default="tiny", choices=sorted(qwen3.PRESETS))
   p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--remat", default="none",
+                 choices=sorted(qwen3.REMAT_POLICIES))
   p.add_argument("--channels", type=int, default=256, help="C tokens")
   p.add_argument("--codes", type=int, default=16384, help="K")
   p.add_argument("--code_dim", type=int, default=256, help="h*w")
@@ -71,14 +74,17 @@ def build_step(args):
   """(jitted step, state, batch, key) for one stage-II CAR update."""
   config = car_stage2.get_config(f"llm={args.llm}")
   config.max_text_len = args.text_len
-  backbone = qwen3.Qwen3(qwen3.PRESETS[args.llm], rngs=nnx.Rngs(0))
+  config.llm.remat = args.remat
+  llm_cfg = car_state.resolve_llm_config(config)
+  backbone = qwen3.Qwen3(llm_cfg, rngs=nnx.Rngs(0))
   codebook = jax.random.normal(jax.random.key(1),
                                (args.codes, args.code_dim))
   model = car_lib.CAR(backbone, codebook, args.channels, rngs=nnx.Rngs(2))
-  graphdef, params, frozen = nnx.split(model, car_lib.trainable(2), ...)
+  graphdef, params, frozen_backbone, frozen = car_state.split(model, 2)
   tx = tokenizer_trainer.make_optimizer(config)
-  state = car_trainer.CarState(step=jnp.zeros((), jnp.int32), params=params,
-                               frozen=frozen, opt_state=tx.init(params))
+  state = car_state.CarState(
+      step=jnp.zeros((), jnp.int32), params=params, backbone=frozen_backbone,
+      frozen=frozen, opt_state=tx.init(params))
   keys = jax.random.split(jax.random.key(3), 2)
   vocab = qwen3.PRESETS[args.llm].vocab_size
   batch = {

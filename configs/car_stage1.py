@@ -11,7 +11,9 @@ b2=0.96, weight decay 1e-3, lr 1e-4). `config.tokenizer` is the tokenizer's
 model config (imported, so its shape cannot drift); the export named in
 `config.tokenizer_export` must match it or the run stops at start-up.
 Arguments: `tiny` (CPU-sized LLM and the tiny tokenizer), `llm=PRESET`
-(0.6b, 1.7b, 4b, 8b, tiny).
+(0.6b, 1.7b, 4b, 8b, tiny). Sharding: `config.mesh` sizes the data, fsdp
+and model axes; the rules shard the embedding width over fsdp and heads,
+kv heads, MLP width, vocabulary and codes over model.
 """
 
 import ml_collections
@@ -33,6 +35,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.llm = ml_collections.ConfigDict()
   config.llm.preset = args.get("llm", "tiny" if tiny else "4b")
   config.llm.hf_dir = ""  # local HF Qwen3 checkpoint; empty: random init
+  # Precision: parameters and Adam moments in param_dtype (float32 master
+  # weights); matmuls and activations in dtype ('' keeps the preset's or
+  # the checkpoint's: bfloat16 for 0.6b-8b, float32 for tiny).
+  config.llm.dtype = ""
+  config.llm.param_dtype = "float32"
+  # What the backward pass recomputes per decoder layer: 'none' (keep all
+  # activations), 'full' (keep only layer inputs) or 'save-dots' (keep the
+  # matmul outputs).
+  config.llm.remat = "none" if tiny else "full"
+  config.llm.scan_layers = True  # lax.scan over the layers (compile once)
+  # 'auto': jax.nn.dot_product_attention's choice (cuDNN flash attention on
+  # a GPU, else XLA); or 'xla', 'cudnn', 'plain' (einsum reference).
+  config.llm.attention = "auto"
   # 'auto': the tokenizer.json in llm.hf_dir, else byte-level; or 'bytes',
   # or the path of a tokenizer.json.
   config.text_tokenizer = "auto"
@@ -62,6 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       ("vocab", "model"), ("embed", "fsdp"), ("heads", "model"),
       ("kv_heads", "model"), ("mlp", "model"), ("codes", "model"),
       ("code_dim", None), ("norm", None), ("head_dim", None),
+      ("layers", None),
       ("conv_in", "fsdp"), ("conv_out", "model"),
   )
 

@@ -41,17 +41,22 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
                      " config") from None
 
 
-def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
-  """Writes DIRECTORY/config.json atomically: readers (other processes
-  resuming the same workdir, a later run after a kill) see the old file or
-  the new one, never a part of one."""
+def write_text(directory: str, name: str, text: str) -> None:
+  """Writes DIRECTORY/NAME atomically: readers (other processes resuming
+  the same workdir, a later run after a kill) see the old file or the new
+  one, never a part of one."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   # A unique temporary name per writer; rename replaces in one step on a
   # POSIX filesystem, and object stores (gs://) publish an object whole.
-  tmp = directory / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-  tmp.write_text(config_to_json(config))
-  tmp.replace(directory / CONFIG_FILE)
+  tmp = directory / f".{name}.{os.getpid()}.tmp"
+  tmp.write_text(text)
+  tmp.replace(directory / name)
+
+
+def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
+  """Writes DIRECTORY/config.json atomically (see write_text)."""
+  write_text(directory, CONFIG_FILE, config_to_json(config))
 
 
 def check_same_model(saved: ml_collections.ConfigDict,

@@ -1,7 +1,8 @@
 """Params-only CAR exports: write one from a training workdir, load one.
 
-An export is OUT/config.json plus OUT/params (the trained and frozen
-parameters, no optimizer state), which `load_car` turns back into a CAR.
+An export is OUT/config.json plus OUT/params (the trained parameters, the
+backbone and the codebook, no optimizer state), which `load_car` turns back
+into a CAR.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from flax import nnx
 
 from cvqcar import checkpoint
 from cvqcar.car import model as car_lib
+from cvqcar.car import state as car_state
 from cvqcar.car import trainer as car_trainer
 
 
@@ -18,15 +20,16 @@ def load_car(path: str) -> tuple[car_lib.CAR, ml_collections.ConfigDict]:
   """A CAR model from an export directory, and its config."""
   config = checkpoint.load_config(path)
   graphdef, abstract = car_trainer.abstract_state(config)
+  parts = ("params", "backbone", "frozen")
   restored = checkpoint.restore_export(
-      path, {"params": abstract.params, "frozen": abstract.frozen})
-  return nnx.merge(graphdef, restored["params"], restored["frozen"]), config
+      path, {k: getattr(abstract, k) for k in parts})
+  return nnx.merge(graphdef, *(restored[k] for k in parts)), config
 
 
 def export_car(workdir: str, out: str) -> str:
   """Params-only export of the latest checkpoint in `workdir`."""
   model, config = car_trainer.load_from_workdir(workdir)
-  _, params, frozen = nnx.split(
-      model, car_lib.trainable(config.stage), ...)
-  return checkpoint.save_export(out, config,
-                                {"params": params, "frozen": frozen})
+  _, params, backbone, frozen = car_state.split(model, config.stage)
+  return checkpoint.save_export(
+      out, config, {"params": params, "backbone": backbone,
+                    "frozen": frozen})

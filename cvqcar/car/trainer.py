@@ -7,56 +7,28 @@ import functools
 import logging
 import os
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
-from etils import epath
 from flax import nnx
 
 from cvqcar import checkpoint, sharding, visualize
 from cvqcar.car import model as car_lib
-from cvqcar.car import qwen3, sampling
+from cvqcar.car import sampling
+from cvqcar.car import state as car_state
 from cvqcar.data import pairs, text
 from cvqcar.tokenizer import export
 from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 # What must match between a workdir and the config that resumes it.
 SECTIONS = ("tokenizer", "llm_config", "stage")
-
-
-@flax.struct.dataclass
-class CarState:
-  step: jax.Array
-  params: nnx.State  # what this stage trains
-  frozen: nnx.State  # frozen parameters and the tokenizer codebook
-  opt_state: Any
-
-
-def tokenizer_shape(tok_cfg) -> tuple[int, int, int]:
-  """(K, C, h*w) of a tokenizer model config."""
-  side = tok_cfg.resolution // 2 ** (len(tok_cfg.channel_mults) - 1)
-  if tok_cfg.quantize != "channel":
-    raise ValueError("CAR predicts channel tokens: config.tokenizer.quantize"
-                     f" must be 'channel', got {tok_cfg.quantize!r}")
-  return tok_cfg.num_codes, tok_cfg.latent_channels, side * side
-
-
-def resolve_llm_config(config) -> qwen3.Qwen3Config:
-  if config.llm.hf_dir:
-    import json
-
-    path = epath.Path(config.llm.hf_dir) / "config.json"
-    return qwen3.Qwen3Config.from_hf_dict(json.loads(path.read_text()))
-  if config.llm.preset not in qwen3.PRESETS:
-    raise ValueError(f"config.llm.preset must be one of"
-                     f" {sorted(qwen3.PRESETS)}, got {config.llm.preset!r}")
-  return qwen3.PRESETS[config.llm.preset]
+CarState = car_state.CarState
+abstract_state = car_state.abstract_state
 
 
 def resolve_text_tokenizer(config) -> str:
@@ -79,21 +51,6 @@ def resolve_text_tokenizer(config) -> str:
   return spec
 
 
-def build_car(config, llm_cfg: qwen3.Qwen3Config, key,
-              codebook_kd=None) -> car_lib.CAR:
-  """A CAR with random (or HF) backbone weights; zeros for the codebook
-  unless given (it is overwritten by the tokenizer's or a checkpoint's)."""
-  num_codes, channels, code_dim = tokenizer_shape(config.tokenizer)
-  rngs = nnx.Rngs(params=key)
-  if config.llm.hf_dir:
-    backbone, _ = qwen3.from_hf(config.llm.hf_dir)
-  else:
-    backbone = qwen3.Qwen3(llm_cfg, rngs=rngs)
-  if codebook_kd is None:
-    codebook_kd = jnp.zeros((num_codes, code_dim), jnp.float32)
-  return car_lib.CAR(backbone, codebook_kd, channels, rngs=rngs)
-
-
 def load_frozen_tokenizer(config):
   """The export named by the config, checked against config.tokenizer."""
   expect = ml_collections.ConfigDict({"model": config.tokenizer})
@@ -112,7 +69,7 @@ def train_step(state: CarState, batch, key, tok_state, *, graphdef,
   mask = car_lib.drop_prompts(batch["text_mask"], config.cfg_drop_prob, key)
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params, state.frozen)
+    model = state.replace(params=params).model(graphdef)
     logits = model(batch["text"], mask, tokens)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == tokens)
     return car_lib.loss_fn(logits, tokens), accuracy
@@ -133,24 +90,32 @@ class Summary(NamedTuple):
   last_step: int
 
 
-def _init_model(config, llm_cfg, tokenizer) -> car_lib.CAR:
-  model = build_car(config, llm_cfg, jax.random.key(config.seed),
-                    codebook_kd=tokenizer.quantizer.vq.codebook())
-  if config.stage == 2:
-    if not config.init_from:
-      raise ValueError("stage II starts from stage I: set"
-                       " config.init_from to a stage-I workdir")
-    start, _ = load_from_workdir(config.init_from)
-    nnx.update(model, nnx.state(start))
-    logging.info("initialised from stage I at %s", config.init_from)
-  return model
+def _stage1_params(config, mesh, record):
+  """Stage I's trained params from config.init_from, on the mesh."""
+  if not config.init_from:
+    raise ValueError("stage II starts from stage I: set config.init_from to"
+                     " a stage-I workdir")
+  saved = checkpoint.load_config(config.init_from)
+  if saved.stage != 1:
+    raise ValueError(f"config.init_from={config.init_from!r} is a stage"
+                     f" {saved.stage} workdir; expected stage I")
+  car_state.check_backbone(config.init_from, record, "the stage-I workdir")
+  _, abstract = car_state.abstract_state(saved)
+  abstract = abstract.saved()
+  target = car_state.with_shardings(
+      abstract, sharding.state_shardings(abstract, mesh, config))
+  restored = checkpoint.Checkpointer(
+      config.init_from, saved, read_only=True,
+      sections=SECTIONS).restore(target)
+  logging.info("initialised from stage I at %s", config.init_from)
+  return restored.params
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Summary:
-  """Trains CAR on text-image pairs; resumes from `workdir` if it can."""
+def prepare(config, workdir: str | None = None):
+  """The resolved config, mesh, frozen tokenizer, text tokenizer and the
+  backbone record; refuses a workdir trained on another backbone."""
   config = ml_collections.ConfigDict(config.to_dict())
-  llm_cfg = resolve_llm_config(config)
+  llm_cfg = car_state.resolve_llm_config(config)
   config.llm_config = dataclasses.asdict(llm_cfg)
   mesh = sharding.make_mesh(config)
   tokenizer = load_frozen_tokenizer(config)
@@ -160,34 +125,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if text_tok.vocab_size > llm_cfg.vocab_size:
     raise ValueError(f"text tokenizer has {text_tok.vocab_size} ids but the"
                      f" LLM only {llm_cfg.vocab_size} embeddings")
-  model = _init_model(config, llm_cfg, tokenizer)
-  graphdef, params, frozen = nnx.split(
-      model, car_lib.trainable(config.stage), ...)
-  tok_graphdef, tok_state = nnx.split(tokenizer)
-  tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
-  tx = tokenizer_trainer.make_optimizer(config)
-  state = CarState(step=jnp.zeros((), jnp.int32), params=params,
-                   frozen=frozen, opt_state=tx.init(params))
-  shardings = sharding.state_shardings(state, mesh, config)
-  state = jax.device_put(state, shardings)
+  record = car_state.backbone_record(config)
+  if workdir is not None:
+    car_state.check_backbone(workdir, record, "the workdir")
+  return config, mesh, tokenizer, text_tok, record
+
+
+def make_train_step(config, graphdef, tok_graphdef, shardings, mesh):
   rep = sharding.replicated(mesh)
-  step_fn = jax.jit(
+  tx = tokenizer_trainer.make_optimizer(config)
+  return jax.jit(
       functools.partial(train_step, graphdef=graphdef,
                         tok_graphdef=tok_graphdef, tx=tx, config=config),
       in_shardings=(shardings, sharding.batch_sharded(mesh), rep, rep),
       out_shardings=(shardings, rep), donate_argnums=(0,))
-  eval_fn = jax.jit(lambda params, frozen, batch, tok_state: car_lib.loss_fn(
-      *_teacher_forced(graphdef, params, frozen, tok_graphdef, tok_state,
-                       batch)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Summary:
+  """Trains CAR on text-image pairs; resumes from `workdir` if it can."""
+  config, mesh, tokenizer, text_tok, record = prepare(config, workdir)
+  start_params = (_stage1_params(config, mesh, record)
+                  if config.stage == 2 else None)
+  graphdef, state, shardings = car_state.init_state(
+      config, mesh, tokenizer.quantizer.vq.codebook(), start_params)
+  tok_graphdef, tok_state = nnx.split(tokenizer)
+  tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
+  step_fn = make_train_step(config, graphdef, tok_graphdef, shardings, mesh)
+  eval_fn = jax.jit(lambda state, batch, tok_state: car_lib.loss_fn(
+      *_teacher_forced(graphdef, state, tok_graphdef, tok_state, batch)))
 
   ckpt = checkpoint.Checkpointer(workdir, config, sections=SECTIONS)
   train_iter = iter(pairs.train_dataset(config, text_tok))
   eval_ds = pairs.eval_dataset(config, text_tok)
+  car_state.write_backbone_record(workdir, record)
   if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state, shardings)
-    state = ckpt.restore(abstract, train_iter)
+    restored = ckpt.restore(
+        car_state.with_shardings(state.saved(), shardings.saved()),
+        train_iter)
+    state = restored.replace(backbone=state.backbone)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   start, total = int(state.step), config.num_train_steps
@@ -202,8 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     losses = []
     for local in eval_ds:
       batch = sharding.global_batch(local, mesh)
-      losses.append(float(eval_fn(state.params, state.frozen, batch,
-                                  tok_state)))
+      losses.append(float(eval_fn(state, batch, tok_state)))
     summary.eval.update({"eval/loss": float(np.mean(losses))})
     strips = _sample_strips(config, graphdef, state, tokenizer, text_tok)
     path = os.path.join(workdir, "images", f"samples_{step:07d}.png")
@@ -236,19 +211,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if step % config.eval_every == 0 or step == total:
       run_eval(step)
     if step % config.checkpoint_every == 0 or last:
-      ckpt.save(step, state, train_iter, force=last)
+      ckpt.save(step, state.saved(), train_iter, force=last)
   ckpt.wait()
   writer.flush()
   return summary._replace(last_step=step)
 
 
-def _teacher_forced(graphdef, params, frozen, tok_graphdef, tok_state, batch):
+def _teacher_forced(graphdef, state, tok_graphdef, tok_state, batch):
   if "tokens" in batch:
     tokens = batch["tokens"]
   else:
     tokens = nnx.merge(tok_graphdef, tok_state).encode(batch["image"])
-  model = nnx.merge(graphdef, params, frozen)
-  return model(batch["text"], batch["text_mask"], tokens), tokens
+  return state.model(graphdef)(batch["text"], batch["text_mask"],
+                               tokens), tokens
 
 
 def _sample_strips(config, graphdef, state, tokenizer, text_tok):
@@ -257,33 +232,32 @@ def _sample_strips(config, graphdef, state, tokenizer, text_tok):
                                 truncate=True)
   s = config.sample
   tokens = sampling.generate(
-      graphdef, (state.params, state.frozen),
+      graphdef, (state.params, state.backbone, state.frozen),
       jnp.asarray(ids), jnp.asarray(mask), jax.random.key(config.seed),
       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
       cfg_scale=s.cfg_scale)
   return sampling.coarse_to_fine_strip(tokenizer, tokens)
 
 
-def abstract_state(config):
-  """(graphdef, abstract CarState) for a saved config, without weights."""
-  llm_cfg = qwen3.Qwen3Config(**config.llm_config)
-  cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.llm.hf_dir = ""  # shapes come from llm_config; weights from the save
-  model = nnx.eval_shape(lambda: build_car(cfg, llm_cfg, jax.random.key(0)))
-  graphdef, params, frozen = nnx.split(
-      model, car_lib.trainable(config.stage), ...)
-  tx = tokenizer_trainer.make_optimizer(config)
-  opt = jax.eval_shape(tx.init, params)
-  return graphdef, CarState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                            params=params, frozen=frozen, opt_state=opt)
-
-
 def load_from_workdir(workdir: str
                       ) -> tuple[car_lib.CAR, ml_collections.ConfigDict]:
   """The CAR model of a training workdir's latest checkpoint, and its
-  config."""
+  config, on this process's first device. A stage-I workdir's backbone is
+  re-read from its recorded source and checked against the record."""
   config = checkpoint.load_config(workdir)
-  graphdef, abstract = abstract_state(config)
-  state = checkpoint.Checkpointer(workdir, config, read_only=True,
-                                  sections=SECTIONS).restore(abstract)
-  return nnx.merge(graphdef, state.params, state.frozen), config
+  one = ml_collections.ConfigDict(config.to_dict())
+  one.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "model": 1})
+  one.dcn_mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1,
+                                            "model": 1})
+  one.batch_size = 1
+  mesh = sharding.make_mesh(one, devices=jax.local_devices()[:1])
+  car_state.check_backbone(workdir, car_state.backbone_record(config),
+                           "the workdir")
+  _, abstract = car_state.abstract_state(config)
+  codebook = np.zeros(abstract.frozen["codebook_kd"].get_value().shape,
+                      np.float32)  # the checkpoint's replaces it
+  graphdef, state, shardings = car_state.init_state(one, mesh, codebook)
+  restored = checkpoint.Checkpointer(
+      workdir, config, read_only=True, sections=SECTIONS).restore(
+          car_state.with_shardings(state.saved(), shardings.saved()))
+  return restored.replace(backbone=state.backbone).model(graphdef), config
