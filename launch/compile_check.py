@@ -1,7 +1,8 @@
 """Compiles the train step ahead of time to catch out-of-memory configs.
 
 Needs: the venv from the README quick start; nothing is run or allocated
-beyond the compile. Lower and compile the sharded train step of a config for
+beyond the compile. Lower and compile the sharded train step of a config
+(the tokenizer's, or CAR's stage I or II when config.trainer is 'car') for
 a mesh of N devices, print its per-device memory, and exit 1 when the peak
 estimate does not fit in --device_memory_gib, all before a pod is reserved:
 
@@ -9,6 +10,9 @@ estimate does not fit in --device_memory_gib, all before a pod is reserved:
       --num_devices=8 --device_memory_gib=16
   python launch/compile_check.py --config=configs/cvq_tokenizer.py \
       --num_devices=256 --config.mesh.fsdp=8 --device_memory_gib=16
+  python launch/compile_check.py --config=configs/car_stage2.py:llm=4b \
+      --num_devices=8 --config.mesh.fsdp=8 --config.batch_size=64 \
+      --device_memory_gib=80
 
 With --num_devices=N the devices are N fake CPU devices, so XLA's CPU
 compiler stands in for the target's: buffer sizes (parameters, optimizer
@@ -19,8 +23,10 @@ host of the target type for the target compiler's own numbers).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 
 
 def _num_devices_from_argv(argv: list[str]) -> int | None:
@@ -67,17 +73,18 @@ _DEVICE_MEMORY_GIB = flags.DEFINE_float(
     "device_memory_gib", 16.0, "Memory of one target device in GiB (TPU v5e"
     " 16, v4 / v6e 32, v5p 95, H100 80); a larger peak estimate fails.")
 
+_JSON_OUT = flags.DEFINE_string(
+    "json_out", None, "Also write the memory figures (bytes), the compile"
+    " time and the verdict to this JSON file.")
+
 _MIB = 2**20
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if _FAKE_DEVICES is not None and jax.device_count() != _FAKE_DEVICES:
-    sys.exit(f"--num_devices={_FAKE_DEVICES} but JAX sees"
-             f" {jax.device_count()} devices; is another"
-             " --xla_force_host_platform_device_count in XLA_FLAGS?")
+def _count(tree) -> float:
+  return sum(x.size for x in jax.tree.leaves(tree)) / 1e6
+
+
+def _compile_tokenizer(config):
   # Checks the mesh and the batch's divisibility.
   trainer = tokenizer_trainer.Trainer(config)
   mesh = trainer.mesh
@@ -92,15 +99,82 @@ def main(argv):
   with jax.set_mesh(mesh):
     compiled = trainer.train_step.lower(
         trainer.abstract_state, batch, trainer.step_key).compile()
+  state = trainer.abstract_state
+  summary = (f"parameters: {_count(state.params):.2f}M generator,"
+             f" {_count(state.disc_params):.2f}M discriminator; batch"
+             f" {batch_size} x {res}x{res}x3")
+  return compiled, mesh, summary
 
+
+def _compile_car(config):
+  """The CAR train step (stage I or II) on abstract state and batch."""
+  import dataclasses
+
+  import ml_collections
+  from flax import nnx
+
+  from cvqcar.car import state as car_state
+  from cvqcar.car import trainer as car_trainer
+  from cvqcar.tokenizer import model as tokenizer_lib
+
+  config = ml_collections.ConfigDict(config.to_dict())
+  llm_cfg = car_state.resolve_llm_config(config)
+  config.llm_config = dataclasses.asdict(llm_cfg)
+  mesh = sharding.make_mesh(config)
+  graphdef, abstract = car_state.abstract_state(config)
+  shardings = sharding.state_shardings(abstract, mesh, config)
+  state = car_state.with_shardings(abstract, shardings)
+  tokenizer = nnx.eval_shape(lambda: tokenizer_lib.Tokenizer(
+      config.tokenizer, rngs=nnx.Rngs(0)))
+  tok_graphdef, tok_state = nnx.split(tokenizer)
+  rep = sharding.replicated(mesh)
+  tok_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+      tok_state)
+  b, data = config.batch_size, sharding.batch_sharded(mesh)
+  _, channels, _ = car_state.tokenizer_shape(config.tokenizer)
+  res = config.tokenizer.resolution
+  batch = {"text": ((b, config.max_text_len), jnp.int32),
+           "text_mask": ((b, config.max_text_len), jnp.int32)}
+  if config.data.pretokenized:
+    batch["tokens"] = ((b, channels), jnp.int32)
+  else:
+    batch["image"] = ((b, res, res, 3), jnp.float32)
+  batch = {k: jax.ShapeDtypeStruct(*v, sharding=data)
+           for k, v in batch.items()}
+  step_fn = car_trainer.make_train_step(config, graphdef, tok_graphdef,
+                                        shardings, mesh)
+  key = jax.random.key(0)
+  with jax.set_mesh(mesh):
+    compiled = step_fn.lower(state, batch, key, tok_state).compile()
+  frozen = _count(state.backbone) + _count(state.frozen)
+  summary = (
+      f"CAR stage {config.stage}: {_count(state.params):.1f}M trained,"
+      f" {frozen:.1f}M frozen parameters ({llm_cfg.num_hidden_layers}"
+      f" layers, compute {llm_cfg.dtype}, weights {llm_cfg.param_dtype},"
+      f" remat {llm_cfg.remat}); batch {b} x"
+      f" ({config.max_text_len} text + 1 + {channels} channel tokens)")
+  return compiled, mesh, summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if _FAKE_DEVICES is not None and jax.device_count() != _FAKE_DEVICES:
+    sys.exit(f"--num_devices={_FAKE_DEVICES} but JAX sees"
+             f" {jax.device_count()} devices; is another"
+             " --xla_force_host_platform_device_count in XLA_FLAGS?")
+  t0 = time.perf_counter()
+  if config.get("trainer") == "car":
+    compiled, mesh, summary = _compile_car(config)
+  else:
+    compiled, mesh, summary = _compile_tokenizer(config)
+  compile_s = time.perf_counter() - t0
   axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
   kind = mesh.devices.flat[0].device_kind
   print(f"mesh: {axes} ({mesh.devices.size} x {kind})")
-  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6
-  state = trainer.abstract_state
-  print(f"parameters: {count(state.params):.2f}M generator,"
-        f" {count(state.disc_params):.2f}M discriminator; batch"
-        f" {batch_size} x {res}x{res}x3")
+  print(summary)
   stats = compiled.memory_analysis()
   if stats is None:
     sys.exit(f"the {jax.default_backend()} backend reports no memory"
@@ -121,6 +195,12 @@ def main(argv):
   limit = _DEVICE_MEMORY_GIB.value * 2**30
   print(f"  {'peak estimate':<15}{peak / _MIB:12.2f}  (argument + output +"
         f" temp - alias; limit {limit / _MIB:g})")
+  print(f"  lowered and compiled in {compile_s:.1f}s")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump({**sizes, "peak": peak, "limit": limit, "fits": peak <= limit,
+                 "compile_s": compile_s, "mesh": dict(mesh.shape),
+                 "summary": summary}, f, indent=2)
   if peak > limit:
     sys.exit(f"compile_check: estimated peak {peak / _MIB:.2f} MiB per device"
              f" exceeds --device_memory_gib={_DEVICE_MEMORY_GIB.value:g}"
