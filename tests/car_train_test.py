@@ -8,7 +8,8 @@ import pytest
 from configs import car_stage1, car_stage2
 from conftest import tiny_config
 from cvqcar.car import export as car_export
-from cvqcar.car import pipeline
+from cvqcar.car import pipeline, qwen3
+from cvqcar.car import state as car_state
 from cvqcar.car import trainer as car_trainer
 from cvqcar.tokenizer import export
 from cvqcar.tokenizer import trainer as tokenizer_trainer
@@ -48,6 +49,26 @@ def test_stage1_stage2_sample_chain(tokenizer_export, tmp_path):
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
   assert os.path.exists(tmp_path / "car1" / "images" /
                         "samples_0000030.png")
+
+  # Stage I checkpoints hold what trains, not the frozen backbone; the
+  # workdir names the backbone instead and refuses another one.
+  ckpt_bytes = sum(p.stat().st_size for p in
+                   (tmp_path / "car1" / "checkpoints").rglob("*")
+                   if p.is_file())
+  llm = car_state.resolve_llm_config(config)
+  backbone_bytes = 4 * qwen3.param_count(llm)
+  assert ckpt_bytes < backbone_bytes, (ckpt_bytes, backbone_bytes)
+  record = car_state.read_backbone_record(str(tmp_path / "car1"))
+  assert record["source"].startswith("random init")
+  other = car_config(car_stage1, tokenizer_export, num_train_steps=31,
+                     seed=1)
+  with pytest.raises(ValueError, match="trained on the backbone random init"
+                     r" \(seed 0\)"):
+    car_trainer.train_and_evaluate(other, str(tmp_path / "car1"))
+  resumed = car_config(car_stage1, tokenizer_export, num_train_steps=31)
+  resumed.optimizer.learning_rate = 3e-3
+  more = car_trainer.train_and_evaluate(resumed, str(tmp_path / "car1"))
+  assert sorted(more.train) == [31]  # resumed, backbone rebuilt
 
   config = car_config(car_stage2, tokenizer_export, num_train_steps=3,
                       init_from=str(tmp_path / "car1"))
