@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process"
@@ -38,3 +39,12 @@ def initialize() -> None:
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+
+
+def finish() -> None:
+  """Waits for every process, then leaves jax.distributed. A process that
+  finishes early would otherwise sit in JAX's shutdown barrier while a slow
+  one (a loaded machine, a long checkpoint write) is still working."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("cvqcar: job done")
+    jax.distributed.shutdown()

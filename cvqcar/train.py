@@ -42,6 +42,7 @@ def main(argv):
   logs.setup()
   distributed.initialize()
   TRAINERS[trainer](config, _WORKDIR.value)
+  distributed.finish()
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def run_job(workdir, run_steps):
+def run_job(workdir, run_steps, *extra):
   """Both processes of one job; returns each one's {step: loss}."""
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, WORKER, str(port), str(i), str(workdir),
-       str(run_steps)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
+       str(run_steps), *map(str, extra)], stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
   results = []
   for p in procs:
     out, _ = p.communicate(timeout=600)
@@ -48,3 +48,14 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   ckpt = tmp_path / "split" / "checkpoints" / "2" / "data"
   assert sorted(p.name for p in ckpt.iterdir() if p.suffix == ".json") == [
       "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_processes_resume_the_same_workdir_together_repeatedly(tmp_path):
+  # Each job resumes where the last stopped, both processes reading the
+  # config and checkpoint the other may be writing. CI runs a few; run
+  # CVQCAR_RESUME_REPEATS=10 (with the cores busy) to shake out races.
+  repeats = int(os.environ.get("CVQCAR_RESUME_REPEATS", "1"))
+  for i in range(repeats + 1):
+    losses = run_job(tmp_path / "run", 1, repeats + 1)
+    assert losses[0] == losses[1] and sorted(losses[0]) == [i + 1], (i,
+                                                                      losses)
