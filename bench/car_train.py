@@ -31,11 +31,10 @@ from flax import nnx  # noqa: E402
 
 from bench import report  # noqa: E402
 from configs import car_stage2  # noqa: E402
+from cvqcar import optim  # noqa: E402
 from cvqcar.car import model as car_lib  # noqa: E402
 from cvqcar.car import qwen3  # noqa: E402
 from cvqcar.car import state as car_state  # noqa: E402
-from cvqcar.car import trainer as car_trainer  # noqa: E402
-from cvqcar.tokenizer import trainer as tokenizer_trainer  # noqa: E402
 
 # Peak dense bf16 FLOP/s per device, by jax's device_kind prefix.
 PEAK_BF16 = {
@@ -81,7 +80,7 @@ def build_step(args):
                                (args.codes, args.code_dim))
   model = car_lib.CAR(backbone, codebook, args.channels, rngs=nnx.Rngs(2))
   graphdef, params, frozen_backbone, frozen = car_state.split(model, 2)
-  tx = tokenizer_trainer.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   state = car_state.CarState(
       step=jnp.zeros((), jnp.int32), params=params, backbone=frozen_backbone,
       frozen=frozen, opt_state=tx.init(params))
@@ -96,7 +95,7 @@ def build_step(args):
   }
   # Pre-tokenized batches never reach the tokenizer, so none is given.
   step = jax.jit(functools.partial(
-      car_trainer.train_step, graphdef=graphdef, tok_graphdef=None, tx=tx,
+      car_state.train_step, graphdef=graphdef, tok_graphdef=None, tx=tx,
       config=config), donate_argnums=(0,))
   return step, state, batch, jax.random.key(4)
 

@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "cvqcar"
 COMMANDS = frozenset(
     {"train", "export", "sample", "convert_pairs", "tokenize_dataset"})
 SHARED = frozenset(
-    {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize"})
+    {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
+     "optim"})
 SUBPACKAGES = ("kernels", "tokenizer", "car", "data")
 # Which rooms each room may import (besides itself).
 ALLOWED = {

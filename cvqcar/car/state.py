@@ -1,4 +1,4 @@
-"""CAR train state: created sharded on the mesh, saved without what is frozen.
+"""CAR train state and step: created sharded, saved without what is frozen.
 
 The state is built inside one jit whose outputs carry the mesh shardings, so
 no model-sized array ever sits on one device or on the host: random weights
@@ -12,6 +12,7 @@ content hash) and refuses to resume on another one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -23,14 +24,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import checkpoint, sharding
+from cvqcar import checkpoint, optim, sharding
 from cvqcar.car import hf_io, qwen3
 from cvqcar.car import model as car_lib
-from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 BACKBONE_FILE = "backbone.json"
 # config.llm fields that override the backbone's Qwen3Config when set.
@@ -103,7 +104,7 @@ def abstract_state(config) -> tuple[Any, CarState]:
   model = nnx.eval_shape(lambda: build_car(config, llm_cfg,
                                            jax.random.key(0)))
   graphdef, params, backbone, frozen = split(model, config.stage)
-  tx = tokenizer_trainer.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   return graphdef, CarState(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
       backbone=backbone, frozen=frozen, opt_state=jax.eval_shape(
@@ -131,7 +132,7 @@ def init_state(config, mesh, codebook_kd, start_params=None):
   llm_cfg = qwen3.Qwen3Config(**config.llm_config)
   graphdef, abstract = abstract_state(config)
   shardings = sharding.state_shardings(abstract, mesh, config)
-  tx = tokenizer_trainer.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   backbone = None
   if config.llm.hf_dir:
     t0 = time.time()
@@ -212,3 +213,40 @@ def write_backbone_record(workdir: str, record: dict[str, str]) -> None:
   if jax.process_index() == 0:
     checkpoint.write_text(workdir, BACKBONE_FILE,
                           json.dumps(record, indent=2))
+
+
+def train_step(state: CarState, batch, key, tok_state, *, graphdef,
+               tok_graphdef, tx, config):
+  """One update; images are tokenized by the frozen tokenizer in the step
+  unless the batch carries pre-tokenized 'tokens'."""
+  key = jax.random.fold_in(key, state.step)
+  if "tokens" in batch:
+    tokens = batch["tokens"]
+  else:
+    tokens = nnx.merge(tok_graphdef, tok_state).encode(batch["image"])
+  mask = car_lib.drop_prompts(batch["text_mask"], config.cfg_drop_prob, key)
+
+  def loss_fn(params):
+    model = state.replace(params=params).model(graphdef)
+    logits = model(batch["text"], mask, tokens)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == tokens)
+    return car_lib.loss_fn(logits, tokens), accuracy
+
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "accuracy": accuracy,
+             "grad_norm": optax.tree.norm(grads)}
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
+
+
+def make_train_step(config, graphdef, tok_graphdef, shardings, mesh):
+  rep = sharding.replicated(mesh)
+  tx = optim.make_optimizer(config)
+  return jax.jit(
+      functools.partial(train_step, graphdef=graphdef,
+                        tok_graphdef=tok_graphdef, tx=tx, config=config),
+      in_shardings=(shardings, sharding.batch_sharded(mesh), rep, rep),
+      out_shardings=(shardings, rep), donate_argnums=(0,))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -13,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
@@ -23,12 +21,13 @@ from cvqcar.car import sampling
 from cvqcar.car import state as car_state
 from cvqcar.data import pairs, text
 from cvqcar.tokenizer import export
-from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 # What must match between a workdir and the config that resumes it.
 SECTIONS = ("tokenizer", "llm_config", "stage")
 CarState = car_state.CarState
 abstract_state = car_state.abstract_state
+train_step = car_state.train_step
+make_train_step = car_state.make_train_step
 
 
 def resolve_text_tokenizer(config) -> str:
@@ -55,33 +54,6 @@ def load_frozen_tokenizer(config):
   """The export named by the config, checked against config.tokenizer."""
   expect = ml_collections.ConfigDict({"model": config.tokenizer})
   return export.load_tokenizer(config.tokenizer_export, expect=expect)
-
-
-def train_step(state: CarState, batch, key, tok_state, *, graphdef,
-               tok_graphdef, tx, config):
-  """One update; images are tokenized by the frozen tokenizer in the step
-  unless the batch carries pre-tokenized 'tokens'."""
-  key = jax.random.fold_in(key, state.step)
-  if "tokens" in batch:
-    tokens = batch["tokens"]
-  else:
-    tokens = nnx.merge(tok_graphdef, tok_state).encode(batch["image"])
-  mask = car_lib.drop_prompts(batch["text_mask"], config.cfg_drop_prob, key)
-
-  def loss_fn(params):
-    model = state.replace(params=params).model(graphdef)
-    logits = model(batch["text"], mask, tokens)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == tokens)
-    return car_lib.loss_fn(logits, tokens), accuracy
-
-  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "accuracy": accuracy,
-             "grad_norm": optax.tree.norm(grads)}
-  return state.replace(step=state.step + 1, params=params,
-                       opt_state=opt_state), metrics
 
 
 class Summary(NamedTuple):
@@ -129,16 +101,6 @@ def prepare(config, workdir: str | None = None):
   if workdir is not None:
     car_state.check_backbone(workdir, record, "the workdir")
   return config, mesh, tokenizer, text_tok, record
-
-
-def make_train_step(config, graphdef, tok_graphdef, shardings, mesh):
-  rep = sharding.replicated(mesh)
-  tx = tokenizer_trainer.make_optimizer(config)
-  return jax.jit(
-      functools.partial(train_step, graphdef=graphdef,
-                        tok_graphdef=tok_graphdef, tx=tx, config=config),
-      in_shardings=(shardings, sharding.batch_sharded(mesh), rep, rep),
-      out_shardings=(shardings, rep), donate_argnums=(0,))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

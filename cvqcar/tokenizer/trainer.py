@@ -18,7 +18,7 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import checkpoint, metrics, sharding, visualize
+from cvqcar import checkpoint, metrics, optim, sharding, visualize
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import losses, lpips, vqgan
 from cvqcar.tokenizer import model as tokenizer_lib
@@ -49,14 +49,7 @@ def uses_gan(config) -> bool:
   return config.loss.gan_weight > 0
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  o = config.optimizer
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.learning_rate, o.warmup_steps,
-      max(config.num_train_steps, o.warmup_steps + 1))
-  return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+make_optimizer = optim.make_optimizer
 
 
 def _build(config, key):
