@@ -96,6 +96,24 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
                                      if a in mesh.axis_names)))
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) axis to the data-parallel mesh
+  axes of the mesh in context (jax.set_mesh); a no-op without one.
+
+  Without it, XLA may resolve the clash between FSDP-sharded weights and a
+  batch sharded over the same axis by gathering the activations: every
+  device then holds the global batch's activations.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES
+               if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes))
+
+
 def rules_from_config(config) -> dict[str, tuple[str, ...]]:
   rules = config.get("logical_axis_rules", DEFAULT_RULES)
   out = {}

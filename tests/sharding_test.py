@@ -140,3 +140,18 @@ def test_kernels_split_tokens_over_the_batch_axes():
   from cvqcar.kernels import argmin
 
   assert argmin.BATCH_AXES == sharding.BATCH_AXES
+
+
+def test_activations_are_pinned_to_the_batch_axes():
+  mesh = sharding.make_mesh(with_mesh(tiny_config(), data=2, fsdp=2,
+                                      model=2))
+  # Replicated input: only the constraint can split it over data x fsdp.
+  x = jax.device_put(np.ones((8, 6), np.float32), sharding.replicated(mesh))
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: sharding.constrain_batch(x * 2))(x)
+    odd = jax.jit(lambda x: sharding.constrain_batch(x))(x[:3])
+  assert y.sharding.spec == P(("data", "fsdp"))
+  assert y.addressable_shards[0].data.shape == (2, 6)
+  assert odd.sharding.spec in (P(), P(None))  # 3 rows: left as they were
+  # Outside a mesh context it changes nothing.
+  assert sharding.constrain_batch(x) is x

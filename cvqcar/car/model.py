@@ -84,9 +84,10 @@ class CAR(nnx.Module):
     mask = jnp.concatenate(
         [mask, jnp.ones(tokens_bc.shape[:1] + (images.shape[1],), bool)], 1)
     positions = positions_from_mask(mask)
-    hidden, _ = self.backbone.forward_embeddings(x, positions,
-                                                 attention_mask=mask)
-    return self.image_logits(hidden[:, -self.num_channels:])
+    hidden, _ = self.backbone.forward_embeddings(
+        sharding.constrain_batch(x), positions, attention_mask=mask)
+    return sharding.constrain_batch(
+        self.image_logits(hidden[:, -self.num_channels:]))
 
 
 def trainable(stage: int):

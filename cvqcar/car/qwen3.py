@@ -468,8 +468,9 @@ class Qwen3(nnx.Module):
 
     def body(h, xs):
       state, kv_i = xs
+      h = sharding.constrain_batch(h)
       h, kv_i = nnx.merge(graphdef, state)(h, positions, mask, kv_i, index)
-      return h, kv_i
+      return sharding.constrain_batch(h), kv_i
 
     policy = self.config.remat
     if policy != "none":
