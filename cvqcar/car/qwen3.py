@@ -9,6 +9,7 @@ save through cvqcar.car.hf_io.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -16,12 +17,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from cvqcar import sharding
+from cvqcar.kernels import attention_tpu
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT_NAMES = ("none", "full", "save-dots")
-_ATTENTION = ("auto", "xla", "cudnn", "plain")
+_ATTENTION = ("auto", "xla", "cudnn", "splash", "plain")
 # HF's Qwen3Config default when a config.json names no rope_theta.
 _HF_DEFAULT_ROPE_THETA = 10000.0
 
@@ -46,7 +49,7 @@ class Qwen3Config:
   # How the trunk runs; not part of the architecture or of config.json.
   scan_layers: bool = True  # lax.scan over the stacked layers, else a loop
   remat: str = "none"  # REMAT_POLICIES: none, full, save-dots
-  attention: str = "auto"  # auto, xla, cudnn or plain; see attention()
+  attention: str = "auto"  # auto, xla, cudnn, splash, plain: attention()
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size",
@@ -256,10 +259,13 @@ def attention(q, k, v, mask, causal: bool, implementation: str):
 
   q [B, T, H, hd], k and v [B, S, K, hd], mask [B, 1, T or 1, S] (true:
   may attend); `causal` adds the lower-triangular mask (T == S). 'plain' is
-  the reference einsum path with float32 scores; anything else goes through
-  jax.nn.dot_product_attention ('xla', 'cudnn', or None: its own choice,
-  cuDNN flash attention on a GPU when the shapes and dtypes allow).
+  the reference einsum path with float32 scores; 'splash' the Pallas TPU
+  kernel (causal with key padding only: mask [B, 1, 1, S]); anything else
+  goes through jax.nn.dot_product_attention ('xla', 'cudnn', or 'auto': its
+  own choice, cuDNN flash attention on a GPU when shapes and dtypes allow).
   """
+  if implementation == "splash":
+    return _splash_attention(q, k, v, mask[:, 0, 0])
   if implementation != "plain":
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal,
@@ -276,6 +282,28 @@ def attention(q, k, v, mask, causal: bool, implementation: str):
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
+def _splash_attention(q, k, v, key_valid):
+  """The splash kernel per device: batch over the data-parallel axes and
+  heads over 'model' of the mesh in context (pallas_call is not
+  partitioned automatically). Interpreted off TPU, for the tests."""
+  fn = functools.partial(attention_tpu.causal_attention,
+                         interpret=jax.default_backend() != "tpu")
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(q, k, v, key_valid)
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  batch = tuple(a for a in sharding.BATCH_AXES
+                if a in mesh.axis_names and mesh.shape[a] > 1)
+  if q.shape[0] % size(batch):
+    batch = ()
+  heads = tuple(a for a in ("model",) if a in mesh.axis_names and
+                mesh.shape[a] > 1 and k.shape[2] % mesh.shape[a] == 0)
+  spec = P(batch or None, None, heads or None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec,
+                                                P(batch or None)),
+                       out_specs=spec, check_vma=False)(q, k, v, key_valid)
 
 
 class Attention(nnx.Module):
@@ -319,8 +347,10 @@ class Attention(nnx.Module):
                                            (0, index, 0, 0))
       kv = (k_all, v_all)
       k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-      # Decoding steps are tiny; cuDNN's kernels want T == S.
+      # Decoding steps are tiny; the fused kernels want T == S.
       impl = "plain" if impl == "plain" else "xla"
+    elif impl == "auto" and jax.default_backend() == "tpu":
+      impl = "splash"
     out = attention(q, k, v, mask, kv is None, impl)
     return self.o_proj(out.reshape(b, t, -1)), kv
 
