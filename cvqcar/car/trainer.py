@@ -204,15 +204,15 @@ def _sample_strips(config, graphdef, state, tokenizer, text_tok):
 def load_from_workdir(workdir: str
                       ) -> tuple[car_lib.CAR, ml_collections.ConfigDict]:
   """The CAR model of a training workdir's latest checkpoint, and its
-  config, on this process's first device. A stage-I workdir's backbone is
-  re-read from its recorded source and checked against the record."""
+  config, sharded FSDP-style over all devices. A stage-I workdir's backbone
+  is re-read from its recorded source and checked against the record."""
   config = checkpoint.load_config(workdir)
   one = ml_collections.ConfigDict(config.to_dict())
-  one.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "model": 1})
+  one.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "model": 1})
   one.dcn_mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1,
                                             "model": 1})
-  one.batch_size = 1
-  mesh = sharding.make_mesh(one, devices=jax.local_devices()[:1])
+  one.batch_size = jax.device_count()
+  mesh = sharding.make_mesh(one)
   car_state.check_backbone(workdir, car_state.backbone_record(config),
                            "the workdir")
   _, abstract = car_state.abstract_state(config)
