@@ -1,5 +1,6 @@
 """Launchers: sweep expansion, shell scripts' commands, AOT compile check."""
 
+import json
 import os
 import pathlib
 import shlex
@@ -235,3 +236,24 @@ def test_compile_check_fails_when_the_peak_does_not_fit():
   assert out.returncode == 1, out.stderr[-3000:]
   assert "mesh: data=4 fsdp=1 model=1" in out.stdout
   assert "exceeds --device_memory_gib=1e-06" in out.stderr
+
+
+@pytest.mark.slow
+def test_compile_check_compiles_car_and_fsdp_shards_its_state(tmp_path):
+  sizes = {}
+  for mesh in ("--config.mesh.data=8", "--config.mesh.fsdp=8"):
+    path = tmp_path / "memory.json"
+    out = run([sys.executable, "launch/compile_check.py",
+               "--config=configs/car_stage2.py:tiny", "--num_devices=8",
+               "--config.mesh.data=1", mesh, f"--json_out={path}"],
+              timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CAR stage 2:" in out.stdout and "compile_check: OK" in out.stdout
+    sizes[mesh] = json.loads(path.read_text())
+  data, fsdp = sizes["--config.mesh.data=8"], sizes["--config.mesh.fsdp=8"]
+  assert data["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
+  # The state (the step's output: it is donated) replicated vs split eight
+  # ways; the frozen codebook (1024 x 256 float32) stays replicated.
+  codebook = 1024 * 256 * 4
+  assert (fsdp["output"] - codebook) < (data["output"] - codebook) / 6, (
+      fsdp, data)
