@@ -66,6 +66,7 @@ def codebook_of(config, seed=0):
   return np.random.default_rng(seed).normal(size=(k, dim)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_same_losses_on_every_mesh(stage):
   single = car_config(stage)

@@ -52,9 +52,12 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
 
 def test_processes_resume_the_same_workdir_together_repeatedly(tmp_path):
   # Each job resumes where the last stopped, both processes reading the
-  # config and checkpoint the other may be writing. CI runs a few; run
-  # CVQCAR_RESUME_REPEATS=10 (with the cores busy) to shake out races.
-  repeats = int(os.environ.get("CVQCAR_RESUME_REPEATS", "1"))
+  # config and checkpoint the other may be writing. A stress run, off by
+  # default (the test above resumes once): CVQCAR_RESUME_REPEATS=10, best
+  # with the cores busy, shakes out races.
+  repeats = int(os.environ.get("CVQCAR_RESUME_REPEATS", "0"))
+  if not repeats:
+    pytest.skip("set CVQCAR_RESUME_REPEATS=N to resume N times")
   for i in range(repeats + 1):
     losses = run_job(tmp_path / "run", 1, repeats + 1)
     assert losses[0] == losses[1] and sorted(losses[0]) == [i + 1], (i,
