@@ -16,15 +16,17 @@ COMMANDS = frozenset(
 SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
      "optim"})
-SUBPACKAGES = ("kernels", "tokenizer", "car", "data")
+SUBPACKAGES = ("kernels", "tokenizer", "car", "data", "evaluation")
 # Which rooms each room may import (besides itself).
 ALLOWED = {
     "kernels": set(),
     "shared": {"shared"},
     "data": {"shared"},
-    "tokenizer": {"shared", "kernels", "data"},
-    "car": {"shared", "kernels", "data", "tokenizer"},
-    "command": {"shared", "kernels", "data", "tokenizer", "car"},
+    "evaluation": {"shared"},
+    "tokenizer": {"shared", "kernels", "data", "evaluation"},
+    "car": {"shared", "kernels", "data", "tokenizer", "evaluation"},
+    "command": {"shared", "kernels", "data", "tokenizer", "car",
+                "evaluation"},
 }
 
 

@@ -3,12 +3,15 @@
 File layout (float32 arrays): `conv{i}/kernel` [3, 3, in, out] (HWIO) and
 `conv{i}/bias` [out] for the 13 VGG16 convs i = 0..12, and `lin{j}` [C_j] for
 the 5 non-negative channel weights of LPIPS v0.1. Nothing is downloaded: the
-file is converted once from the published weights and passed by path.
+file is converted once from the published PyTorch weights (`from_torch`,
+`python -m cvqcar.convert_weights --lpips=...`) and passed by path.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,11 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 _TAPS = (1, 3, 6, 9, 12)  # conv indices whose ReLU output is compared
 _SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 _SCALE = np.array([0.458, 0.448, 0.450], np.float32)
+
+
+def _unit(f):
+  """f / (||f|| + 1e-10) over channels, exactly as the lpips package."""
+  return f / (jnp.sqrt(jnp.sum(f * f, -1, keepdims=True)) + 1e-10)
 
 
 class LPIPS(nnx.Module):
@@ -56,8 +64,7 @@ class LPIPS(nnx.Module):
     total = 0.0
     for fx, fy, lin in zip(self._features(x), self._features(y), self.lins,
                               strict=True):
-      fx = fx * jax.lax.rsqrt(jnp.sum(fx * fx, -1, keepdims=True) + 1e-10)
-      fy = fy * jax.lax.rsqrt(jnp.sum(fy * fy, -1, keepdims=True) + 1e-10)
+      fx, fy = _unit(fx), _unit(fy)
       total = total + jnp.mean(jnp.sum(jnp.square(fx - fy) * lin[...], -1),
                                axis=(1, 2))
     return total
@@ -98,3 +105,29 @@ def load(path: str) -> LPIPS:
   for j, lin in enumerate(model.lins):
     lin[...] = jnp.asarray(stored[f"lin{j}"])
   return model
+
+
+def from_torch(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Our .npz layout from PyTorch state dicts (merged): the VGG16 trunk as
+  torchvision's `features.N.weight` or the lpips package's
+  `net.sliceK.N.weight`, and the lpips linear layers `linJ.model.1.weight`
+  (the package's weights/v0.1/vgg.pth)."""
+  convs = {}
+  for key, value in state.items():
+    m = re.fullmatch(r"(?:features|net\.slice\d)\.(\d+)\.(weight|bias)",
+                     key)
+    if m:
+      convs.setdefault(int(m.group(1)), {})[m.group(2)] = np.asarray(value)
+  lins = {int(m.group(1)): np.asarray(v) for k, v in state.items()
+          if (m := re.fullmatch(r"lin(\d)\.model\.\d\.weight", k))}
+  if len(convs) != 13 or sorted(lins) != list(range(5)):
+    raise ValueError(f"expected 13 VGG16 convs and lin0..lin4, found"
+                     f" {len(convs)} convs and lins {sorted(lins)}")
+  out = {}
+  for i, index in enumerate(sorted(convs)):
+    w = convs[index]["weight"]  # [out, in, 3, 3]
+    out[f"conv{i}/kernel"] = w.transpose(2, 3, 1, 0).astype(np.float32)
+    out[f"conv{i}/bias"] = convs[index]["bias"].astype(np.float32)
+  for j in range(5):
+    out[f"lin{j}"] = lins[j].reshape(-1).astype(np.float32)
+  return out

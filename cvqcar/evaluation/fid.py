@@ -1,0 +1,98 @@
+"""Frechet distance between Inception feature statistics, in float64.
+
+Statistics are {mu [2048], sigma [2048, 2048]}, saved and loaded as .npz
+with exactly those keys: the format of pytorch-fid's `--save-stats` and of
+the published reference files (e.g. ImageNet 256 validation statistics).
+`FeatureStats` accumulates them batch by batch with a per-row weight (0 for
+padding) and merges across processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from scipy import linalg
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+  """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrt(s1 s2)), as pytorch-fid and the
+  original TF implementation compute it (with the same eps fallback when
+  the product is singular)."""
+  mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
+  sigma1 = np.atleast_2d(np.float64(sigma1))
+  sigma2 = np.atleast_2d(np.float64(sigma2))
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs"
+                     f" {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+  diff = mu1 - mu2
+  covmean = linalg.sqrtm(sigma1.dot(sigma2))
+  if not np.isfinite(covmean).all():
+    offset = np.eye(sigma1.shape[0]) * eps
+    covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError("the covariance product's square root has imaginary"
+                       f" part {np.max(np.abs(covmean.imag)):.3g}")
+    covmean = covmean.real
+  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) -
+               2 * np.trace(covmean))
+
+
+class FeatureStats:
+  """Running sums for mu and sigma; rows with weight 0 are left out."""
+
+  def __init__(self, dim: int):
+    self.count = 0.0
+    self.sum = np.zeros(dim, np.float64)
+    self.outer = np.zeros((dim, dim), np.float64)
+
+  def add(self, features, weights=None) -> None:
+    x = np.asarray(features, np.float64)
+    w = (np.ones(len(x)) if weights is None
+         else np.asarray(weights, np.float64))
+    self.count += float(w.sum())
+    self.sum += w @ x
+    self.outer += (x * w[:, None]).T @ x
+
+  def merge(self, other: FeatureStats) -> None:
+    self.count += other.count
+    self.sum += other.sum
+    self.outer += other.outer
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"count": np.float64(self.count), "sum": self.sum,
+            "outer": self.outer}
+
+  @classmethod
+  def from_arrays(cls, arrays) -> FeatureStats:
+    out = cls(len(arrays["sum"]))
+    out.count = float(arrays["count"])
+    out.sum = np.asarray(arrays["sum"], np.float64)
+    out.outer = np.asarray(arrays["outer"], np.float64)
+    return out
+
+  def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (numpy's np.cov, as pytorch-fid)."""
+    if self.count < 2:
+      raise ValueError(f"FID needs at least 2 images, got {self.count:g}")
+    mu = self.sum / self.count
+    sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+    return mu, sigma
+
+
+def save_stats(path: str, mu, sigma) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "wb") as f:
+    np.savez(f, mu=np.float64(mu), sigma=np.float64(sigma))
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"reference statistics {path!r} not found")
+  with np.load(path) as f:
+    missing = {"mu", "sigma"} - set(f.files)
+    if missing:
+      raise ValueError(f"{path} lacks {sorted(missing)} (has {f.files});"
+                       " expected an .npz with mu and sigma")
+    return np.float64(f["mu"]), np.float64(f["sigma"])

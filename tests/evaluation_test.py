@@ -1,0 +1,149 @@
+"""FID Inception and Frechet distance against pytorch-fid's."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch_references
+
+from cvqcar.evaluation import fid, inception
+
+
+def _randomise_batch_norms(net, torch):
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        n = m.num_features
+        m.weight.copy_(0.5 + torch.rand(n, generator=g))
+        m.bias.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+@pytest.fixture(scope="module")
+def fid_reference():
+  """pytorch-fid's InceptionV3 (pool features) with random weights, and
+  its state dict under the published file's names."""
+  pi = torch_references.pytorch_fid()
+  import torch
+
+  torch.manual_seed(0)
+  built = {}
+  real_build = pi.fid_inception_v3
+
+  def build():
+    # The published weights would download here; keep the random init.
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(pi, "load_state_dict_from_url", lambda *a, **k: None)
+      mp.setattr(torch.nn.Module, "load_state_dict", lambda *a, **k: None)
+      net = real_build()
+    _randomise_batch_norms(net, torch)
+    built["net"] = net
+    return net
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pi, "fid_inception_v3", build)
+    model = pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+  state = {k: v.numpy() for k, v in built["net"].state_dict().items()}
+  return model, state
+
+
+def test_inception_pool_features_match_pytorch_fid(fid_reference, tmp_path):
+  import torch
+
+  model, state = fid_reference
+  path = tmp_path / "inception.npz"
+  np.savez(path, **state)
+  weights = inception.load(str(path))
+  rng = np.random.default_rng(0)
+  for size in (64, 333):  # upsampled and downsampled to 299
+    images = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    ours = np.asarray(inception.features(weights, images))
+    with torch.no_grad():
+      x = torch.as_tensor((images + 1) / 2).permute(0, 3, 1, 2)
+      want = model(x)[0][:, :, 0, 0].numpy()
+    assert ours.shape == want.shape == (2, 2048)
+    assert np.abs(want).max() > 1e-3 and np.std(want) > 1e-4
+    error = np.abs(ours - want).max() / np.abs(want).max()
+    assert error <= 1e-4, (size, error)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+  torch_references.pytorch_fid()
+  from pytorch_fid.fid_score import calculate_frechet_distance
+
+  rng = np.random.default_rng(0)
+  for dim in (4, 64):
+    a, b = rng.normal(size=(2, 3 * dim, dim))
+    mu1, mu2 = rng.normal(size=(2, dim))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b + 0.3 * a, rowvar=False)
+    with warnings.catch_warnings():  # its scipy.sqrtm(disp=False)
+      warnings.simplefilter("ignore", DeprecationWarning)
+      want = calculate_frechet_distance(mu1, s1, mu2, s2)
+    assert want > 0.1
+    np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2), want,
+                               rtol=1e-10)
+  assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
+
+
+def test_feature_stats_equal_numpy_and_ignore_padding(tmp_path):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(37, 8))
+  stats = fid.FeatureStats(8)
+  stats.add(x[:20])
+  other = fid.FeatureStats(8)
+  padded = np.concatenate([x[20:], rng.normal(size=(5, 8)) * 100])
+  other.add(padded, weights=np.r_[np.ones(17), np.zeros(5)])
+  stats.merge(fid.FeatureStats.from_arrays(other.arrays()))
+  mu, sigma = stats.mu_sigma()
+  np.testing.assert_allclose(mu, x.mean(0), atol=1e-12)
+  np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), atol=1e-12)
+  fid.save_stats(str(tmp_path / "s.npz"), mu, sigma)
+  back = fid.load_stats(str(tmp_path / "s.npz"))
+  np.testing.assert_array_equal(back[0], mu)
+  np.savez(tmp_path / "bad.npz", mean=mu)
+  with pytest.raises(ValueError, match=r"lacks \['mu', 'sigma'\]"):
+    fid.load_stats(str(tmp_path / "bad.npz"))
+
+
+def test_lpips_matches_the_lpips_package(tmp_path):
+  lp = torch_references.lpips()
+  import torch
+
+  from cvqcar.tokenizer import lpips
+
+  torch.manual_seed(0)
+  # Random VGG trunk (the ImageNet one would download), the package's own
+  # calibrated linear layers (shipped in its wheel).
+  ref = lp.LPIPS(net="vgg", pretrained=True, pnet_rand=True,
+                 verbose=False).eval()
+  state = {k: v.numpy() for k, v in ref.state_dict().items()}
+  np.savez(tmp_path / "lpips.npz", **lpips.from_torch(state))
+  ours = lpips.load(str(tmp_path / "lpips.npz"))
+  rng = np.random.default_rng(0)
+  x, y = rng.uniform(-1, 1, (2, 3, 48, 48, 3)).astype(np.float32)
+  y = np.clip(x + 0.3 * y, -1, 1)
+  with torch.no_grad():
+    to_t = lambda a: torch.as_tensor(a).permute(0, 3, 1, 2)
+    want = ref(to_t(x), to_t(y)).numpy().reshape(-1)
+  got = np.asarray(ours(x, y))
+  assert want.min() > 1e-4
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_ssim_matches_scikit_image():
+  from skimage.metrics import structural_similarity
+
+  from cvqcar import metrics
+
+  rng = np.random.default_rng(2)
+  x = rng.uniform(-1, 1, (2, 40, 33, 3)).astype(np.float32)
+  y = np.clip(x + rng.normal(0, 0.4, x.shape), -1, 1).astype(np.float32)
+  got = np.asarray(metrics.ssim(x, y))
+  for i in range(2):
+    want = structural_similarity(
+        (x[i] + 1) / 2, (y[i] + 1) / 2, channel_axis=-1, data_range=1.0,
+        gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert 0.05 < want < 0.95
+    np.testing.assert_allclose(got[i], want, atol=1e-5)
