@@ -39,8 +39,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "imagenet2012"  # or 'embedded'
+  config.data.name = "imagenet2012"  # or 'embedded'; eval also 'folder'
   config.data.data_dir = ""  # local TFDS directory; nothing is downloaded
+  config.data.eval_dir = ""  # data.name='folder': a directory of images
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.train_crop = "random"  # 'random' or 'center'

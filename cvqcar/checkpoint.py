@@ -10,6 +10,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -92,7 +93,20 @@ def save_export(out: str, config: ml_collections.ConfigDict,
 
 
 def restore_export(path: str, target: Any) -> Any:
-  """The pytree of an export, restored onto `target`'s (abstract) leaves."""
+  """The pytree of an export, restored onto `target`'s (abstract) leaves.
+
+  Leaves without a sharding go to the first device; in a multi-process job
+  they are replicated on every device of every process (each process reads
+  the export, and keeps a whole copy).
+  """
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
+      jax.sharding.PartitionSpec())
+  if jax.process_count() == 1:
+    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda x: x if getattr(x, "sharding", None) is not None else
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
   with ocp.StandardCheckpointer() as loader:
     return loader.restore(_absolute(os.path.join(path, EXPORT_PARAMS_DIR)),
                           target)

@@ -147,3 +147,26 @@ def test_ssim_matches_scikit_image():
         gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     assert 0.05 < want < 0.95
     np.testing.assert_allclose(got[i], want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_convert_weights_command(fid_reference, tmp_path):
+  import subprocess
+  import sys
+
+  import torch
+
+  _, state = fid_reference
+  torch.save({k: torch.as_tensor(v) for k, v in state.items()},
+             tmp_path / "pt_inception.pth")
+  out = subprocess.run(
+      [sys.executable, "-m", "cvqcar.convert_weights",
+       f"--inception={tmp_path / 'pt_inception.pth'}",
+       f"--out={tmp_path / 'inception.npz'}"], capture_output=True,
+      text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  from_pth = inception.load(str(tmp_path / "pt_inception.pth"))
+  from_npz = inception.load(str(tmp_path / "inception.npz"))
+  for name, (kernel, bias) in from_pth.items():
+    np.testing.assert_array_equal(from_npz[name][0], kernel)
+    np.testing.assert_array_equal(from_npz[name][1], bias)

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "cvqcar"
 COMMANDS = frozenset(
-    {"train", "export", "sample", "convert_pairs", "tokenize_dataset"})
+    {"train", "export", "sample", "convert_pairs", "tokenize_dataset",
+     "evaluate", "convert_weights", "generate_benchmark"})
 SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
      "optim"})

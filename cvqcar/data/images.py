@@ -1,4 +1,4 @@
-"""Grain image pipelines: ImageNet from TFDS and the embedded photo crops."""
+"""Grain image pipelines: ImageNet from TFDS, image folders, embedded photos."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import dataclasses
 import importlib.resources
 import io
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -150,6 +151,7 @@ def records_pipeline(
     num_examples: int | None = None,
     num_threads: int = 4,
     worker_count: int = 0,
+    drop_remainder: bool = True,
 ) -> grain.IterDataset:
   """Shuffled/repeated (train) or one-pass (eval) batches of this process.
 
@@ -174,10 +176,79 @@ def records_pipeline(
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
   ds = SkipCorrupt(ds)
-  ds = ds.batch(batch_size // processes, drop_remainder=True)
+  ds = ds.batch(batch_size // processes, drop_remainder=drop_remainder)
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return ds
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class FolderImages(Sequence):
+  """Records {'image': encoded bytes, 'name'} of the image files in a
+  directory (sorted by name), read when asked for."""
+
+  def __init__(self, directory: str):
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"image folder {directory!r} does not exist")
+    self.directory = directory
+    self.names = sorted(n for n in os.listdir(directory)
+                        if n.lower().endswith(IMAGE_SUFFIXES))
+    if not self.names:
+      raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} files in"
+                              f" {directory}")
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def __getitem__(self, i):
+    with open(os.path.join(self.directory, self.names[i]), "rb") as f:
+      return {"image": f.read(), "name": self.names[i]}
+
+
+def padded_eval_batches(records: Sequence[Any], preprocess, *,
+                        batch_size: int, seed: int = 0,
+                        num_examples: int | None = None,
+                        num_threads: int = 4) -> Iterator[dict[str, Any]]:
+  """One pass over every record, each counted exactly once.
+
+  Yields this process's batches of batch_size / process_count rows with a
+  'mask' (1 real, 0 padding): a short last batch is padded, never dropped,
+  and every process yields the same number of batches (the collectives of a
+  sharded eval step need that). The last batch also carries 'corrupt', this
+  process's count of undecodable records.
+  """
+  processes, index = jax.process_count(), jax.process_index()
+  n = len(records) if num_examples is None else num_examples
+  local = batch_size // processes
+  share = len(range(index, n, processes))
+  most = -(-n // processes)  # the largest process's share
+  num_batches = max(1, -(-most // local))
+  ds = records_pipeline(records, preprocess, batch_size=batch_size,
+                        seed=seed, train=False, num_examples=num_examples,
+                        num_threads=num_threads, drop_remainder=False)
+  it, real, template = iter(ds), 0, None
+  for i in range(num_batches):
+    batch = next(it, None)
+    if batch is not None:
+      batch.pop("skipped")
+      rows = len(batch["image"])
+      template = template or {k: v[:1] for k, v in batch.items()}
+    else:
+      rows = 0
+      batch = template and {k: v[:0] for k, v in template.items()}
+      if batch is None:  # no real image at all on this process
+        r = preprocess.resolution
+        batch = {"image": np.zeros((0, r, r, 3), np.float32)}
+    real += rows
+    out = {k: np.concatenate([v, np.zeros((local - rows,) + v.shape[1:],
+                                          v.dtype)])
+           for k, v in batch.items()}
+    out["mask"] = (np.arange(local) < rows).astype(np.float32)
+    if i == num_batches - 1:
+      out["corrupt"] = np.int64(share - real)
+    yield out
 
 
 def image_pipeline(records: Sequence[dict[str, Any]], *,
@@ -215,6 +286,31 @@ def train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
                         batch_size=config.batch_size, seed=config.seed,
                         train=True, num_threads=d.num_threads,
                         worker_count=d.worker_count)
+
+
+def eval_records(config: ml_collections.ConfigDict):
+  """(records, preprocess, number of images) of config.data's eval set."""
+  d, r = config.data, config.model.resolution
+  if d.name == "embedded":
+    return (embedded_photos("eval"),
+            Preprocess(r, crop="random_scale", min_scale=d.min_scale),
+            d.num_eval_images)
+  if d.name == "folder":
+    records = FolderImages(d.eval_dir)
+  else:
+    records = _imagenet_records(d, d.eval_split)
+  num = min(d.num_eval_images or len(records), len(records))
+  return records, Preprocess(r, crop="center"), num
+
+
+def eval_batches(config: ml_collections.ConfigDict):
+  """The fixed eval set (the same images in the same order every time) as
+  padded, masked batches: see padded_eval_batches."""
+  records, preprocess, num = eval_records(config)
+  return padded_eval_batches(
+      records, preprocess, batch_size=config.eval_batch_size,
+      seed=config.seed + 1, num_examples=num,
+      num_threads=config.data.num_threads)
 
 
 def eval_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:

@@ -1,0 +1,160 @@
+"""Text-to-image benchmark images in the layouts their scorers read.
+
+GenEval (`evaluation_metadata.jsonl`, one JSON object per prompt) reads
+  OUT/00000/metadata.jsonl   the prompt's JSON line
+  OUT/00000/samples/0000.png ... one file per sample
+and DPG-Bench (prompts as DIR/<id>.txt, or a .jsonl of {"id", "prompt"}, or
+one prompt per line) reads OUT/<id>.png, a 2 x 2 grid of four samples.
+
+Prompts are split over JAX processes (prompt i goes to process i mod P, and
+each process samples on its own first device), sampled in fixed-size
+batches, and written atomically; finished prompts are skipped, so a killed
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from cvqcar import visualize
+from cvqcar.car import export as car_export
+from cvqcar.car import sampling
+from cvqcar.data import text
+from cvqcar.tokenizer import export
+
+BENCHMARKS = ("geneval", "dpg")
+
+
+def read_prompts(path: str, benchmark: str) -> list[dict[str, Any]]:
+  """[{'id', 'prompt', 'metadata'}] in file order."""
+  if os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path) if n.endswith(".txt"))
+    out = []
+    for n in names:
+      with open(os.path.join(path, n)) as f:
+        out.append({"id": n[:-4], "prompt": f.read().strip()})
+    return out
+  with open(path) as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  if path.endswith(".jsonl"):
+    out = []
+    for i, line in enumerate(lines):
+      meta = json.loads(line)
+      if "prompt" not in meta:
+        raise ValueError(f"{path}:{i + 1} has no 'prompt': {line[:80]}")
+      out.append({"id": str(meta.get("id", f"{i:05d}")),
+                  "prompt": meta["prompt"], "metadata": meta})
+    return out
+  return [{"id": f"{i:05d}", "prompt": p} for i, p in enumerate(lines)]
+
+
+def _outputs(benchmark: str, out: str, index: int, item, num_images: int):
+  """The files a finished prompt has (the last one written last)."""
+  if benchmark == "geneval":
+    folder = os.path.join(out, f"{index:05d}")
+    return [os.path.join(folder, "samples", f"{j:04d}.png")
+            for j in range(num_images)] + [
+                os.path.join(folder, "metadata.jsonl")]
+  return [os.path.join(out, f"{item['id']}.png")]
+
+
+def _write_atomic(path: str, write) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def _save(benchmark, out, index, item, images) -> None:
+  """images: uint8 [num_images, H, W, 3] of one prompt."""
+  files = _outputs(benchmark, out, index, item, len(images))
+  if benchmark == "geneval":
+    for path, image in zip(files[:-1], images, strict=True):
+      _write_atomic(path, lambda p, im=image: visualize.save_png(im, p))
+    meta = item.get("metadata") or {"prompt": item["prompt"]}
+    _write_atomic(files[-1], lambda p: open(p, "w").write(  # noqa: SIM115
+        json.dumps(meta) + "\n"))
+    return
+  n = len(images)
+  side = int(np.ceil(np.sqrt(n)))
+  pad = side * side - n
+  tiles = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
+                                           np.uint8)])
+  h, w = images.shape[1:3]
+  grid = tiles.reshape(side, side, h, w, 3).transpose(0, 2, 1, 3, 4)
+  _write_atomic(files[0], lambda p: visualize.save_png(
+      grid.reshape(side * h, side * w, 3), p))
+
+
+def _local(tree):
+  """A replicated multi-process tree as arrays on this process's first
+  device, so each process samples on its own."""
+  return jax.tree.map(lambda x: x if x.is_fully_addressable
+                      else x.addressable_data(0), tree)
+
+
+def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
+                       tokenizer_path: str, out: str, *,
+                       num_images: int = 4, batch_size: int = 8,
+                       seed: int = 0, temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 1.0,
+                       cfg_scale: float = 3.0) -> list[str]:
+  """Writes the benchmark's images; returns the ids of prompts done now."""
+  if benchmark not in BENCHMARKS:
+    raise ValueError(f"--benchmark={benchmark!r}; expected one of"
+                     f" {BENCHMARKS}")
+  items = read_prompts(prompts_path, benchmark)
+  model, config = car_export.load_car(car_path)
+  tokenizer = export.load_tokenizer(
+      tokenizer_path,
+      expect=ml_collections.ConfigDict({"model": config.tokenizer}))
+  text_tok = text.load_text_tokenizer(config.text_tokenizer)
+  mine = [(i, item) for i, item in enumerate(items)
+          if i % jax.process_count() == jax.process_index()]
+  todo = [(i, item) for i, item in mine if not all(
+      os.path.exists(p) for p in _outputs(benchmark, out, i, item,
+                                          num_images))]
+  logging.info("%s: %d prompts, %d on this process, %d to do", benchmark,
+               len(items), len(mine), len(todo))
+  graphdef, state = nnx.split(model)
+  state = _local(state)
+  decode_graphdef, decode_state = nnx.split(tokenizer)
+  decode_state = _local(decode_state)
+  rows = [(i, item) for i, item in todo for _ in range(num_images)]
+  done, partial = [], {}
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    prompts = [item["prompt"] for _, item in chunk]
+    prompts += [""] * (batch_size - len(chunk))  # one compiled shape
+    ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
+                                  truncate=True)
+    key = jax.random.fold_in(jax.random.key(seed), chunk[0][0])
+    tokens = sampling.generate(
+        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask), key,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+        cfg_scale=cfg_scale)
+    decoded = nnx.merge(decode_graphdef, decode_state).decode(
+        tokens[:len(chunk)])
+    images = visualize.to_uint8(np.asarray(decoded))
+    # A prompt's samples may span two batches; save it once all are in.
+    for (i, item), image in zip(chunk, images, strict=True):
+      partial.setdefault(i, []).append(image)
+      if len(partial[i]) == num_images:
+        _save(benchmark, out, i, item, np.stack(partial.pop(i)))
+        done.append(item["id"])
+    if jax.process_index() == 0:
+      sys.stderr.write(f"\r{benchmark}: {min(start + batch_size, len(rows))}"
+                       f"/{len(rows)} samples")
+  if jax.process_index() == 0 and rows:
+    sys.stderr.write("\n")
+  return done

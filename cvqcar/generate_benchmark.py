@@ -1,0 +1,53 @@
+"""Sample a text-to-image benchmark's prompts into its scorer's layout.
+
+  python -m cvqcar.generate_benchmark --benchmark=geneval \
+      --prompts=evaluation_metadata.jsonl --car=exports/car2 \
+      --tokenizer=exports/cvq --out=geneval_images
+  python -m cvqcar.generate_benchmark --benchmark=dpg \
+      --prompts=dpg_bench/prompts --car=... --tokenizer=... --out=dpg_images
+
+GenEval: OUT/<index>/metadata.jsonl and OUT/<index>/samples/<n>.png;
+DPG-Bench: OUT/<id>.png, a 2 x 2 grid. Prompts are split over JAX processes;
+a second run skips the prompts already written.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from cvqcar import distributed, logs
+from cvqcar.car import benchmark
+
+_BENCHMARK = flags.DEFINE_enum("benchmark", None, list(benchmark.BENCHMARKS),
+                               "Which layout to write.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file or directory.")
+_CAR = flags.DEFINE_string("car", None, "CAR export.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer export.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_NUM = flags.DEFINE_integer("num_images", 4, "Samples per prompt.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per batch.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1: off).")
+_CFG = flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.setup()
+  distributed.initialize()
+  done = benchmark.generate_benchmark(
+      _BENCHMARK.value, _PROMPTS.value, _CAR.value, _TOKENIZER.value,
+      _OUT.value, num_images=_NUM.value, batch_size=_BATCH.value,
+      seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, cfg_scale=_CFG.value)
+  print(f"wrote {len(done)} prompts to {_OUT.value}")
+  distributed.finish()
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["benchmark", "prompts", "car", "tokenizer",
+                                "out"])
+  app.run(main)

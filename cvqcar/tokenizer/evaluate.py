@@ -1,0 +1,253 @@
+"""Tokenizer evaluation: rFID, PSNR, SSIM, LPIPS, codebook usage, from an
+export, the way papers report them.
+
+Every image passes through encode -> decode once: batches are sharded over
+all devices of all processes, a short last batch is padded and masked (never
+dropped), and metric sums are reduced on device, so every process ends with
+the same numbers whatever the process count. rFID compares the Inception
+statistics of the reconstructions with those of the same real images (or
+with reference statistics from an .npz). Channel tokenizers also get the
+coarse-to-fine curve: PSNR (and LPIPS) decoding only the first k channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from cvqcar import checkpoint, metrics, sharding
+from cvqcar.data import images as image_data
+from cvqcar.evaluation import fid, inception
+from cvqcar.tokenizer import lpips
+
+METRICS = ("rfid", "psnr", "ssim", "lpips", "usage")
+# The flag that provides the weights a metric needs.
+NEEDS = {"rfid": "--inception", "lpips": "--lpips"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Weights:
+  """Frozen networks of the perceptual metrics; None skips the metric."""
+
+  inception: dict | None = None  # folded FID Inception weights
+  lpips: nnx.State | None = None  # LPIPS state (arrays, never constants)
+
+
+def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
+                  prefixes=()):
+  """Masked sums over one batch: metric sums, the code histogram, and the
+  Inception statistics sums of real and reconstructed images."""
+  out = model(images, train=False)
+  recon = out.reconstructions
+  perceptual = (None if weights.lpips is None
+                else nnx.merge(lpips_graphdef, weights.lpips))
+  sums = {"images": jnp.sum(mask),
+          "psnr": jnp.sum(mask * metrics.psnr(recon, images)),
+          "ssim": jnp.sum(mask * metrics.ssim(recon, images))}
+  if perceptual is not None:
+    sums["lpips"] = jnp.sum(mask * perceptual(recon, images))
+  for k in prefixes:
+    first = model.decode(out.indices[:, :k])
+    sums[f"psnr_first_{k}"] = jnp.sum(mask * metrics.psnr(first, images))
+    if perceptual is not None:
+      sums[f"lpips_first_{k}"] = jnp.sum(mask * perceptual(first, images))
+  indices = out.indices.reshape(out.indices.shape[0], -1)
+  counts = jnp.zeros(out.code_counts.shape, jnp.float32).at[indices].add(
+      jnp.broadcast_to(mask[:, None], indices.shape))
+  stats = {}
+  if weights.inception is not None:
+    for name, x in (("real", images), ("recon", recon)):
+      f = inception.features(weights.inception, x)
+      stats[name] = {"sum": mask @ f, "outer": jnp.einsum(
+          "b,bi,bj->ij", mask, f, f, precision=jax.lax.Precision.HIGHEST)}
+  return sums, counts, stats
+
+
+def load_weights(names, inception_path: str = "", lpips_path: str = ""
+                 ) -> tuple[Weights, Any, dict[str, str]]:
+  """(weights, LPIPS graphdef, {skipped metric: why}) for `names`."""
+  weights, graphdef, skipped = Weights(), None, {}
+  if "rfid" in names:
+    if inception_path:
+      weights.inception = inception.load(inception_path)
+    else:
+      skipped["rfid"] = f"pass {NEEDS['rfid']}=PATH (FID Inception weights)"
+  if "lpips" in names:
+    if lpips_path:
+      graphdef, weights.lpips = nnx.split(lpips.load(lpips_path))
+    else:
+      skipped["lpips"] = f"pass {NEEDS['lpips']}=PATH (LPIPS VGG weights)"
+  for name, why in skipped.items():
+    logging.warning("metric %s skipped: %s", name, why)
+  return weights, graphdef, skipped
+
+
+class Progress:
+  """A one-line progress bar on process 0's stderr."""
+
+  def __init__(self, total: int, what: str):
+    self.total, self.what, self.t0 = total, what, time.time()
+    self.show = jax.process_index() == 0
+
+  def __call__(self, done: int, images: float) -> None:
+    if not self.show:
+      return
+    rate = images / max(time.time() - self.t0, 1e-9)
+    bar = "#" * (30 * done // self.total)
+    end = "\n" if done == self.total else ""
+    sys.stderr.write(f"\r{self.what} [{bar:<30}] {done}/{self.total}"
+                     f" batches, {images:.0f} images, {rate:.1f} img/s{end}")
+    sys.stderr.flush()
+
+
+def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
+             num_batches: int, weights: Weights, lpips_graphdef=None,
+             mesh=None, ref_stats: str = "") -> dict[str, Any]:
+  """Metrics of `tokenizer` over padded, masked `batches` (see
+  data.images.padded_eval_batches); config is the export's."""
+  mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  channel = config.model.quantize == "channel"
+  prefixes = (tuple(metrics.prefix_lengths(config.model.latent_channels))
+              if channel else ())
+  graphdef, state = nnx.split(tokenizer)
+  rep = sharding.replicated(mesh)
+  state, weights = jax.device_put((state, weights), rep)
+
+  @jax.jit
+  def step(state, weights, images, mask):
+    return batch_metrics(nnx.merge(graphdef, state), images, mask, weights,
+                         lpips_graphdef, prefixes)
+
+  sums, counts, stats, corrupt = {}, 0.0, {}, 0
+  progress = Progress(num_batches, "evaluate")
+  for i, local in enumerate(batches):
+    corrupt += int(local.pop("corrupt", 0))
+    batch = sharding.global_batch(local, mesh)
+    with jax.set_mesh(mesh):
+      s, c, st = jax.device_get(step(state, weights, batch["image"],
+                                     batch["mask"]))
+    for k, v in s.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    counts = counts + np.asarray(c, np.float64)
+    for name, d in st.items():
+      acc = stats.setdefault(name, fid.FeatureStats(inception.FEATURES))
+      acc.count += float(s["images"])
+      acc.sum += np.float64(d["sum"])
+      acc.outer += np.float64(d["outer"])
+    progress(i + 1, sums["images"])
+  if jax.process_count() > 1:
+    corrupt = int(np.sum(multihost_utils.process_allgather(
+        np.int64(corrupt))))
+  n = sums.pop("images", 0.0)
+  if n == 0:
+    raise ValueError("no image could be evaluated (all corrupt or none)")
+  result: dict[str, Any] = {"images": int(round(n)),
+                            "skipped_corrupt": corrupt}
+  for k, v in sums.items():
+    result[k] = v / n
+  result["codebook_usage"] = metrics.codebook_usage(counts)
+  result["codebook_perplexity"] = metrics.codebook_perplexity(counts)
+  result["num_codes"] = int(counts.shape[0])
+  if "recon" in stats:
+    reference = (fid.load_stats(ref_stats) if ref_stats
+                 else stats["real"].mu_sigma())
+    result["rfid"] = fid.frechet_distance(*stats["recon"].mu_sigma(),
+                                          *reference)
+    result["rfid_reference"] = ref_stats or "the same real images"
+  return result
+
+
+def write_results(out: str, result: dict[str, Any], name: str) -> str:
+  """OUT/metrics.json and OUT/metrics.md (one markdown row); process 0."""
+  cols = [("rFID", "rfid", "{:.2f}"), ("PSNR", "psnr", "{:.2f}"),
+          ("SSIM", "ssim", "{:.4f}"), ("LPIPS", "lpips", "{:.4f}"),
+          ("usage %", "codebook_usage", "{:.1%}"),
+          ("perplexity", "codebook_perplexity", "{:.1f}")]
+  row = [name, str(result["images"])] + [
+      fmt.format(result[key]).rstrip("%") if key in result else "n/a"
+      for _, key, fmt in cols]
+  header = ["tokenizer", "images"] + [c[0] for c in cols]
+  table = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) +
+           "\n| " + " | ".join(row) + " |\n")
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+    with open(os.path.join(out, "metrics.md"), "w") as f:
+      f.write(table)
+  return table
+
+
+def eval_source(data: str, config: ml_collections.ConfigDict,
+                num_images: int = 0, data_dir: str = ""):
+  """(records, preprocess, number of images) for a --data spec: 'embedded'
+  (crops of the held-out photos), 'folder:DIR' or 'imagenet2012:SPLIT'."""
+  r = config.model.resolution
+  kind, _, arg = data.partition(":")
+  if kind == "embedded":
+    num = num_images or config.data.get("num_eval_images", 256)
+    return (image_data.embedded_photos("eval"), image_data.Preprocess(
+        r, crop="random_scale", min_scale=config.data.min_scale), num)
+  if kind == "folder" and arg:
+    records = image_data.FolderImages(arg)
+  elif kind == "imagenet2012" and arg:
+    cfg = ml_collections.ConfigDict({"data_dir": data_dir})
+    records = image_data._imagenet_records(cfg, arg)  # noqa: SLF001
+  else:
+    raise ValueError(f"--data={data!r}; expected 'embedded',"
+                     " 'folder:DIRECTORY' or 'imagenet2012:SPLIT'")
+  num = min(num_images or len(records), len(records))
+  return records, image_data.Preprocess(r, crop="center"), num
+
+
+def evaluate_export(path: str, *, data: str = "embedded",
+                    names=METRICS, out: str, batch_size: int = 32,
+                    num_images: int = 0, data_dir: str = "",
+                    inception_path: str = "", lpips_path: str = "",
+                    ref_stats: str = "") -> dict[str, Any]:
+  """The `python -m cvqcar.evaluate` job: metrics of a tokenizer export."""
+  from cvqcar.tokenizer import export  # noqa: PLC0415 (export -> trainer)
+
+  unknown = sorted(set(names) - set(METRICS))
+  if unknown:
+    raise ValueError(f"unknown metrics {unknown}; known: {list(METRICS)}")
+  tokenizer = export.load_tokenizer(path)
+  config = checkpoint.load_config(path)
+  devices = jax.device_count()
+  if batch_size % devices:
+    raise ValueError(f"--batch_size={batch_size} is not divisible by the"
+                     f" {devices} devices")
+  records, preprocess, num = eval_source(data, config, num_images, data_dir)
+  weights, graphdef, skipped = load_weights(names, inception_path,
+                                            lpips_path)
+  batches = image_data.padded_eval_batches(
+      records, preprocess, batch_size=batch_size, seed=config.seed + 1,
+      num_examples=num)
+  most = -(-num // jax.process_count())
+  num_batches = max(1, -(-most // (batch_size // jax.process_count())))
+  logging.info("evaluating %s on %s: %d images, batch %d", path, data, num,
+               batch_size)
+  result = evaluate(tokenizer, config, batches, num_batches, weights,
+                    graphdef, ref_stats=ref_stats)
+  for name in ("psnr", "ssim", "usage"):
+    if name not in names:
+      result.pop(name, None)
+  if "usage" not in names:
+    result.pop("codebook_usage")
+    result.pop("codebook_perplexity")
+  result.update(data=data, tokenizer=path, skipped_metrics=skipped)
+  print(write_results(out, result, os.path.basename(path.rstrip("/"))))
+  return result

@@ -1,0 +1,211 @@
+"""The evaluate command: every image counted once, corrupt ones counted,
+weights optional, the same numbers with one process or two."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from cvqcar import metrics
+from cvqcar.data import images as image_data
+from cvqcar.tokenizer import evaluate, export, lpips
+from cvqcar.tokenizer import trainer as tokenizer_trainer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_export(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tok")
+  config = tiny_config()
+  config.num_train_steps = 2
+  tokenizer_trainer.train_and_evaluate(config, str(root / "run"))
+  return export.export(str(root / "run"), str(root / "export"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """100 photo crops as PNG files, plus one corrupt file."""
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  photos = [r["image"] for r in image_data.embedded_photos("train")]
+  for i in range(100):
+    p = photos[i % len(photos)]
+    top = rng.integers(0, p.shape[0] - 40)
+    left = rng.integers(0, p.shape[1] - 40)
+    Image.fromarray(p[top:top + 40, left:left + 40]).save(
+        root / f"img{i:03d}.png")
+  (root / "img050_broken.png").write_bytes(b"\x89PNG not really")
+  return str(root)
+
+
+def test_every_image_counted_once_and_corrupt_ones_skipped(
+    tokenizer_export, folder, tmp_path, capsys):
+  result = evaluate.evaluate_export(
+      tokenizer_export, data=f"folder:{folder}", out=str(tmp_path),
+      batch_size=32)
+  assert result["images"] == 100 and result["skipped_corrupt"] == 1
+  assert set(result["skipped_metrics"]) == {"rfid", "lpips"}
+  assert "--inception" in result["skipped_metrics"]["rfid"]
+  with open(tmp_path / "metrics.json") as f:
+    saved = json.load(f)
+  assert saved["images"] == 100 and 0 < saved["codebook_usage"] <= 1
+  row = (tmp_path / "metrics.md").read_text().splitlines()[-1]
+  assert row.startswith("| export | 100 | n/a |")
+  # The mean is over exactly the 100 real images (padding masked out).
+  tokenizer = export.load_tokenizer(tokenizer_export)
+  records, preprocess, _ = evaluate.eval_source(
+      f"folder:{folder}", tiny_config(), 0)
+  images = [preprocess(records[i], None) for i in range(len(records))]
+  images = np.stack([x["image"] for x in images if not x["corrupt"]])
+  recon = tokenizer(images, train=False).reconstructions
+  want = float(np.mean(metrics.psnr(recon, images)))
+  np.testing.assert_allclose(result["psnr"], want, rtol=1e-5)
+  # The coarse-to-fine curve: PSNR from the first k of the C = 8 channels.
+  assert {k for k in result if k.startswith("psnr_first_")} == {
+      f"psnr_first_{k}" for k in metrics.prefix_lengths(8)}
+
+
+def test_lpips_and_rfid_with_weight_files(tokenizer_export, folder,
+                                          tmp_path):
+  path = tmp_path / "lpips.npz"
+  model = lpips.LPIPS(rngs=__import__("flax").nnx.Rngs(0))
+  model.save(str(path))
+  result = evaluate.evaluate_export(
+      tokenizer_export, data=f"folder:{folder}", names=["lpips", "psnr"],
+      out=str(tmp_path / "out"), batch_size=16, num_images=20,
+      lpips_path=str(path))
+  assert result["images"] == 20 and result["lpips"] > 0
+  assert "ssim" not in result and "codebook_usage" not in result
+  assert result["skipped_metrics"] == {}
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one(tokenizer_export, folder,
+                                               tmp_path):
+  def run(processes):
+    port, out = _free_port(), tmp_path / f"p{processes}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count"
+               f"={8 // processes}", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "cvqcar.evaluate",
+           f"--tokenizer={tokenizer_export}", f"--data=folder:{folder}",
+           f"--out={out}", "--batch_size=32"]
+    if processes > 1:
+      cmd += [f"--coordinator_address=localhost:{port}",
+              f"--num_processes={processes}"]
+    procs = [subprocess.Popen(
+        cmd + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(processes)]
+    for p in procs:
+      log, _ = p.communicate(timeout=600)
+      assert p.returncode == 0, log[-3000:]
+    with open(out / "metrics.json") as f:
+      return json.load(f)
+
+  one, two = run(1), run(2)
+  assert one["images"] == two["images"] == 100
+  assert one["skipped_corrupt"] == two["skipped_corrupt"] == 1
+  for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
+  assert jax.device_count() == 8
+
+
+@pytest.fixture(scope="module")
+def car_export_dir(tokenizer_export, tmp_path_factory):
+  from configs import car_stage1
+  from cvqcar.car import export as car_export
+  from cvqcar.car import trainer as car_trainer
+
+  root = tmp_path_factory.mktemp("car")
+  config = car_stage1.get_config("tiny")
+  config.tokenizer = tiny_config().model
+  config.tokenizer_export = tokenizer_export
+  config.batch_size = 8
+  config.num_train_steps = 1
+  config.data.num_eval_examples = 8
+  config.eval_every = 1000
+  config.sample.prompts = ("a cat",)
+  car_trainer.train_and_evaluate(config, str(root / "run"))
+  return car_export.export_car(str(root / "run"), str(root / "export"))
+
+
+def test_generate_benchmark_layouts_and_resume(tokenizer_export,
+                                               car_export_dir, tmp_path):
+  from cvqcar.car import benchmark
+
+  prompts = [f"a photo of {n}" for n in ("a cat", "two dogs", "a red cup",
+             "a bench", "a tree", "a car", "three birds", "a clock",
+             "a blue vase", "an apple")]
+  lines = [json.dumps({"prompt": p, "tag": "single_object", "n": i})
+           for i, p in enumerate(prompts)]
+  geneval_file = tmp_path / "evaluation_metadata.jsonl"
+  geneval_file.write_text("\n".join(lines) + "\n")
+  out = tmp_path / "geneval"
+  done = benchmark.generate_benchmark(
+      "geneval", str(geneval_file), car_export_dir, tokenizer_export,
+      str(out), num_images=3, batch_size=8)
+  assert len(done) == 10
+  assert sorted(os.listdir(out)) == [f"{i:05d}" for i in range(10)]
+  for i in range(10):
+    folder = out / f"{i:05d}"
+    assert sorted(os.listdir(folder / "samples")) == [
+        "0000.png", "0001.png", "0002.png"]
+    meta = json.loads((folder / "metadata.jsonl").read_text())
+    assert meta == json.loads(lines[i])
+  with Image.open(out / "00003" / "samples" / "0001.png") as im:
+    assert im.size == (16, 16)
+  # A second run skips what is written; a deleted prompt is redone.
+  os.remove(out / "00004" / "samples" / "0002.png")
+  again = benchmark.generate_benchmark(
+      "geneval", str(geneval_file), car_export_dir, tokenizer_export,
+      str(out), num_images=3, batch_size=8)
+  assert again == ["00004"]
+  # DPG-Bench: <id>.txt prompts in, <id>.png 2 x 2 grids out.
+  prompt_dir = tmp_path / "dpg_prompts"
+  prompt_dir.mkdir()
+  for i, p in enumerate(prompts[:3]):
+    (prompt_dir / f"item{i}.txt").write_text(p)
+  dpg = tmp_path / "dpg"
+  benchmark.generate_benchmark("dpg", str(prompt_dir), car_export_dir,
+                               tokenizer_export, str(dpg), batch_size=8)
+  assert sorted(os.listdir(dpg)) == ["item0.png", "item1.png", "item2.png"]
+  with Image.open(dpg / "item1.png") as im:
+    assert im.size == (32, 32)  # 2 x 2 samples of 16 px
+
+
+@pytest.mark.slow
+def test_two_processes_write_each_prompt_once(tokenizer_export,
+                                              car_export_dir, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("\n".join(f"prompt {i}" for i in range(10)) + "\n")
+  port, out = _free_port(), tmp_path / "out"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count"
+             "=4", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "cvqcar.generate_benchmark", "--benchmark=dpg",
+       f"--prompts={prompts}", f"--car={car_export_dir}",
+       f"--tokenizer={tokenizer_export}", f"--out={out}", "--batch_size=8",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log[-3000:]
+    logs.append(log)
+  assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(10)]
+  assert all("wrote 5 prompts" in log for log in logs), logs
