@@ -1,5 +1,6 @@
 """End to end: the real train function on a shrunken config, 8 CPU devices."""
 
+import functools
 import math
 import pathlib
 
@@ -99,6 +100,7 @@ def test_gan_and_perceptual_losses_train(tmp_path):
   config.loss.disc_base_channels = 8
   config.loss.disc_num_layers = 1
   config.loss.perceptual_weights = weights
+  config.loss.perceptual_weight = 0.5  # tiny turns it off
   config.num_train_steps = 2
   trainer = tokenizer_trainer.Trainer(config)
   state = trainer.init()
@@ -113,6 +115,25 @@ def test_gan_and_perceptual_losses_train(tmp_path):
   changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))),
                          disc_before, state.disc_params)
   assert all(jax.tree.leaves(changed))
+  # LPIPS's 14.7M weights are a step argument, not constants in the program.
+  step = functools.partial(tokenizer_trainer.train_step, config=config,
+                           setup=trainer.setup)
+  batch = next(batches)
+  jaxpr = jax.make_jaxpr(step)(state, batch, trainer.step_key,
+                               trainer.perceptual)
+  assert sum(np.size(c) for c in jaxpr.consts) < 10_000
+  lpips_size = sum(x.size for x in jax.tree.leaves(trainer.perceptual))
+  assert lpips_size > 14e6
+
+
+def test_eval_counts_every_image_once(tmp_path):
+  config = tiny_config()
+  config.data.num_eval_images = 20  # two batches of 8 and a padded one
+  trainer = tokenizer_trainer.Trainer(config)
+  state = trainer.init()
+  result, first = trainer.evaluate(state, image_data.eval_batches(config))
+  assert result["eval/images"] == 20
+  assert first["image"].shape[0] == config.eval_batch_size
 
 
 def test_mesh_must_match_devices():

@@ -48,8 +48,9 @@ class Weights:
 
 def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
                   prefixes=()):
-  """Masked sums over one batch: metric sums, the code histogram, and the
-  Inception statistics sums of real and reconstructed images."""
+  """Masked sums over one batch: metric sums, the code histogram, the
+  Inception statistics sums of real and reconstructed images, and the
+  decoded images (reconstructions, prefix_k: from the first k channels)."""
   out = model(images, train=False)
   recon = out.reconstructions
   perceptual = (None if weights.lpips is None
@@ -59,8 +60,9 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
           "ssim": jnp.sum(mask * metrics.ssim(recon, images))}
   if perceptual is not None:
     sums["lpips"] = jnp.sum(mask * perceptual(recon, images))
+  decoded = {"reconstructions": recon}
   for k in prefixes:
-    first = model.decode(out.indices[:, :k])
+    first = decoded[f"prefix_{k}"] = model.decode(out.indices[:, :k])
     sums[f"psnr_first_{k}"] = jnp.sum(mask * metrics.psnr(first, images))
     if perceptual is not None:
       sums[f"lpips_first_{k}"] = jnp.sum(mask * perceptual(first, images))
@@ -73,7 +75,7 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
       f = inception.features(weights.inception, x)
       stats[name] = {"sum": mask @ f, "outer": jnp.einsum(
           "b,bi,bj->ij", mask, f, f, precision=jax.lax.Precision.HIGHEST)}
-  return sums, counts, stats
+  return sums, counts, stats, decoded
 
 
 def load_weights(names, inception_path: str = "", lpips_path: str = ""
@@ -129,7 +131,7 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
   @jax.jit
   def step(state, weights, images, mask):
     return batch_metrics(nnx.merge(graphdef, state), images, mask, weights,
-                         lpips_graphdef, prefixes)
+                         lpips_graphdef, prefixes)[:3]  # images dropped
 
   sums, counts, stats, corrupt = {}, 0.0, {}, 0
   progress = Progress(num_batches, "evaluate")

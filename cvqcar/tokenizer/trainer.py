@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from cvqcar import checkpoint, metrics, optim, sharding, visualize
 from cvqcar.data import images as image_data
+from cvqcar.tokenizer import evaluate as evaluate_lib
 from cvqcar.tokenizer import losses, lpips, vqgan
 from cvqcar.tokenizer import model as tokenizer_lib
 
@@ -42,7 +43,9 @@ class Setup(NamedTuple):
   disc_graphdef: Any | None  # None when the GAN loss is off
   tx: optax.GradientTransformation
   disc_tx: optax.GradientTransformation
-  perceptual: lpips.LPIPS | None
+  # LPIPS's graph; its weights travel as a step argument (never compiled in
+  # as constants): Trainer.perceptual.
+  perceptual_graphdef: Any | None
 
 
 def uses_gan(config) -> bool:
@@ -63,17 +66,19 @@ def _build(config, key):
   return gen, disc
 
 
-def make_setup(config) -> Setup:
+def make_setup(config) -> tuple[Setup, nnx.State | None]:
+  """(Setup, LPIPS weights or None)."""
   gen, disc = nnx.eval_shape(lambda: _build(config, jax.random.key(0)))
   gen_graphdef = nnx.split(gen, nnx.Param, ...)[0]
   disc_graphdef = None if disc is None else nnx.split(disc)[0]
   o = config.optimizer
   disc_tx = optax.adam(o.disc_learning_rate, b1=0.5, b2=0.9)
-  perceptual = None
+  perceptual_graphdef = perceptual = None
   if config.loss.perceptual_weight > 0 and config.loss.perceptual_weights:
-    perceptual = lpips.load(config.loss.perceptual_weights)
+    perceptual_graphdef, perceptual = nnx.split(
+        lpips.load(config.loss.perceptual_weights))
   return Setup(gen_graphdef, disc_graphdef, make_optimizer(config), disc_tx,
-               perceptual)
+               perceptual_graphdef), perceptual
 
 
 def init_state(config, setup: Setup, key) -> TrainState:
@@ -87,8 +92,10 @@ def init_state(config, setup: Setup, key) -> TrainState:
       disc_opt_state=setup.disc_tx.init(disc_params))
 
 
-def train_step(state: TrainState, batch, key, *, config, setup: Setup):
-  """One generator + discriminator update. Pure; jit with donation."""
+def train_step(state: TrainState, batch, key, perceptual=None, *, config,
+               setup: Setup):
+  """One generator + discriminator update. Pure; jit with donation.
+  `perceptual`: the LPIPS weights (None without the perceptual loss)."""
   lc = config.loss
   images = batch["image"]
   key = jax.random.fold_in(key, state.step)
@@ -99,9 +106,9 @@ def train_step(state: TrainState, batch, key, *, config, setup: Setup):
   def nll_of(reconstructions):
     nll = lc.reconstruction_weight * losses.reconstruction(
         reconstructions, images, lc.reconstruction)
-    if setup.perceptual is not None:
-      nll += lc.perceptual_weight * jnp.mean(
-          setup.perceptual(reconstructions, images))
+    if perceptual is not None:
+      lp = nnx.merge(setup.perceptual_graphdef, perceptual)
+      nll += lc.perceptual_weight * jnp.mean(lp(reconstructions, images))
     return nll
 
   def gen_loss(params):
@@ -167,20 +174,22 @@ def train_step(state: TrainState, batch, key, *, config, setup: Setup):
   return new_state, aux
 
 
-def eval_step(params, buffers, images, *, config, setup: Setup):
-  """Batch sums of PSNR/SSIM (and coarse-to-fine PSNRs), the code histogram,
-  and the decoded images for the grid."""
+def eval_step(params, buffers, images, mask, perceptual=None, *, config,
+              setup: Setup):
+  """Masked batch sums of the evaluation metrics (the same code as
+  `python -m cvqcar.evaluate`), the code histogram and the decoded images.
+
+  Eval (and export) run the EMA-averaged encoder and decoder with the
+  tokenizer's codebook buffers as they are at that step: the codebook is not
+  averaged again (the 'ema' codebook variant is itself a running average).
+  """
   model = nnx.merge(setup.gen_graphdef, params, buffers)
-  out = model(images, train=False)
-  sums = {"psnr": jnp.sum(metrics.psnr(out.reconstructions, images)),
-          "ssim": jnp.sum(metrics.ssim(out.reconstructions, images))}
-  decoded = {"reconstructions": out.reconstructions}
-  if config.model.quantize == "channel":
-    for k in metrics.prefix_lengths(config.model.latent_channels):
-      recon = model.decode(out.indices[:, :k])
-      decoded[f"prefix_{k}"] = recon
-      sums[f"psnr_first_{k}"] = jnp.sum(metrics.psnr(recon, images))
-  return sums, out.code_counts, decoded
+  prefixes = (tuple(metrics.prefix_lengths(config.model.latent_channels))
+              if config.model.quantize == "channel" else ())
+  sums, counts, _, decoded = evaluate_lib.batch_metrics(
+      model, images, mask, evaluate_lib.Weights(lpips=perceptual),
+      setup.perceptual_graphdef, prefixes)
+  return sums, counts, decoded
 
 
 class Trainer:
@@ -190,7 +199,7 @@ class Trainer:
     tokenizer_lib.check_model_config(config.model)
     self.config = config
     self.mesh = sharding.make_mesh(config) if mesh is None else mesh
-    self.setup = make_setup(config)
+    self.setup, self.perceptual = make_setup(config)
     key = jax.random.key(config.seed)
     self.init_key, self.step_key = jax.random.split(key)
     init = functools.partial(init_state, config, self.setup)
@@ -205,7 +214,7 @@ class Trainer:
                           sharding.batch_sharded(self.mesh))
     self.train_step = jax.jit(
         functools.partial(train_step, config=config, setup=self.setup),
-        in_shardings=(self.state_sharding, data_sharding, rep),
+        in_shardings=(self.state_sharding, data_sharding, rep, rep),
         out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
     self.eval_step = jax.jit(
         functools.partial(eval_step, config=config, setup=self.setup),
@@ -219,28 +228,32 @@ class Trainer:
     batch = sharding.global_batch(local_batch, self.mesh)
     # The mesh context lets the Pallas codebook search run per shard.
     with jax.set_mesh(self.mesh):
-      return self.train_step(state, batch, self.step_key)
+      return self.train_step(state, batch, self.step_key, self.perceptual)
 
-  def evaluate(self, state: TrainState, eval_ds) -> tuple[dict, dict]:
-    """Metrics over the whole eval set, and the first batch's images (on
-    every process: gathering them is a collective)."""
-    sums, count, counts_k, first = {}, 0, 0.0, None
-    for local in eval_ds:
+  def evaluate(self, state: TrainState, eval_batches) -> tuple[dict, dict]:
+    """Metrics over the whole eval set (padded, masked batches: every image
+    counted once) and the first batch's images (on every process:
+    gathering them is a collective)."""
+    sums, counts_k, first = {}, 0.0, None
+    for local in eval_batches:
+      local.pop("corrupt", None)
       batch = sharding.global_batch(local, self.mesh)
       with jax.set_mesh(self.mesh):
         batch_sums, code_counts, decoded = self.eval_step(
-            state.ema_params, state.buffers, batch["image"])
-      counts_k = counts_k + np.asarray(code_counts)
+            state.ema_params, state.buffers, batch["image"], batch["mask"],
+            self.perceptual)
+      counts_k = counts_k + np.asarray(code_counts, np.float64)
       for k, v in batch_sums.items():
         sums[k] = sums.get(k, 0.0) + float(v)
       if first is None:
         first = multihost_utils.process_allgather(
             {"image": batch["image"], **decoded}, tiled=True)
-      count += batch["image"].shape[0]
+    count = sums.pop("images", 0.0)
     if count == 0:
       raise ValueError("the eval set is empty: check config.data and"
                        " config.eval_batch_size")
     result = {f"eval/{k}": v / count for k, v in sums.items()}
+    result["eval/images"] = count
     result["eval/codebook_usage"] = metrics.codebook_usage(counts_k)
     result["eval/codebook_perplexity"] = metrics.codebook_perplexity(counts_k)
     return result, first
@@ -277,7 +290,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   trainer = Trainer(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
   train_iter = iter(image_data.train_dataset(config))
-  eval_ds = image_data.eval_dataset(config)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if ckpt.latest_step() is not None:
@@ -296,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   def run_eval(step):
     t0 = time.time()
-    eval_metrics, first = trainer.evaluate(state, eval_ds)
+    eval_metrics, first = trainer.evaluate(state,
+                                           image_data.eval_batches(config))
     summary.eval.clear()
     summary.eval.update(eval_metrics)
     writer.write_scalars(step, eval_metrics)
