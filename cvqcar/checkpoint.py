@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 CONFIG_FILE = "config.json"
 
@@ -80,24 +81,53 @@ def check_same_model(saved: ml_collections.ConfigDict,
 
 
 EXPORT_PARAMS_DIR = "params"
+# The portable copy: every array under a "part/path/to/leaf" key, readable
+# with any safetensors library (no Orbax, no JAX) next to config.json.
+EXPORT_SAFETENSORS = "model.safetensors"
+
+
+def _flat_leaves(tree: dict[str, Any]) -> list[tuple[str, Any]]:
+  """('part/a/b', leaf) for a {part: nnx.State or pytree} dict."""
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx",
+                                                              k))))
+             for k in path]
+    out.append(("/".join(n for n in names if n != "value"), leaf))
+  return out
+
+
+def _host(x) -> np.ndarray:
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def save_export(out: str, config: ml_collections.ConfigDict,
-                tree: Any) -> str:
-  """A params-only export: OUT/config.json and the pytree in OUT/params."""
+                tree: dict[str, Any]) -> str:
+  """A params-only export: OUT/config.json, the pytree in OUT/params
+  (Orbax) and the same arrays in OUT/model.safetensors (portable)."""
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
   write_config(out, config)
   with ocp.StandardCheckpointer() as saver:
     saver.save(_absolute(os.path.join(out, EXPORT_PARAMS_DIR)), tree,
                force=True)
+  arrays = {name: _host(leaf) for name, leaf in _flat_leaves(tree)}
+  if jax.process_index() == 0:
+    tmp = os.path.join(out, f".{EXPORT_SAFETENSORS}.tmp")
+    save_file(arrays, tmp, metadata={"format": "cvqcar"})
+    os.replace(tmp, os.path.join(out, EXPORT_SAFETENSORS))
   return out
 
 
 def restore_export(path: str, target: Any) -> Any:
   """The pytree of an export, restored onto `target`'s (abstract) leaves.
 
-  Leaves without a sharding go to the first device; in a multi-process job
-  they are replicated on every device of every process (each process reads
-  the export, and keeps a whole copy).
+  Reads OUT/params (Orbax) or, without it, OUT/model.safetensors. Leaves
+  without a sharding go to the first device; in a multi-process job they
+  are replicated on every device of every process (each process reads the
+  export, and keeps a whole copy).
   """
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
@@ -107,9 +137,32 @@ def restore_export(path: str, target: Any) -> Any:
   target = jax.tree.map(
       lambda x: x if getattr(x, "sharding", None) is not None else
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
+  if not os.path.exists(os.path.join(path, EXPORT_PARAMS_DIR)) and (
+      os.path.exists(os.path.join(path, EXPORT_SAFETENSORS))):
+    return _restore_safetensors(os.path.join(path, EXPORT_SAFETENSORS),
+                                target)
   with ocp.StandardCheckpointer() as loader:
     return loader.restore(_absolute(os.path.join(path, EXPORT_PARAMS_DIR)),
                           target)
+
+
+def _restore_safetensors(file: str, target: Any) -> Any:
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  arrays = load_file(file)
+  names = [name for name, _ in _flat_leaves(target)]
+  missing = [n for n in names if n not in arrays]
+  if missing:
+    raise KeyError(f"{file} lacks {missing[:3]} ({len(missing)} missing)")
+  leaves = []
+  for name, abstract in _flat_leaves(target):
+    value = arrays[name]
+    if value.shape != abstract.shape:
+      raise ValueError(f"{file}: {name} has shape {value.shape}, expected"
+                       f" {abstract.shape}")
+    leaves.append(jax.device_put(value.astype(abstract.dtype),
+                                 abstract.sharding))
+  return jax.tree.unflatten(jax.tree.structure(target), leaves)
 
 
 def _absolute(path: str) -> str:

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from conftest import tiny_config
@@ -76,7 +77,7 @@ def test_every_image_counted_once_and_corrupt_ones_skipped(
 def test_lpips_and_rfid_with_weight_files(tokenizer_export, folder,
                                           tmp_path):
   path = tmp_path / "lpips.npz"
-  model = lpips.LPIPS(rngs=__import__("flax").nnx.Rngs(0))
+  model = lpips.LPIPS(rngs=nnx.Rngs(0))
   model.save(str(path))
   result = evaluate.evaluate_export(
       tokenizer_export, data=f"folder:{folder}", names=["lpips", "psnr"],
@@ -209,3 +210,35 @@ def test_two_processes_write_each_prompt_once(tokenizer_export,
     logs.append(log)
   assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(10)]
   assert all("wrote 5 prompts" in log for log in logs), logs
+
+
+def test_exports_load_from_safetensors_alone(tokenizer_export,
+                                             car_export_dir, tmp_path):
+  import shutil
+
+  from safetensors.numpy import load_file
+
+  from cvqcar.car import export as car_export
+
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3))
+  want = export.load_tokenizer(tokenizer_export).encode(images)
+  portable = tmp_path / "tok"
+  shutil.copytree(tokenizer_export, portable)
+  shutil.rmtree(portable / "params")  # no Orbax checkpoint left
+  arrays = load_file(str(portable / "model.safetensors"))
+  assert any(k.startswith("params/encoder/") for k in arrays)
+  assert any(k.startswith("buffers/") for k in arrays)
+  got = export.load_tokenizer(str(portable)).encode(images)
+  np.testing.assert_array_equal(got, want)
+
+  car = tmp_path / "car"
+  shutil.copytree(car_export_dir, car)
+  shutil.rmtree(car / "params")
+  a, _ = car_export.load_car(car_export_dir)
+  b, _ = car_export.load_car(str(car))
+  for x, y in zip(jax.tree.leaves(nnx.state(a)),
+                  jax.tree.leaves(nnx.state(b)),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert any(k.startswith("backbone/") for k in
+             load_file(str(car / "model.safetensors")))
