@@ -88,6 +88,25 @@ def test_lpips_and_rfid_with_weight_files(tokenizer_export, folder,
   assert result["skipped_metrics"] == {}
 
 
+def test_rfid_on_the_embedded_set(tokenizer_export, tmp_path):
+  import torch_references
+
+  _, state = torch_references.fid_inception()
+  np.savez(tmp_path / "inception.npz", **state)
+  result = evaluate.evaluate_export(
+      tokenizer_export, names=["rfid", "psnr", "ssim", "usage"],
+      out=str(tmp_path / "out"), batch_size=8, num_images=12,
+      inception_path=str(tmp_path / "inception.npz"))
+  assert result["images"] == 12 and result["data"] == "embedded"
+  # Random weights: a finite distance (rank-deficient 12-image covariances
+  # can leave sqrtm a hair below zero); parity is evaluation_test's job.
+  assert np.isfinite(result["rfid"]) and result["rfid"] > -1e-3
+  assert result["rfid_reference"] == "the same real images"
+  for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
+    assert key in result
+  assert "lpips" not in result and result["skipped_metrics"] == {}
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))

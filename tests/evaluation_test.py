@@ -9,44 +9,9 @@ import torch_references
 from cvqcar.evaluation import fid, inception
 
 
-def _randomise_batch_norms(net, torch):
-  g = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(0.5 + torch.rand(n, generator=g))
-        m.bias.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-
-
 @pytest.fixture(scope="module")
 def fid_reference():
-  """pytorch-fid's InceptionV3 (pool features) with random weights, and
-  its state dict under the published file's names."""
-  pi = torch_references.pytorch_fid()
-  import torch
-
-  torch.manual_seed(0)
-  built = {}
-  real_build = pi.fid_inception_v3
-
-  def build():
-    # The published weights would download here; keep the random init.
-    with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(pi, "load_state_dict_from_url", lambda *a, **k: None)
-      mp.setattr(torch.nn.Module, "load_state_dict", lambda *a, **k: None)
-      net = real_build()
-    _randomise_batch_norms(net, torch)
-    built["net"] = net
-    return net
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pi, "fid_inception_v3", build)
-    model = pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
-  state = {k: v.numpy() for k, v in built["net"].state_dict().items()}
-  return model, state
+  return torch_references.fid_inception()
 
 
 def test_inception_pool_features_match_pytorch_fid(fid_reference, tmp_path):
