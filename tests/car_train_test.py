@@ -11,19 +11,8 @@ from cvqcar.car import export as car_export
 from cvqcar.car import pipeline, qwen3
 from cvqcar.car import state as car_state
 from cvqcar.car import trainer as car_trainer
-from cvqcar.tokenizer import export
-from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tokenizer_export(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tok")
-  config = tiny_config()
-  config.num_train_steps = 2
-  tokenizer_trainer.train_and_evaluate(config, str(root / "run"))
-  return export.export(str(root / "run"), str(root / "export"))
 
 
 def car_config(stage_module, tokenizer_path, **overrides):

@@ -46,3 +46,17 @@ def tiny_config(arg: str = "tiny"):
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_export(tmp_path_factory):
+  """The tiny tokenizer trained 2 steps and exported (the real format),
+  shared by every test module that needs one."""
+  from cvqcar.tokenizer import export
+  from cvqcar.tokenizer import trainer as tokenizer_trainer
+
+  root = tmp_path_factory.mktemp("tok")
+  config = tiny_config()
+  config.num_train_steps = 2
+  tokenizer_trainer.train_and_evaluate(config, str(root / "run"))
+  return export.export(str(root / "run"), str(root / "export"))

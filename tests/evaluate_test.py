@@ -17,18 +17,8 @@ from conftest import tiny_config
 from cvqcar import metrics
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import evaluate, export, lpips
-from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_export(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tok")
-  config = tiny_config()
-  config.num_train_steps = 2
-  tokenizer_trainer.train_and_evaluate(config, str(root / "run"))
-  return export.export(str(root / "run"), str(root / "export"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image
 
-from conftest import tiny_config
 from cvqcar.data import convert, pairs, text
 from cvqcar.data import images as image_data
 
@@ -303,21 +302,8 @@ def test_embedded_conversion_writes_every_photo(tmp_path):
   assert captions == set(pairs.EMBEDDED_CAPTIONS.values())
 
 
-@pytest.fixture(scope="module")
-def exported_tokenizer(tmp_path_factory):
-  """A tiny tokenizer trained 2 steps and exported: the real format."""
-  from cvqcar.tokenizer import export
-  from cvqcar.tokenizer import trainer as tokenizer_trainer
-
-  root = tmp_path_factory.mktemp("tok")
-  config = tiny_config()
-  config.num_train_steps = 2
-  tokenizer_trainer.train_and_evaluate(config, str(root / "work"))
-  return export.export(str(root / "work"), str(root / "export"))
-
-
 @pytest.mark.slow
-def test_tokenize_dataset_matches_the_tokenizer(tmp_path, exported_tokenizer):
+def test_tokenize_dataset_matches_the_tokenizer(tmp_path, tokenizer_export):
   from cvqcar.car import pretokenize
   from cvqcar.tokenizer import export
 
@@ -333,10 +319,10 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, exported_tokenizer):
   images_dir, tokens_dir = str(tmp_path / "images"), str(tmp_path / "tokens")
   pairs.write_shards(examples[:2] + [{"image": b"junk", "caption": "bad"}]
                      + examples[2:], images_dir, num_shards=2)
-  stats = pretokenize.tokenize_shards(exported_tokenizer, images_dir,
+  stats = pretokenize.tokenize_shards(tokenizer_export, images_dir,
                                            tokens_dir, batch_size=2)
   assert stats == {"read": 6, "written": 5, "skipped": 1}
-  tokenizer = export.load_tokenizer(exported_tokenizer)
+  tokenizer = export.load_tokenizer(tokenizer_export)
   got = {r["key"]: r for r in map(pairs.deserialize,
                                   pairs.read_source(tokens_dir))}
   assert sorted(got) == [e["key"] for e in examples]
@@ -351,5 +337,5 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, exported_tokenizer):
                              num_tokens=tokenizer.num_tokens)))
   assert batch["tokens"].shape == (2, tokenizer.num_tokens)
   with pytest.raises(ValueError, match="hold tokens already"):
-    pretokenize.tokenize_shards(exported_tokenizer, tokens_dir,
+    pretokenize.tokenize_shards(tokenizer_export, tokens_dir,
                                      str(tmp_path / "again"))
