@@ -24,6 +24,10 @@ flags.DEFINE_float("top_p", 1.0, "1 = off.")
 flags.DEFINE_float("cfg_scale", 3.0, "1 = no guidance.")
 flags.DEFINE_integer("seed", 0, "First seed.")
 flags.DEFINE_integer("num_seeds", 1, "Samples per prompt.")
+flags.DEFINE_bool("truncate", False, "Cut prompts longer than the text"
+                  " length to their first ids (else they are refused).")
+flags.DEFINE_integer("max_text_len", 0, "Text length; 0: the one the model"
+                     " was trained with.")
 
 
 def main(argv):
@@ -34,7 +38,8 @@ def main(argv):
   pipeline.sample_to_files(
       f.car, f.tokenizer, f.prompt, f.out, seed=f.seed,
       num_seeds=f.num_seeds, temperature=f.temperature, top_k=f.top_k,
-      top_p=f.top_p, cfg_scale=f.cfg_scale)
+      top_p=f.top_p, cfg_scale=f.cfg_scale, truncate=f.truncate,
+      max_text_len=f.max_text_len)
 
 
 if __name__ == "__main__":

@@ -71,9 +71,20 @@ def test_stage1_stage2_sample_chain(tokenizer_export, tmp_path):
                                    ["a ginger tabby cat", ""],
                                    str(tmp_path / "samples"), cfg_scale=2.0)
   assert len(paths) == 4 and all(os.path.exists(p) for p in paths)
-  with pytest.raises(ValueError, match="more than the maximum text length"):
+  with pytest.raises(ValueError, match="more than the maximum text length"
+                     ".*--truncate"):
     pipeline.sample_to_files(out, tokenizer_export, ["x" * 500],
                              str(tmp_path / "samples"))
+  # A long prompt: cut to the trained length, or a longer limit.
+  assert len(pipeline.sample_to_files(
+      out, tokenizer_export, ["x" * 500], str(tmp_path / "cut"),
+      truncate=True)) == 2
+  assert len(pipeline.sample_to_files(
+      out, tokenizer_export, ["a" * 72], str(tmp_path / "long"),
+      max_text_len=80)) == 2
+  with pytest.raises(ValueError, match="at most 2039"):
+    pipeline.sample_to_files(out, tokenizer_export, ["a"],
+                             str(tmp_path / "x"), max_text_len=5000)
 
 
 def test_tokenizer_of_another_shape_is_refused(tokenizer_export, tmp_path):

@@ -38,3 +38,15 @@ def test_damaged_config_is_a_clear_error(tmp_path):
   (tmp_path / "config.json").write_text('{"model": {"num_co')
   with pytest.raises(ValueError, match="config.json is not valid JSON"):
     checkpoint.load_config(str(tmp_path))
+
+
+def test_training_summary_names_images_metrics_and_export(capsys):
+  from cvqcar import logs
+
+  text = logs.finished("runs/cvq_tiny", 600, "tokenizer training",
+                       {"eval/psnr": 20.16})
+  assert "finished at step 600: eval/psnr 20.16" in text
+  assert "runs/cvq_tiny/images" in text
+  assert ("python -m cvqcar.export --workdir=runs/cvq_tiny"
+          " --out=exports/cvq_tiny") in text
+  assert text in capsys.readouterr().out

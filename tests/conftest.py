@@ -19,8 +19,11 @@ except ImportError:
   pass
 
 import pytest  # noqa: E402
+import torch_references  # noqa: E402
 
 from configs import cvq_tokenizer  # noqa: E402
+
+torch_references.preload()
 
 
 def tiny_config(arg: str = "tiny"):

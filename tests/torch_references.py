@@ -11,6 +11,24 @@ registration skipped; no reference computation is altered.
 import pytest
 
 
+def preload() -> None:
+  """Imports torchvision the way torchvision() does, if torch and it are
+  installed: transformers imports it too (image utilities), and the plain
+  import fails. Called by conftest before any test runs."""
+  try:
+    import torch
+  except ImportError:
+    return
+  from unittest import mock
+
+  with mock.patch.object(torch.library, "register_fake",
+                         lambda *a, **k: (lambda f: f)):
+    try:
+      import torchvision  # noqa: F401
+    except ImportError:
+      pass
+
+
 def torchvision():
   torch = pytest.importorskip("torch")
   from unittest import mock

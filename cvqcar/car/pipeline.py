@@ -6,6 +6,7 @@ What `python -m cvqcar.sample` runs; notebooks and benchmark writers call
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -23,9 +24,16 @@ from cvqcar.tokenizer import export
 def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
                     *, seed: int = 0, num_seeds: int = 1,
                     temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0, cfg_scale: float = 3.0) -> list[str]:
+                    top_p: float = 1.0, cfg_scale: float = 3.0,
+                    truncate: bool = False, max_text_len: int = 0
+                    ) -> list[str]:
   """Samples every prompt (an empty one is unconditional) and writes
-  PNGs and coarse-to-fine strips; returns the paths written."""
+  PNGs and coarse-to-fine strips; returns the paths written.
+
+  Prompts longer than the model's trained text length are refused unless
+  `truncate` (keep their first ids) or a longer `max_text_len` is given
+  (positions the model never saw in training: a warning says so).
+  """
   model, config = car_export.load_car(car_path)
   # The tokenizer must have the shape the CAR model was trained on.
   tokenizer = export.load_tokenizer(
@@ -33,8 +41,24 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
       expect=ml_collections.ConfigDict({"model": config.tokenizer}))
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
   prompts = list(prompts) or [""]
-  ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
-                                truncate=False)
+  limit = max_text_len or config.max_text_len
+  longest = config.llm_config["max_position_embeddings"] - (
+      model.num_channels + 1)
+  if limit > longest:
+    raise ValueError(f"--max_text_len={limit}: the backbone has"
+                     f" {config.llm_config['max_position_embeddings']}"
+                     f" positions, of which {model.num_channels + 1} are the"
+                     f" image's; at most {longest}")
+  if limit > config.max_text_len:
+    logging.warning("text length %d beyond the %d the model was trained"
+                    " with: expect weaker prompt following", limit,
+                    config.max_text_len)
+  try:
+    ids, mask = text.batch_encode(text_tok, prompts, limit,
+                                  truncate=truncate)
+  except ValueError as e:
+    raise ValueError(f"{e}; or sample with --truncate (keep the first"
+                     f" {limit} ids) or --max_text_len=N") from None
   graphdef, state = nnx.split(model)
   os.makedirs(out, exist_ok=True)
   written = []

@@ -15,7 +15,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from cvqcar import checkpoint, sharding, visualize
+from cvqcar import checkpoint, logs, sharding, visualize
 from cvqcar.car import model as car_lib
 from cvqcar.car import sampling
 from cvqcar.car import state as car_state
@@ -176,6 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       ckpt.save(step, state.saved(), train_iter, force=last)
   ckpt.wait()
   writer.flush()
+  logs.finished(workdir, step, f"CAR stage {config.stage} training",
+                summary.eval)
   return summary._replace(last_step=step)
 
 

@@ -18,7 +18,7 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import checkpoint, metrics, optim, sharding, visualize
+from cvqcar import checkpoint, logs, metrics, optim, sharding, visualize
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import evaluate as evaluate_lib
 from cvqcar.tokenizer import losses, lpips, vqgan
@@ -352,6 +352,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       break
   ckpt.wait()
   writer.flush()
+  logs.finished(workdir, step, "tokenizer training", {
+      k: v for k, v in summary.eval.items()
+      if k in ("eval/psnr", "eval/ssim", "eval/codebook_usage")})
   return summary._replace(last_step=step)
 
 
