@@ -98,7 +98,8 @@ def _compile_tokenizer(config):
   }
   with jax.set_mesh(mesh):
     compiled = trainer.train_step.lower(
-        trainer.abstract_state, batch, trainer.step_key).compile()
+        trainer.abstract_state, batch, trainer.step_key,
+        trainer.perceptual).compile()
   state = trainer.abstract_state
   summary = (f"parameters: {_count(state.params):.2f}M generator,"
              f" {_count(state.disc_params):.2f}M discriminator; batch"
