@@ -19,7 +19,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from cvqcar import distributed, logs
-from cvqcar.tokenizer import evaluate
+from cvqcar.tokenizer import eval_job, evaluate
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer export.")
 _DATA = flags.DEFINE_string("data", "embedded", "embedded, folder:DIR or"
@@ -45,7 +45,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.setup()
   distributed.initialize()
-  evaluate.evaluate_export(
+  eval_job.evaluate_export(
       _TOKENIZER.value, data=_DATA.value, names=_METRICS.value,
       out=_OUT.value, batch_size=_BATCH.value, num_images=_NUM.value,
       data_dir=_DATA_DIR.value, inception_path=_INCEPTION.value,

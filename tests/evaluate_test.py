@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import tiny_config
 from cvqcar import metrics
 from cvqcar.data import images as image_data
-from cvqcar.tokenizer import evaluate, export, lpips
+from cvqcar.tokenizer import eval_job, export, lpips
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -39,7 +39,7 @@ def folder(tmp_path_factory):
 
 def test_every_image_counted_once_and_corrupt_ones_skipped(
     tokenizer_export, folder, tmp_path, capsys):
-  result = evaluate.evaluate_export(
+  result = eval_job.evaluate_export(
       tokenizer_export, data=f"folder:{folder}", out=str(tmp_path),
       batch_size=32)
   assert result["images"] == 100 and result["skipped_corrupt"] == 1
@@ -52,7 +52,7 @@ def test_every_image_counted_once_and_corrupt_ones_skipped(
   assert row.startswith("| export | 100 | n/a |")
   # The mean is over exactly the 100 real images (padding masked out).
   tokenizer = export.load_tokenizer(tokenizer_export)
-  records, preprocess, _ = evaluate.eval_source(
+  records, preprocess, _ = eval_job.eval_source(
       f"folder:{folder}", tiny_config(), 0)
   images = [preprocess(records[i], None) for i in range(len(records))]
   images = np.stack([x["image"] for x in images if not x["corrupt"]])
@@ -69,7 +69,7 @@ def test_lpips_and_rfid_with_weight_files(tokenizer_export, folder,
   path = tmp_path / "lpips.npz"
   model = lpips.LPIPS(rngs=nnx.Rngs(0))
   model.save(str(path))
-  result = evaluate.evaluate_export(
+  result = eval_job.evaluate_export(
       tokenizer_export, data=f"folder:{folder}", names=["lpips", "psnr"],
       out=str(tmp_path / "out"), batch_size=16, num_images=20,
       lpips_path=str(path))
@@ -83,7 +83,7 @@ def test_rfid_on_the_embedded_set(tokenizer_export, tmp_path):
 
   _, state = torch_references.fid_inception()
   np.savez(tmp_path / "inception.npz", **state)
-  result = evaluate.evaluate_export(
+  result = eval_job.evaluate_export(
       tokenizer_export, names=["rfid", "psnr", "ssim", "usage"],
       out=str(tmp_path / "out"), batch_size=8, num_images=12,
       inception_path=str(tmp_path / "inception.npz"))
