@@ -112,8 +112,7 @@ def _hf_checkpoint(directory):
 
 
 def test_bf16_multi_file_checkpoint_on_fsdp8(tmp_path, monkeypatch):
-  import torch
-
+  torch = pytest.importorskip("torch")
   hf = _hf_checkpoint(str(tmp_path))
   reads = []
   real_read = hf_io.SafetensorsFile.read
