@@ -10,13 +10,21 @@ ImageNet at 256 px, 256 channel tokens of 16x16 (a pod job):
 
 Arguments after ':' are comma-separated: `tiny` shrinks everything to run on
 a CPU, `patch` selects the patch-wise VQGAN baseline on the same encoder,
-`ema` / `cosine` / `simvq` select the codebook variant, `res=N` sets the
-resolution. Any field is overridable: --config.num_train_steps=50.
+`ema` / `plain` / `cosine` / `simvq` select the codebook variant, `res=N`
+sets the resolution, and `budget=B` (a square number) sets an equal token
+budget for both axes: a sqrt(B) x sqrt(B) latent grid with B channels, so
+channel tokens and patch tokens alike are B tokens of B numbers:
+
+  python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64
+  python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64,patch
+
+Any field is overridable: --config.num_train_steps=50.
 """
 
 import ml_collections
 
-KNOWN_ARGS = {"tiny", "patch", "ema", "plain", "cosine", "simvq", "res"}
+KNOWN_ARGS = {"tiny", "patch", "ema", "plain", "cosine", "simvq", "res",
+              "budget"}
 
 
 def parse_args(arg: str, known: set[str]) -> dict[str, str]:
@@ -30,6 +38,23 @@ def parse_args(arg: str, known: set[str]) -> dict[str, str]:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known:"
                      f" {sorted(known)}")
   return out
+
+
+def set_budget(m: ml_collections.ConfigDict, budget: int,
+               tiny: bool) -> None:
+  """An s x s latent grid with s*s channels, s = sqrt(budget): the same
+  number of tokens (and numbers per token) along either axis."""
+  side = int(round(budget ** 0.5))
+  factor = m.resolution // side if side else 0
+  if (budget < 1 or side * side != budget or factor * side != m.resolution
+      or factor & (factor - 1)):
+    raise ValueError(
+        f"budget={budget} needs a square number s*s whose side s divides the"
+        f" resolution {m.resolution} by a power of two (e.g. 16, 64, 256)")
+  levels = factor.bit_length()  # factor = 2 ** (levels - 1)
+  widths = (1,) + (2,) * 8 if tiny else (1, 1, 2, 2, 4, 4, 8, 8, 8)
+  m.channel_mults = widths[:levels]
+  m.latent_channels = budget
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -141,6 +166,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.log_every = 50
     config.eval_every = 200
     config.checkpoint_every = 200
+  if "budget" in args:
+    set_budget(m, int(args["budget"]), tiny="tiny" in args)
   if "patch" in args:
     m.quantize = "patch"
     m.nested_dropout_alpha = 0.0

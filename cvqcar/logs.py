@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging as pylogging
 import os
 
@@ -32,10 +33,65 @@ def finished(workdir: str, step: int, what: str,
   shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted((scalars or {}).items()))
   text = (f"{what} finished at step {step}{': ' + shown if shown else ''}\n"
           f"  images:      {os.path.join(workdir, 'images')}\n"
-          f"  metrics:     {workdir} (TensorBoard event files)\n"
+          f"  metrics:     {workdir} (TensorBoard event files,"
+          f" {METRICS_FILE})\n"
           f"  checkpoints: {os.path.join(workdir, 'checkpoints')}\n"
           f"  export:      python -m cvqcar.export --workdir={workdir}"
           f" --out=exports/{name}")
   if jax.process_index() == 0:
     print(text, flush=True)
   return text
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFile:
+  """WORKDIR/metrics.jsonl: every logged scalar as one JSON line per write,
+  {"step": N, "train/loss": ...}, readable without TensorFlow (the report
+  command reads it). Process 0 rewrites it atomically at each write; a
+  resumed run keeps the lines already there."""
+
+  def __init__(self, workdir: str):
+    import jax  # noqa: PLC0415
+
+    self.workdir = workdir
+    self.enabled = jax.process_index() == 0
+    self.lines = []
+    if self.enabled:
+      path = os.path.join(workdir, METRICS_FILE)
+      from etils import epath  # noqa: PLC0415
+
+      if epath.Path(path).exists():
+        self.lines = epath.Path(path).read_text().splitlines()
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    from cvqcar import checkpoint  # noqa: PLC0415 (orbax; imported late)
+
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self.lines.append(json.dumps(row, sort_keys=True))
+    checkpoint.write_text(self.workdir, METRICS_FILE,
+                          "\n".join(self.lines) + "\n")
+
+
+def read_metrics(path: str) -> dict[int, dict[str, float]]:
+  """step -> {name: value} from a metrics.jsonl; a later line's value for
+  the same step and name wins (a resumed run repeats steps)."""
+  out: dict[int, dict[str, float]] = {}
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        step = row.pop("step")
+        if not isinstance(step, int) or not all(
+            isinstance(v, int | float) for v in row.values()):
+          raise ValueError("needs an integer step and numeric values")
+      except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}:{number}: not a metrics line ({e}):"
+                         f" {line.strip()[:80]!r}") from None
+      out.setdefault(step, {}).update(row)
+  return out

@@ -68,6 +68,6 @@ def codebook_perplexity(code_counts_k) -> float:
 
 
 def prefix_lengths(num_channels: int) -> list[int]:
-  """k = C/16, C/8, C/4, C/2, C (at least 1, no repeats)."""
-  ks = [max(1, num_channels // d) for d in (16, 8, 4, 2, 1)]
+  """k = C/64, C/32, ..., C/2, C (at least 1, no repeats)."""
+  ks = [max(1, num_channels // d) for d in (64, 32, 16, 8, 4, 2, 1)]
   return sorted(set(ks))

@@ -8,9 +8,11 @@ slurm and tpu_pod launchers). Run from anywhere:
       --launcher=slurm --workdir_root=/shared/runs/codebook_size
 
 A sweep file defines `get_sweep()` returning {"config": "FILE[:ARGS]",
-"workdir_root": DIR, "points": [{"model.num_codes": 1024, ...}, ...]}. Each
-point becomes `--config.FIELD=VALUE` overrides and its own workdir,
-WORKDIR_ROOT/<field>-<value>_... (last name of each field), run through
+"workdir_root": DIR, "points": [{"model.num_codes": 1024, ...}, ...]} and
+optionally "fixed": {FIELD: VALUE} for every point. Each point becomes
+`--config.FIELD=VALUE` overrides (the fixed ones first) and its own workdir,
+WORKDIR_ROOT/<field>-<value>_... (last name of each field the point sets),
+run through
 launch/local.sh (one after another here), `sbatch launch/slurm.sbatch` (one
 job per point) or launch/tpu_pod.sh (one after another on the pod); the
 first failing command stops the sweep. Every field of every point is checked
@@ -61,16 +63,24 @@ def load_sweep(path: str) -> dict[str, Any]:
   if not isinstance(sweep, dict):
     raise ValueError(f"get_sweep() of {path!r} returned {sweep!r}, not a dict")
   missing = {"config", "points"} - set(sweep)
-  unknown = set(sweep) - {"config", "points", "workdir_root"}
+  unknown = set(sweep) - {"config", "points", "workdir_root", "fixed"}
   if missing or unknown:
     raise ValueError(f"get_sweep() of {path!r} needs keys config, points"
-                     f" (and optionally workdir_root); missing"
+                     f" (and optionally workdir_root, fixed); missing"
                      f" {sorted(missing)}, unknown {sorted(unknown)}")
   points = sweep["points"]
   if not points or not all(isinstance(p, dict) for p in points):
     raise ValueError(f"points of {path!r} must be a non-empty list of dicts,"
                      f" got {points!r}")
+  if not isinstance(sweep.get("fixed", {}), dict):
+    raise ValueError(f"fixed of {path!r} must be a dict, got"
+                     f" {sweep['fixed']!r}")
   return sweep
+
+
+def full_points(sweep: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each point's overrides with the sweep's fixed ones first."""
+  return [{**sweep.get("fixed", {}), **p} for p in sweep["points"]]
 
 
 def _literal(value: Any) -> str:
@@ -162,7 +172,8 @@ def commands(sweep: dict[str, Any], launcher: str, workdir_root: str,
                        f" {name!r}: give them different values")
     seen[name] = i
     workdir = f"{workdir_root.rstrip('/')}/{name}"
-    args = [config_arg, workdir, *overrides(point)]
+    args = [config_arg, workdir,
+            *overrides({**sweep.get("fixed", {}), **point})]
     if launcher == "local":
       cmds.append(["launch/local.sh", *args])
     elif launcher == "slurm":
@@ -186,7 +197,7 @@ def main(argv):
     if not workdir_root:
       raise ValueError("no workdir root: pass --workdir_root or set"
                        " workdir_root in get_sweep()")
-    check_points(sweep["config"], sweep["points"])
+    check_points(sweep["config"], full_points(sweep))
     job_prefix = os.path.splitext(os.path.basename(sweep_path))[0]
     cmds = commands(sweep, _LAUNCHER.value, workdir_root, job_prefix)
   except ValueError as e:

@@ -41,5 +41,5 @@ def test_usage_and_perplexity():
 
 
 def test_prefix_lengths():
-  assert metrics.prefix_lengths(256) == [16, 32, 64, 128, 256]
+  assert metrics.prefix_lengths(256) == [4, 8, 16, 32, 64, 128, 256]
   assert metrics.prefix_lengths(8) == [1, 2, 4, 8]

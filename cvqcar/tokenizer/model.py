@@ -22,6 +22,7 @@ class ForwardOutput(NamedTuple):
   commitment_loss: jax.Array
   code_counts: jax.Array  # [K]
   channels_kept: jax.Array  # [B] int32, C where no dropout applied
+  latent_norm: jax.Array  # mean L2 norm of the token vectors looked up
 
 
 def check_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -157,7 +158,7 @@ class Tokenizer(nnx.Module):
         decoder_features=features, indices=out.indices,
         codebook_loss=out.codebook_loss,
         commitment_loss=out.commitment_loss, code_counts=out.code_counts,
-        channels_kept=channels_kept_b)
+        channels_kept=channels_kept_b, latent_norm=out.input_norm)
 
   def encode(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] in [-1, 1] -> tokens [B, T] int32."""

@@ -26,6 +26,7 @@ class QuantizerOutput(NamedTuple):
   codebook_loss: jax.Array  # scalar, ||sg(z) - e||^2 over kept rows
   commitment_loss: jax.Array  # scalar, ||z - sg(e)||^2 over kept rows
   code_counts: jax.Array  # [K] hits per code over kept rows in this batch
+  input_norm: jax.Array  # scalar, mean L2 norm of the kept rows looked up
 
 
 def _l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -136,8 +137,13 @@ class VectorQuantizer(nnx.Module):
         z_nd - jax.lax.stop_gradient(e_nd), weight_n)
     # Straight-through: forward value e, gradient identity to z.
     quantized_nd = z_nd + jax.lax.stop_gradient(e_nd - z_nd)
+    norm_n = jnp.sqrt(jnp.sum(jnp.square(
+        jax.lax.stop_gradient(z_nd).astype(jnp.float32)), axis=-1))
+    input_norm = jnp.sum(norm_n * weight_n) / jnp.maximum(
+        jnp.sum(weight_n), 1.0)
     return QuantizerOutput(quantized_nd.astype(x_nd.dtype), indices_n,
-                           codebook_loss, commitment_loss, code_counts_k)
+                           codebook_loss, commitment_loss, code_counts_k,
+                           input_norm)
 
   def _ema_update(self, z_nd, indices_n, weight_n, counts_k, key):
     z_nd = jax.lax.stop_gradient(z_nd).astype(jnp.float32)

@@ -120,7 +120,12 @@ def train_step(state: TrainState, batch, key, perceptual=None, *, config,
     aux = {"nll": nll, "quantization": quant,
            "codebook_loss": out.codebook_loss,
            "commitment_loss": out.commitment_loss,
-           "channels_kept": jnp.mean(out.channels_kept.astype(jnp.float32))}
+           "channels_kept": jnp.mean(out.channels_kept.astype(jnp.float32)),
+           # The lookup's scale: token vectors against codewords (collapse).
+           "latent_norm": out.latent_norm,
+           "codeword_norm": jnp.mean(jnp.linalg.norm(
+               jax.lax.stop_gradient(model.quantizer.vq.codebook()),
+               axis=-1))}
     if use_gan:
       disc = nnx.merge(setup.disc_graphdef, state.disc_params)
       weight_b = None
@@ -292,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_iter = iter(image_data.train_dataset(config))
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
+  metrics_file = logs.MetricsFile(workdir)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state, train_iter)
   else:
@@ -313,6 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     summary.eval.clear()
     summary.eval.update(eval_metrics)
     writer.write_scalars(step, eval_metrics)
+    metrics_file.write(step, eval_metrics)
     grid = visualize.reconstruction_grid(first, config.num_grid_images)
     path = os.path.join(workdir, "images", f"recon_{step:07d}.png")
     if jax.process_index() == 0:
@@ -341,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  for k in history[0]}
       scalars["train/skipped"] *= len(history)  # a count, not a mean
       writer.write_scalars(step, scalars)
+      metrics_file.write(step, scalars)
       history, first_step = [], step + 1
     if step % config.eval_every == 0 or step == total:
       run_eval(step)

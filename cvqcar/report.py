@@ -1,0 +1,326 @@
+"""Tables and plots of finished tokenizer runs, written to docs/results.md.
+
+  python -m cvqcar.report --runs=runs/sweeps --out=docs/results.md
+
+Every directory under --runs that holds a run (config.json and the
+metrics.jsonl the trainer writes) is read; runs are grouped by their parent
+directory (one sweep, e.g. runs/sweeps/equal_budget/*). For each sweep the
+page gets a table (the config fields that vary across its runs, then tokens,
+codebook usage, perplexity, PSNR, SSIM, LPIPS and rFID where measured, and
+how much PSNR the last quarter of training still added) and PNG plots:
+codebook usage against K for each quantization axis and codebook, and PSNR
+against the number of kept channels for each nested dropout alpha. Only the
+generated blocks of the page are replaced (between `<!-- report:NAME -->`
+markers); text written around them stays. Runs still training are listed,
+not tabulated. A malformed run directory stops the report with an error
+naming the file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+from typing import Any, NamedTuple
+
+from cvqcar import logs
+
+# (column, how to read it from the config, how to print it)
+_FIELDS = (
+    ("axis", lambda c: c["model"]["quantize"], str),
+    ("K", lambda c: c["model"]["num_codes"], lambda v: f"{v:,}"),
+    ("codebook", lambda c: codebook_name(c["model"]["codebook"]), str),
+    ("init scale", lambda c: c["model"]["codebook"]["init_scale"], str),
+    ("alpha", lambda c: c["model"]["nested_dropout_alpha"], str),
+    ("batch", lambda c: c["batch_size"], str),
+    ("steps", lambda c: c["num_train_steps"], str),
+)
+_REQUIRED = ("eval/psnr", "eval/ssim", "eval/codebook_usage",
+             "eval/codebook_perplexity", "eval/images")
+
+
+class Run(NamedTuple):
+  path: str
+  config: dict[str, Any]
+  train: dict[int, dict[str, float]]  # step -> train/* scalars
+  eval: dict[str, float]  # the final eval's eval/* scalars
+  finished: bool
+
+
+def codebook_name(cb: dict[str, Any]) -> str:
+  name = ("SimVQ" if cb.get("simvq") else
+          "EMA + restart" if cb.get("ema") else "plain")
+  return name + (", cosine" if cb.get("cosine") else "")
+
+
+def num_tokens(model: dict[str, Any]) -> tuple[int, int]:
+  """(tokens per image, numbers per token) of a model config."""
+  side = model["resolution"] // 2 ** (len(model["channel_mults"]) - 1)
+  if model["quantize"] == "channel":
+    return model["latent_channels"], side * side
+  return side * side, model["latent_channels"]
+
+
+def load_run(path: str) -> Run:
+  """A run directory's config and metrics; ValueError naming what is wrong."""
+  config_path = os.path.join(path, "config.json")
+  metrics_path = os.path.join(path, logs.METRICS_FILE)
+  for p in (config_path, metrics_path):
+    if not os.path.isfile(p):
+      raise ValueError(f"run {path}: no {os.path.basename(p)}")
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+    for _, read, _ in _FIELDS:
+      read(config)
+    num_tokens(config["model"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{config_path}: not a tokenizer config"
+                     f" ({type(e).__name__}: {e})") from None
+  steps = logs.read_metrics(metrics_path)
+  evals = {s: {k: v for k, v in m.items() if k.startswith("eval/")}
+           for s, m in steps.items()}
+  evals = {s: m for s, m in evals.items() if m}
+  if not evals:
+    raise ValueError(f"{metrics_path}: no eval metrics")
+  last = max(evals)
+  missing = [k for k in _REQUIRED if k not in evals[last]]
+  if missing:
+    raise ValueError(f"{metrics_path}: the eval at step {last} lacks"
+                     f" {', '.join(missing)}")
+  train = {s: {k: v for k, v in m.items() if k.startswith("train/")}
+           for s, m in steps.items()}
+  return Run(path, config, {s: m for s, m in train.items() if m},
+             evals[last], last >= config["num_train_steps"])
+
+
+def find_runs(root: str) -> dict[str, list[Run]]:
+  """Sweep name (the run's parent directory, relative to root) -> runs."""
+  if not os.path.isdir(root):
+    raise ValueError(f"no run directory {root!r}")
+  sweeps: dict[str, list[Run]] = {}
+  for dirpath, dirnames, filenames in sorted(os.walk(root)):
+    dirnames.sort()
+    if logs.METRICS_FILE in filenames or "config.json" in filenames:
+      dirnames.clear()  # checkpoints/ and images/ hold no runs
+      parent = os.path.relpath(os.path.dirname(dirpath), root)
+      sweep = os.path.basename(root.rstrip("/")) if parent == "." else parent
+      sweeps.setdefault(sweep, []).append(load_run(dirpath))
+  if not sweeps:
+    raise ValueError(f"no runs (config.json + {logs.METRICS_FILE}) under"
+                     f" {root!r}")
+  return sweeps
+
+
+def _late_gain(run: Run) -> float | None:
+  """Train PSNR at the end minus at 3/4 of the steps (the curve's slope)."""
+  series = sorted((s, m["train/psnr"]) for s, m in run.train.items()
+                  if "train/psnr" in m)
+  if len(series) < 2:
+    return None
+  end_step, end = series[-1]
+  quarter = min(series, key=lambda p: abs(p[0] - 0.75 * end_step))
+  return None if quarter[0] == end_step else end - quarter[1]
+
+
+def _last_train(run: Run, name: str) -> float | None:
+  values = [m[name] for _, m in sorted(run.train.items()) if name in m]
+  return values[-1] if values else None
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+  return "n/a" if value is None else format(value, spec)
+
+
+def sweep_table(runs: list[Run]) -> str:
+  """One row a finished run: the config fields that vary, then metrics."""
+  varying = [f for f in _FIELDS
+             if len({repr(f[1](r.config)) for r in runs}) > 1] or [_FIELDS[0]]
+  optional = [k for k in ("eval/lpips", "eval/rfid")
+              if any(k in r.eval for r in runs)]
+  header = ([name for name, _, _ in varying]
+            + ["tokens x dim", "eval tokens", "usage", "perplexity", "PSNR",
+               "SSIM"] + [k.split("/")[1].upper() for k in optional]
+            + ["PSNR gain, last 1/4", "token / codeword norm"])
+  rows = []
+  for run in sorted(runs, key=lambda r: [repr(f[1](r.config))
+                                         for f in varying]):
+    tokens, dim = num_tokens(run.config["model"])
+    ev = run.eval
+    z, e = (_last_train(run, "train/latent_norm"),
+            _last_train(run, "train/codeword_norm"))
+    rows.append(
+        [show(read(run.config)) for _, read, show in varying]
+        + [f"{tokens} x {dim}", f"{int(ev['eval/images']) * tokens:,}",
+           f"{ev['eval/codebook_usage']:.1%}",
+           f"{ev['eval/codebook_perplexity']:,.0f}",
+           f"{ev['eval/psnr']:.2f}", f"{ev['eval/ssim']:.3f}"]
+        + [_fmt(ev.get(k), ".3f" if "lpips" in k else ".2f")
+           for k in optional]
+        + [_fmt(_late_gain(run), "+.2f"),
+           "n/a" if z is None or e is None else f"{z:.2f} / {e:.2f}"])
+  return markdown_table(header, rows)
+
+
+def _series(runs: list[Run], key, x_of, y_of):
+  """{label: sorted [(x, y), ...]} over runs grouped by key(run)."""
+  out: dict[str, list] = {}
+  for run in runs:
+    out.setdefault(key(run), []).extend(
+        (x, y_of(run, x)) for x in x_of(run))
+  return {label: sorted(points) for label, points in sorted(out.items())}
+
+
+def _plot(path: str, series: dict[str, list], *, xlabel: str, ylabel: str,
+          title: str, logx: bool = False) -> str:
+  import matplotlib  # noqa: PLC0415 (only the plots need it)
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  for label, points in series.items():
+    xs, ys = zip(*points, strict=True)
+    ax.plot(xs, ys, marker="o", label=label)
+  if logx:
+    ax.set_xscale("log", base=2)
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
+  """Usage against K (when K varies) and PSNR against kept channels (when
+  channel runs differ in alpha); the PNG paths written."""
+  stem, paths = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"), []
+  model = lambda r: r.config["model"]
+  if len({model(r)["num_codes"] for r in runs}) > 1:
+    series = _series(
+        runs, lambda r: f"{model(r)['quantize']}, "
+        f"{codebook_name(model(r)['codebook'])}",
+        lambda r: [model(r)["num_codes"]],
+        lambda r, _: 100 * r.eval["eval/codebook_usage"])
+    paths.append(_plot(os.path.join(out_dir, f"{stem}_usage_vs_k.png"),
+                       series, xlabel="codebook size K", logx=True,
+                       ylabel="codebook usage on held-out crops (%)",
+                       title=f"{name}: codebook usage"))
+  channel = [r for r in runs if model(r)["quantize"] == "channel"]
+  if len({model(r)["nested_dropout_alpha"] for r in channel}) > 1:
+    prefix = lambda r: sorted(int(k.rsplit("_", 1)[1]) for k in r.eval
+                              if k.startswith("eval/psnr_first_"))
+    series = _series(
+        channel, lambda r: f"alpha = {model(r)['nested_dropout_alpha']}",
+        prefix, lambda r, k: r.eval[f"eval/psnr_first_{k}"])
+    paths.append(_plot(os.path.join(out_dir, f"{stem}_psnr_vs_kept.png"),
+                       series, xlabel="channels kept (the first k)", logx=True,
+                       ylabel="PSNR (dB)",
+                       title=f"{name}: coarse to fine"))
+  return paths
+
+
+def machine() -> str:
+  import jax  # noqa: PLC0415
+
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", dev.platform)
+  cpu = platform.processor() or platform.machine()
+  return (f"{jax.device_count()} x {kind} ({dev.platform}), host {cpu} with"
+          f" {os.cpu_count()} cores, jax {jax.__version__}, Python"
+          f" {platform.python_version()}")
+
+
+def replace_block(text: str, marker: str, name: str, block: str) -> str:
+  """`text` with the block between <!-- MARKER:NAME --> and
+  <!-- /MARKER:NAME --> replaced by `block` (appended when absent)."""
+  begin, end = f"<!-- {marker}:{name} -->", f"<!-- /{marker}:{name} -->"
+  section = f"{begin}\n{block.strip()}\n{end}"
+  pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+  if pattern.search(text):
+    return pattern.sub(lambda _: section, text)
+  return text.rstrip() + "\n\n" + section + "\n"
+
+
+def _run_dates(runs: list[Run]) -> str:
+  stamps = sorted(os.path.getmtime(os.path.join(r.path, logs.METRICS_FILE))
+                  for r in runs)
+  day = lambda t: datetime.datetime.fromtimestamp(t, datetime.UTC).strftime(
+      "%Y-%m-%d %H:%M UTC")
+  return day(stamps[0]) if len(stamps) == 1 else (
+      f"{day(stamps[0])} to {day(stamps[-1])}")
+
+
+def build(root: str, out: str, *, run_machine: str = "",
+          command: str = "python -m cvqcar.report") -> str:
+  """Rewrites the generated blocks of `out` from the runs under `root`;
+  returns the page."""
+  sweeps = find_runs(root)
+  page = (open(out).read() if os.path.exists(out) else
+          "# Results\n\nTables and plots below are generated by `python -m"
+          " cvqcar.report` from finished runs; text outside the generated"
+          " blocks is written by hand.\n")
+  out_dir = os.path.join(os.path.dirname(out) or ".", "results")
+  for name, runs in sweeps.items():
+    done = [r for r in runs if r.finished]
+    lines = [f"### {name}", ""]
+    sweep_file = os.path.join("configs", "sweeps",
+                              f"{os.path.basename(name)}.py")
+    if os.path.isfile(sweep_file):
+      lines.append(f"- runs: `python launch/sweep.py --sweep={sweep_file}`")
+    lines += [f"- table and plots: `{command}`",
+              f"- machine: {run_machine or machine()}",
+              f"- runs finished: {_run_dates(runs)}", ""]
+    if done:
+      lines += [sweep_table(done), ""]
+      for path in sweep_plots(name, done, out_dir):
+        rel = os.path.relpath(path, os.path.dirname(out) or ".")
+        lines += [f"![{os.path.basename(path)}]({rel})", ""]
+    unfinished = sorted(os.path.basename(r.path) for r in runs
+                        if not r.finished)
+    if unfinished:
+      lines.append(f"Still training (not tabulated): {', '.join(unfinished)}")
+    page = replace_block(page, "report", name, "\n".join(lines))
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w") as f:
+    f.write(page)
+  return page
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--runs", default="runs/sweeps",
+                      help="directory of run directories (any depth)")
+  parser.add_argument("--out", default="docs/results.md")
+  parser.add_argument("--machine", default="",
+                      help="the machine the runs ran on (default: this one)")
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser.parse_args(argv)
+  command = " ".join(["python -m cvqcar.report", *map(shlex.quote, argv)])
+  try:
+    build(args.runs, args.out, run_machine=args.machine, command=command)
+  except ValueError as e:
+    print(f"report: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
