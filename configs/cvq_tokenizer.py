@@ -10,6 +10,8 @@ ImageNet at 256 px, 256 channel tokens of 16x16 (a pod job):
 
 Arguments after ':' are comma-separated: `tiny` shrinks everything to run on
 a CPU, `patch` selects the patch-wise VQGAN baseline on the same encoder,
+`dynamic` DQ-VAE's dynamic quantization (at most h*w tokens: a region of
+2 x 2 latent cells takes one code or four; about half fine by default),
 `ema` / `plain` / `cosine` / `simvq` select the codebook variant, `res=N`
 sets the resolution, and `budget=B` (a square number) sets an equal token
 budget for both axes: a sqrt(B) x sqrt(B) latent grid with B channels, so
@@ -23,8 +25,8 @@ Any field is overridable: --config.num_train_steps=50.
 
 import ml_collections
 
-KNOWN_ARGS = {"tiny", "patch", "ema", "plain", "cosine", "simvq", "res",
-              "budget"}
+KNOWN_ARGS = {"tiny", "patch", "dynamic", "ema", "plain", "cosine", "simvq",
+              "res", "budget"}
 
 
 def parse_args(arg: str, known: set[str]) -> dict[str, str]:
@@ -82,7 +84,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.num_res_blocks = 2
   m.norm_groups = 32
   m.latent_channels = 256  # C: the number of channel tokens
-  m.quantize = "channel"  # 'channel' (CVQ) or 'patch' (VQGAN baseline)
+  # 'channel' (CVQ), 'patch' (VQGAN baseline) or 'dynamic' (DQ-VAE)
+  m.quantize = "channel"
   m.num_codes = 16_384
   m.nested_dropout_alpha = 0.25
   cb = m.codebook = ml_collections.ConfigDict()
@@ -93,12 +96,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   cb.restart_fraction = 0.03
   cb.init_scale = 1.0
   cb.argmin_impl = "auto"
+  # quantize='dynamic': a region of 2 x 2 latent cells takes 1 code or 4.
+  m.dynamic = ml_collections.ConfigDict()
+  m.dynamic.fine_fraction = 0.5  # target share of regions coded fine
+  m.dynamic.temperature = 1.0  # of the router's Gumbel-softmax
 
   loss = config.loss = ml_collections.ConfigDict()
   loss.reconstruction = "l2"  # or 'l1'
   loss.reconstruction_weight = 5.0
   loss.quantization_weight = 5.0
   loss.beta = 0.25  # commitment
+  loss.budget_weight = 1.0  # dynamic: (fine share - target)^2
   loss.perceptual_weight = 1.0
   loss.perceptual_weights = ""  # .npz of LPIPS weights; empty turns it off
   loss.gan_weight = 0.75  # times the adaptive weight
@@ -168,9 +176,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.checkpoint_every = 200
   if "budget" in args:
     set_budget(m, int(args["budget"]), tiny="tiny" in args)
-  if "patch" in args:
-    m.quantize = "patch"
-    m.nested_dropout_alpha = 0.0
+  for axis in ("patch", "dynamic"):
+    if axis in args:
+      m.quantize = axis
+      m.nested_dropout_alpha = 0.0
   if "ema" in args:
     cb.ema, cb.simvq = True, False
   if "plain" in args:

@@ -46,6 +46,9 @@ _LAUNCHER = flags.DEFINE_enum(
 _WORKDIR_ROOT = flags.DEFINE_string(
     "workdir_root", None, "Parent of the per-point workdirs (default: the"
     " sweep's workdir_root). Use a gs:// path for tpu_pod.")
+_ONLY = flags.DEFINE_list(
+    "only", [], "Run only these points, 1-based as numbered in the output"
+    " (e.g. 3,4,5 or 3-10): to split a sweep over machines.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the commands, one a line, and run nothing.")
 
@@ -186,6 +189,18 @@ def commands(sweep: dict[str, Any], launcher: str, workdir_root: str,
   return cmds
 
 
+def _span(part: str, count: int) -> list[int]:
+  """'3' -> [3]; '3-5' -> [3, 4, 5]; each within 1..count."""
+  lo, _, hi = part.partition("-")
+  try:
+    first, last = int(lo), int(hi or lo)
+  except ValueError:
+    raise ValueError(f"{part!r} is not N or N-M") from None
+  if not 1 <= first <= last <= count:
+    raise ValueError(f"{part!r} is outside points 1..{count}")
+  return list(range(first, last + 1))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -202,18 +217,25 @@ def main(argv):
     cmds = commands(sweep, _LAUNCHER.value, workdir_root, job_prefix)
   except ValueError as e:
     sys.exit(f"sweep {_SWEEP.value}: {e}")
+  chosen = list(range(1, len(cmds) + 1))
+  if _ONLY.value:
+    try:
+      chosen = [i for part in _ONLY.value for i in _span(part, len(cmds))]
+    except ValueError as e:
+      sys.exit(f"sweep {_SWEEP.value}: --only: {e}")
   if _DRY_RUN.value:
-    print("\n".join(shlex.join(c) for c in cmds))
+    print("\n".join(shlex.join(cmds[i - 1]) for i in chosen))
     return
   if _LAUNCHER.value == "tpu_pod" and "://" not in workdir_root:
     print(f"warning: pod workers share no disk; {workdir_root!r} is a local"
           " path on each worker (use gs://...)", file=sys.stderr)
-  for i, cmd in enumerate(cmds):
-    print(f"[{i + 1}/{len(cmds)}] {shlex.join(cmd)}", flush=True)
+  for n, i in enumerate(chosen):
+    cmd = cmds[i - 1]
+    print(f"[{i}/{len(cmds)}] {shlex.join(cmd)}", flush=True)
     code = subprocess.run(cmd, cwd=ROOT).returncode
     if code:
-      sys.exit(f"sweep: point {i + 1}/{len(cmds)} failed with exit code"
-               f" {code}; stopped, {len(cmds) - i - 1} not run: "
+      sys.exit(f"sweep: point {i}/{len(cmds)} failed with exit code"
+               f" {code}; stopped, {len(chosen) - n - 1} not run: "
                f"{shlex.join(cmd)}")
 
 

@@ -55,6 +55,7 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
   perceptual = (None if weights.lpips is None
                 else nnx.merge(lpips_graphdef, weights.lpips))
   sums = {"images": jnp.sum(mask),
+          "tokens": jnp.sum(mask * jnp.sum(out.index_weight, axis=1)),
           "psnr": jnp.sum(mask * metrics.psnr(recon, images)),
           "ssim": jnp.sum(mask * metrics.ssim(recon, images))}
   if perceptual is not None:
@@ -67,7 +68,7 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
       sums[f"lpips_first_{k}"] = jnp.sum(mask * perceptual(first, images))
   indices = out.indices.reshape(out.indices.shape[0], -1)
   counts = jnp.zeros(out.code_counts.shape, jnp.float32).at[indices].add(
-      jnp.broadcast_to(mask[:, None], indices.shape))
+      mask[:, None] * out.index_weight.reshape(indices.shape))
   stats = {}
   if weights.inception is not None:
     for name, x in (("real", images), ("recon", recon)):

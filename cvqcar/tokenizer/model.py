@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cvqcar.tokenizer import quantize, vqgan
+from cvqcar.tokenizer import dynamic, quantize, vqgan
 
-QUANTIZERS = ("channel", "patch")
+QUANTIZERS = ("channel", "patch", "dynamic")
 
 
 class ForwardOutput(NamedTuple):
@@ -23,6 +23,9 @@ class ForwardOutput(NamedTuple):
   code_counts: jax.Array  # [K]
   channels_kept: jax.Array  # [B] int32, C where no dropout applied
   latent_norm: jax.Array  # mean L2 norm of the token vectors looked up
+  index_weight: jax.Array  # [B, T] 1 for tokens in use (dynamic pads)
+  budget_loss: jax.Array  # dynamic: (fine share - target)^2, else 0
+  fine_share: jax.Array  # dynamic: share of regions coded fine, else 0
 
 
 def check_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -44,13 +47,19 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
   if not 0.0 <= cfg.nested_dropout_alpha <= 1.0:
     raise ValueError("config.model.nested_dropout_alpha must be in [0, 1],"
                      f" got {cfg.nested_dropout_alpha}")
-  if cfg.quantize == "patch" and cfg.nested_dropout_alpha > 0:
+  if cfg.quantize != "channel" and cfg.nested_dropout_alpha > 0:
     raise ValueError("nested channel dropout needs quantize='channel'; set"
-                     " config.model.nested_dropout_alpha=0 for 'patch'")
+                     " config.model.nested_dropout_alpha=0 for"
+                     f" {cfg.quantize!r}")
+  side = cfg.resolution // factor
+  if cfg.quantize == "dynamic" and side % 2:
+    raise ValueError(f"quantize='dynamic' needs an even latent grid (2 x 2"
+                     f" cells a region), got {side}x{side}")
 
 
 def num_tokens(cfg: ml_collections.ConfigDict) -> int:
-  """Tokens per image: C channel tokens, or h*w patch tokens."""
+  """Tokens per image: C channel tokens, or h*w patch tokens (dynamic: at
+  most h*w, the padded length; a coarse region takes 1 instead of 4)."""
   if cfg.quantize == "channel":
     return cfg.latent_channels
   return (cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)) ** 2
@@ -120,6 +129,12 @@ class Tokenizer(nnx.Module):
     s = self.latent_size
     if cfg.quantize == "channel":
       self.quantizer = quantize.ChannelQuantizer(cfg.num_codes, s, s, **vq)
+    elif cfg.quantize == "dynamic":
+      d = cfg.get("dynamic") or {}
+      self.quantizer = dynamic.DynamicQuantizer(
+          cfg.num_codes, cfg.latent_channels, s, s,
+          fine_fraction=d.get("fine_fraction", 0.5),
+          temperature=d.get("temperature", 1.0), **vq)
     else:
       self.quantizer = quantize.PatchQuantizer(
           cfg.num_codes, cfg.latent_channels, **vq)
@@ -148,25 +163,47 @@ class Tokenizer(nnx.Module):
       if self.nested_dropout_alpha > 0:
         channels_kept_b = self._channels_kept(b, drop_key)
         keep_bc = jnp.arange(c)[None, :] < channels_kept_b[:, None]
-    out = self.quantizer(z_bhwc, keep_bc, train=train, key=vq_key)
+    zero = jnp.zeros((), jnp.float32)
+    if self.quantize == "dynamic":
+      dyn = self.quantizer(z_bhwc, train=train, key=vq_key)
+      out, indices = dyn.vq, dyn.tokens.codes
+      index_weight = (dyn.tokens.positions
+                      < 5 * self.quantizer.num_regions).astype(jnp.float32)
+      budget_loss, fine_share = dyn.budget_loss, jnp.mean(dyn.fine_gate)
+    else:
+      out = self.quantizer(z_bhwc, keep_bc, train=train, key=vq_key)
+      indices, budget_loss, fine_share = out.indices, zero, zero
+      index_weight = jnp.ones(indices.shape, jnp.float32)
     quantized = out.quantized
     if keep_bc is not None:
       quantized = quantized * keep_bc[:, None, None, :].astype(quantized.dtype)
     features = self.decoder.features(quantized)
     return ForwardOutput(
         reconstructions=self.decoder.conv_out(features),
-        decoder_features=features, indices=out.indices,
+        decoder_features=features, indices=indices,
         codebook_loss=out.codebook_loss,
         commitment_loss=out.commitment_loss, code_counts=out.code_counts,
-        channels_kept=channels_kept_b, latent_norm=out.input_norm)
+        channels_kept=channels_kept_b, latent_norm=out.input_norm,
+        index_weight=index_weight, budget_loss=budget_loss,
+        fine_share=fine_share)
 
-  def encode(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] in [-1, 1] -> tokens [B, T] int32."""
+  def encode(self, images: jax.Array):
+    """[B, H, W, 3] in [-1, 1] -> tokens [B, T] int32 (dynamic: a
+    DynamicTokens of padded codes, positions and lengths)."""
     check_images(images, self.resolution)
+    if self.quantize == "dynamic":
+      return self.quantizer(self.encoder(images)).tokens
     return self.quantizer(self.encoder(images)).indices
 
-  def decode(self, tokens: jax.Array) -> jax.Array:
-    """Tokens [B, T] -> images [B, H, W, 3]. Channel tokens may be a prefix."""
+  def decode(self, tokens) -> jax.Array:
+    """Tokens [B, T] -> images [B, H, W, 3]. Channel tokens may be a prefix;
+    dynamic tokens are a DynamicTokens (see encode)."""
+    if self.quantize == "dynamic":
+      if not isinstance(tokens, dynamic.DynamicTokens):
+        raise ValueError("a dynamic tokenizer decodes DynamicTokens(codes,"
+                         " positions, lengths), as encode returns")
+      check_token_ids(tokens.codes, self.num_codes, "Tokenizer.decode")
+      return self.decoder(self.quantizer.lookup(tokens))
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     check_token_ids(tokens, self.num_codes, "Tokenizer.decode")

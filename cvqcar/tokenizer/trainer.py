@@ -117,6 +117,8 @@ def train_step(state: TrainState, batch, key, perceptual=None, *, config,
     nll = nll_of(out.reconstructions)
     quant = out.codebook_loss + lc.beta * out.commitment_loss
     total = nll + lc.quantization_weight * quant
+    if config.model.quantize == "dynamic":
+      total += lc.budget_weight * out.budget_loss
     aux = {"nll": nll, "quantization": quant,
            "codebook_loss": out.codebook_loss,
            "commitment_loss": out.commitment_loss,
@@ -126,6 +128,8 @@ def train_step(state: TrainState, batch, key, perceptual=None, *, config,
            "codeword_norm": jnp.mean(jnp.linalg.norm(
                jax.lax.stop_gradient(model.quantizer.vq.codebook()),
                axis=-1))}
+    if config.model.quantize == "dynamic":
+      aux.update(budget_loss=out.budget_loss, fine_share=out.fine_share)
     if use_gan:
       disc = nnx.merge(setup.disc_graphdef, state.disc_params)
       weight_b = None

@@ -1,0 +1,129 @@
+"""DQ-VAE's dynamic quantization: routing, token sequences, decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import cvq_tokenizer
+from cvqcar.data import images as image_data
+from cvqcar.tokenizer import dynamic
+from cvqcar.tokenizer import model as tokenizer_lib
+from cvqcar.tokenizer import trainer as tokenizer_trainer
+
+
+def _config(**model):
+  config = cvq_tokenizer.get_config("tiny,budget=64,dynamic")
+  config.model.update(model)
+  return config
+
+
+def test_sequence_order_lengths_and_round_trip():
+  # Hand-made: 4 regions, regions 1 and 3 fine.
+  coarse = jnp.array([[7, 8, 9, 10]])
+  fine = jnp.arange(16).reshape(1, 4, 4) + 100
+  mask = jnp.array([[False, True, False, True]])
+  tokens = dynamic.sequence(coarse, fine, mask)
+  assert tokens.lengths.tolist() == [10]
+  assert tokens.positions[0].tolist() == [0, 2, 8, 9, 10, 11, 16, 17, 18, 19,
+                                          20, 20, 20, 20, 20, 20]
+  assert tokens.codes[0, :10].tolist() == [7, 9, 104, 105, 106, 107, 112,
+                                           113, 114, 115]
+  # Random batches invert exactly where used.
+  rng = np.random.default_rng(0)
+  r = 16
+  coarse = jnp.asarray(rng.integers(0, 50, (5, r)))
+  fine = jnp.asarray(rng.integers(0, 50, (5, r, 4)))
+  mask = jnp.asarray(rng.random((5, r)) < 0.4)
+  tokens = dynamic.sequence(coarse, fine, mask)
+  np.testing.assert_array_equal(tokens.lengths, r + 3 * mask.sum(1))
+  c2, f2, m2 = dynamic.unsequence(tokens, r)
+  np.testing.assert_array_equal(m2, mask)
+  np.testing.assert_array_equal(np.where(mask, 0, c2), np.where(mask, 0,
+                                                                 coarse))
+  np.testing.assert_array_equal(np.where(mask[..., None], f2, 0),
+                                np.where(mask[..., None], fine, 0))
+  for b in range(5):
+    pos = np.asarray(tokens.positions[b, :tokens.lengths[b]])
+    assert (np.diff(pos) > 0).all()  # coarse (< R) before fine (>= R)
+
+
+def test_coarse_region_decodes_from_one_code_and_fine_from_four():
+  q = dynamic.DynamicQuantizer(32, 6, 4, 4, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  coarse = jnp.asarray(rng.integers(0, 32, (3, 4)))
+  fine = jnp.asarray(rng.integers(0, 32, (3, 4, 4)))
+  mask = jnp.asarray(rng.random((3, 4)) < 0.5)
+  tokens = dynamic.sequence(coarse, fine, mask)
+  cells = dynamic.to_regions(q.lookup(tokens))  # [B, R, 4, C]
+  book = q.vq.codebook()
+  for b in range(3):
+    for r in range(4):
+      want = book[fine[b, r]] if mask[b, r] else jnp.broadcast_to(
+          book[coarse[b, r]], (4, 6))
+      np.testing.assert_allclose(cells[b, r], want)
+  # Codes past a sequence's length are ignored.
+  noisy = tokens._replace(codes=jnp.where(
+      jnp.arange(16)[None] >= tokens.lengths[:, None], 31, tokens.codes))
+  np.testing.assert_array_equal(q.lookup(noisy), q.lookup(tokens))
+  assert dynamic.from_regions(cells, 4, 4).shape == (3, 4, 4, 6)
+
+
+def test_encode_decode_round_trips_the_quantized_latent():
+  model = tokenizer_lib.Tokenizer(_config().model, rngs=nnx.Rngs(0))
+  images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1)
+  z = model.encoder(images)
+  out = model.quantizer(z)
+  tokens = model.encode(images)
+  np.testing.assert_allclose(model.quantizer.lookup(tokens),
+                             out.vq.quantized, atol=1e-6)
+  np.testing.assert_allclose(model.decode(tokens),
+                             model(images).reconstructions, atol=1e-5)
+  # Usage counts only the codes in use; the forward reports them.
+  fwd = model(images)
+  assert float(fwd.index_weight.sum()) == float(tokens.lengths.sum())
+  assert float(fwd.code_counts.sum()) == float(tokens.lengths.sum())
+  with pytest.raises(ValueError, match="DynamicTokens"):
+    model.decode(tokens.codes)
+
+
+def test_flat_images_use_fewer_codes_than_textured_ones():
+  model = tokenizer_lib.Tokenizer(_config().model, rngs=nnx.Rngs(0))
+  flat = jnp.full((2, 32, 32, 3), 0.3)
+  photos = image_data.embedded_photos("eval")
+  gravel = np.asarray(photos[-1]["image"][:32, :32], np.float32) / 127.5 - 1
+  noise = jax.random.uniform(jax.random.key(1), (32, 32, 3), minval=-1)
+  textured = jnp.stack([jnp.asarray(gravel), noise])
+  flat_len = model.encode(flat).lengths
+  textured_len = model.encode(textured).lengths
+  assert int(flat_len.max()) < int(textured_len.min()), (flat_len,
+                                                          textured_len)
+
+
+def test_router_moves_the_fine_share_to_its_target():
+  config = _config()
+  config.model.dynamic.fine_fraction = 0.25
+  config.model.num_codes = 256
+  config.batch_size = 8
+  config.num_train_steps = 60
+  config.optimizer.warmup_steps = 1
+  trainer = tokenizer_trainer.Trainer(config)
+  state = trainer.init()
+  data = iter(image_data.train_dataset(config))
+  shares = []
+  for _ in range(config.num_train_steps):
+    state, m = trainer.step(state, next(data))
+    shares.append(float(m["fine_share"]))
+  first, last = np.mean(shares[:5]), np.mean(shares[-10:])
+  assert abs(last - 0.25) < 0.1, shares
+  assert abs(last - 0.25) < 0.5 * abs(first - 0.25), shares
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="even latent grid"):
+    tokenizer_lib.check_model_config(
+        cvq_tokenizer.get_config("tiny,budget=9,dynamic,res=12").model)
+  bad = _config(nested_dropout_alpha=0.25)
+  with pytest.raises(ValueError, match="nested channel dropout"):
+    tokenizer_lib.check_model_config(bad.model)
