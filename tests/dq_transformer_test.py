@@ -171,21 +171,23 @@ def test_cfg_scale_zero_is_the_null_class_and_top_k_one_is_greedy(model):
     dq.generate(model, classes, key, top_k=CONFIG.num_codes + 1)
 
 
+@pytest.mark.slow
 def test_training_memorises_sequences_per_class():
   fine = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1]],
                   bool)
   positions, lengths = map(np.asarray, dq.dq_positions(fine))
-  codes = np.random.default_rng(0).integers(0, 16, positions.shape)
+  codes = np.random.default_rng(0).integers(0, CONFIG.num_codes,
+                                           positions.shape)
   codes = np.where(positions == END, 0, codes)
   config = ml_collections.ConfigDict({
-      "model": {"grid": 4, "num_codes": 16, "num_classes": 4},
+      "model": {"grid": 4, "num_codes": 32, "num_classes": 4},  # CONFIG
       "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10, "b1": 0.9,
                     "b2": 0.99, "weight_decay": 0.0, "grad_clip": 1.0},
       "batch_size": 4, "seed": 0, "cond_drop_prob": 0.0})
   trained, losses = dq.train(config, codes, positions, lengths,
-                             np.arange(4), steps=150)
-  assert losses.shape == (150,) and np.isfinite(losses).all()
-  assert losses[-10:].mean() < 0.2 * losses[:5].mean(), losses[::10]
+                             np.arange(4), steps=60)
+  assert losses.shape == (60,) and np.isfinite(losses).all()
+  assert losses[-10:].mean() < 0.1 * losses[:5].mean(), losses[::10]
   out_codes, out_pos, out_len = dq.generate(
       trained, jnp.arange(4), jax.random.key(5), temperature=0.0)
   np.testing.assert_array_equal(out_pos, positions)
