@@ -87,6 +87,8 @@ def test_check_sequences_names_an_invalid_row():
     dq.check_sequences(bad, lengths, R)
   with pytest.raises(ValueError, match="row 0"):
     dq.check_sequences(positions, lengths + 1, R)
+  with pytest.raises(ValueError, match=r"expected \[B, R\]"):
+    dq.dq_positions(np.zeros(R, bool))
 
 
 def test_changing_step_t_never_changes_earlier_logits(forward):
@@ -169,6 +171,8 @@ def test_cfg_scale_zero_is_the_null_class_and_top_k_one_is_greedy(model):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="top_k"):
     dq.generate(model, classes, key, top_k=CONFIG.num_codes + 1)
+  with pytest.raises(ValueError, match="null class"):
+    dq.generate(model, classes + CONFIG.num_classes, key)
 
 
 @pytest.mark.slow

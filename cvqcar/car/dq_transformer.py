@@ -111,6 +111,8 @@ def dq_positions(fine_mask_br: jax.Array):
   """Fine masks [B, R] (true: region coded fine) -> (positions [B, 4R] in
   sequence order, END-padded; lengths [B])."""
   fine_mask_br = jnp.asarray(fine_mask_br, bool)
+  if fine_mask_br.ndim != 2:
+    raise ValueError(f"fine mask {fine_mask_br.shape}; expected [B, R]")
   r = fine_mask_br.shape[-1]
   ids = jnp.arange(5 * r)
   region = jnp.where(ids < r, ids, (ids - r) // 4)  # [5R]
@@ -338,6 +340,10 @@ def generate(model: DQTransformer, class_ids_b, key, *, temperature=1.0,
   class_ids_b = jnp.asarray(class_ids_b)
   if class_ids_b.ndim != 1:
     raise ValueError(f"class_ids {class_ids_b.shape}; expected [B]")
+  ids = np.asarray(class_ids_b)
+  if ids.size and (ids.min() < 0 or ids.max() > c.null_class):
+    raise ValueError(f"class ids span {ids.min()}..{ids.max()}; expected"
+                     f" 0..{c.null_class} ({c.null_class}: the null class)")
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, class_ids_b, key,
                    temperature=float(temperature), top_k=int(top_k),
