@@ -1,0 +1,435 @@
+"""DQ-Transformer: two-stream autoregression over dynamic-quantization codes.
+
+Huang et al., CVPR 2023 ("Towards Accurate Image Coding: Improved
+Autoregressive Image Generation with Dynamic Vector Quantization"). A DQ-VAE
+codes each 2x2 region of its s x s fine latent grid either coarse (one code)
+or fine (four codes), so an image is a variable-length sequence of
+(code, position) tokens. The sequence format, shared with the tokenizer:
+
+- R = (s/2)^2 regions, raster order over the (s/2) x (s/2) coarse grid.
+- Position ids: coarse region r -> r; fine cell k = 2*di + dj of region r ->
+  R + 4*r + k; END = 5R closes a sequence (5R + 1 position ids). Codes are
+  0..K-1.
+- All coarse codes first by ascending position, then all fine codes by
+  region then k: i.e. ascending position id. Every region appears exactly
+  once, coarse or as its 4 fine cells; L = #coarse + 4 #fine is in R..4R.
+  Batches are padded to 4R steps with position END (code 0) and `lengths`.
+
+The model chooses only the coarse set (ascending coarse regions, or the
+switch to the fine phase); the fine positions and END are then forced
+(`valid_next_positions`), so every sampled sequence is valid.
+
+Streams. The position transformer reads [begin(class)] + (embed_code(c_t) +
+embed_pos(p_t)) causally; its output at step t predicts p_t (logits over the
+5R + 1 ids, step L predicting END). The content transformer reads that
+hidden state plus embed_next(p_t), the position of the code to predict, and
+predicts c_t; it is causal too, so step t sees tokens < t and p_t. Both are
+cvqcar.car.qwen3 trunks (RMSNorm, GQA with RoPE over the step index, SwiGLU).
+
+Conditioning is a class id; id num_classes is the null class of
+classifier-free guidance (dropped in training with `cond_drop_prob`). Text
+would replace the begin token by a left-padded prompt prefix, as
+cvqcar.car.model.CAR.prefix does, with an empty prompt as the null case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from cvqcar import optim, sharding
+from cvqcar.car import model as car_lib
+from cvqcar.car import qwen3, sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class DQConfig:
+  """Sizes of a DQ-Transformer; the defaults are a CPU-sized toy."""
+
+  grid: int = 4  # s: the tokenizer's fine latent side (even)
+  num_codes: int = 64  # K
+  num_classes: int = 10  # plus one null class for guidance
+  width: int = 64
+  position_layers: int = 2
+  content_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  mlp_dim: int = 128
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if not isinstance(self.grid, int) or self.grid < 2 or self.grid % 2:
+      raise ValueError(f"DQConfig.grid={self.grid!r}; expected an even int"
+                       " >= 2 (the fine latent side s)")
+    for name in ("num_codes", "num_classes"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"DQConfig.{name}={getattr(self, name)!r}; expected"
+                         " a positive int")
+
+  @property
+  def num_regions(self) -> int:  # R
+    return (self.grid // 2) ** 2
+
+  @property
+  def max_len(self) -> int:  # 4R: the padded sequence length
+    return 4 * self.num_regions
+
+  @property
+  def end(self) -> int:  # 5R
+    return 5 * self.num_regions
+
+  @property
+  def num_positions(self) -> int:  # 5R + 1
+    return self.end + 1
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
+
+  def trunk(self, layers: int) -> qwen3.Qwen3Config:
+    """A qwen3 trunk; its tied embedding table is the code table."""
+    return qwen3.Qwen3Config(
+        vocab_size=self.num_codes, hidden_size=self.width,
+        intermediate_size=self.mlp_dim, num_hidden_layers=layers,
+        num_attention_heads=self.num_heads,
+        num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+        rope_theta=1e4, max_position_embeddings=self.max_len + 1,
+        tie_word_embeddings=True, dtype=self.dtype)
+
+
+def dq_positions(fine_mask_br: jax.Array):
+  """Fine masks [B, R] (true: region coded fine) -> (positions [B, 4R] in
+  sequence order, END-padded; lengths [B])."""
+  fine_mask_br = jnp.asarray(fine_mask_br, bool)
+  if fine_mask_br.ndim != 2:
+    raise ValueError(f"fine mask {fine_mask_br.shape}; expected [B, R]")
+  r = fine_mask_br.shape[-1]
+  ids = jnp.arange(5 * r)
+  region = jnp.where(ids < r, ids, (ids - r) // 4)  # [5R]
+  present = jnp.where(ids < r, ~fine_mask_br[:, region],
+                      fine_mask_br[:, region])  # [B, 5R]
+  # Sequence order is ascending position id, so sorting compacts it.
+  positions = jnp.sort(jnp.where(present, ids, 5 * r), axis=-1)[:, :4 * r]
+  lengths = jnp.sum(present, axis=-1)
+  return positions.astype(jnp.int32), lengths.astype(jnp.int32)
+
+
+def next_position_mask(coarse_r: jax.Array, last: jax.Array,
+                       num_regions: int) -> jax.Array:
+  """Allowed next position ids [..., 5R + 1] after a prefix whose coarse
+  regions so far are coarse_r [..., R] (bool) and whose last position is
+  `last` [...] (-1 for the empty prefix).
+
+  Coarse phase (last < R): any coarse region > last, or the first fine cell
+  of the lowest region not coded coarse (END if there is none). Fine phase:
+  the next cell of a non-coarse region, else END. After END only END.
+  """
+  r, end = num_regions, 5 * num_regions
+  ids = jnp.arange(end + 1)
+  last = jnp.asarray(last)
+  coarse_phase = last < r
+  coarse_ok = (ids < r) & (ids > last[..., None]) & coarse_phase[..., None]
+  cells = jnp.arange(4 * r)
+  after = jnp.where(coarse_phase, -1, last - r)[..., None]
+  cell_ok = ~jnp.take(coarse_r, cells // 4, axis=-1) & (cells > after)
+  next_cell = jnp.min(jnp.where(cell_ok, cells, 4 * r), axis=-1)
+  forced = jnp.where((last == end) | (next_cell == 4 * r), end,
+                     r + next_cell)
+  return coarse_ok | (ids == forced[..., None])
+
+
+def valid_next_positions(positions_bl: jax.Array,
+                         num_regions: int) -> jax.Array:
+  """Allowed next positions [B, L + 1, 5R + 1] after each prefix of
+  positions [B, L] (prefix lengths 0..L)."""
+  b = positions_bl.shape[0]
+  # one_hot of a fine or END id is all zeros: only coarse ids count.
+  coarse = jnp.cumsum(jax.nn.one_hot(positions_bl, num_regions,
+                                     dtype=jnp.int32), axis=1) > 0
+  coarse = jnp.concatenate([jnp.zeros((b, 1, num_regions), bool), coarse], 1)
+  last = jnp.concatenate([jnp.full((b, 1), -1, positions_bl.dtype),
+                          positions_bl], 1)
+  return next_position_mask(coarse, last, num_regions)
+
+
+def mask_logits(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+  return jnp.where(allowed, logits, -jnp.inf)
+
+
+class DQTransformer(nnx.Module):
+  """(class ids [B], codes [B, 4R], positions [B, 4R]) -> raw logits."""
+
+  def __init__(self, config: DQConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    init = lambda *names: sharding.axes(nnx.initializers.normal(0.02), *names)
+    embed = lambda n, names: nnx.Embed(
+        n, config.width, dtype=config.dtype, rngs=rngs,
+        embedding_init=init(*names))
+    self.position_stream = qwen3.Qwen3(config.trunk(config.position_layers),
+                                       rngs=rngs)  # embeds the codes
+    self.content_stream = qwen3.Qwen3(config.trunk(config.content_layers),
+                                      rngs=rngs)  # its table is the code head
+    self.embed_class = embed(config.num_classes + 1, ("classes", "embed"))
+    self.embed_pos = embed(config.num_positions, ("positions", "embed"))
+    self.embed_next = embed(config.num_positions, ("positions", "embed"))
+    self.position_head = nnx.Linear(
+        config.width, config.num_positions, use_bias=False,
+        dtype=config.dtype, rngs=rngs,
+        kernel_init=init("embed", "positions"))
+
+  def _check(self, codes_bl, positions_bl):
+    want = (codes_bl.shape[0], self.config.max_len)
+    if codes_bl.shape != want or positions_bl.shape != want:
+      raise ValueError(f"codes {codes_bl.shape} and positions"
+                       f" {positions_bl.shape}; expected both [B, 4R] ="
+                       f" {want}")
+
+  def position_hidden(self, class_ids_b, codes_bl, positions_bl):
+    """Position-stream states [B, 4R + 1, D]: step t has seen tokens < t."""
+    self._check(codes_bl, positions_bl)
+    begin = self.embed_class(class_ids_b)[:, None]
+    tokens = (self.position_stream.embed(codes_bl) +
+              self.embed_pos(positions_bl))
+    x = jnp.concatenate([begin, tokens.astype(begin.dtype)], axis=1)
+    return self.position_stream.forward_embeddings(x)[0]
+
+  def position_logits(self, hidden):
+    """[..., D] -> next-position logits [..., 5R + 1] (unmasked)."""
+    return self.position_head(hidden).astype(jnp.float32)
+
+  def code_logits(self, hidden_bld, positions_bl):
+    """Position-stream states [B, 4R, D] and the positions to fill [B, 4R]
+    -> code logits [B, 4R, K]."""
+    x = hidden_bld + self.embed_next(positions_bl).astype(hidden_bld.dtype)
+    h = self.content_stream.forward_embeddings(x)[0]
+    return self.content_stream.logits(h).astype(jnp.float32)
+
+  def __call__(self, class_ids_b, codes_bl, positions_bl):
+    """(position logits [B, 4R + 1, 5R + 1], code logits [B, 4R, K]),
+    teacher-forced and unmasked: step t predicts p_t and c_t."""
+    hidden = self.position_hidden(class_ids_b, codes_bl, positions_bl)
+    return (self.position_logits(hidden),
+            self.code_logits(hidden[:, :-1], positions_bl))
+
+
+def loss_fn(model: DQTransformer, class_ids_b, codes_bl, positions_bl,
+            lengths_b):
+  """(position CE + code CE, metrics): means over the unpadded steps, the
+  END prediction at step L included; invalid positions masked out."""
+  c = model.config
+  pos_logits, code_logits = model(class_ids_b, codes_bl, positions_bl)
+  allowed = valid_next_positions(positions_bl, c.num_regions)
+  b = positions_bl.shape[0]
+  targets = jnp.concatenate(
+      [positions_bl, jnp.full((b, 1), c.end, positions_bl.dtype)], 1)
+  steps = jnp.arange(c.max_len + 1)
+
+  def mean_nll(logits, target, valid):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    # where, not a product: a masked-out step may hold inf.
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+  pos_loss = mean_nll(mask_logits(pos_logits, allowed), targets,
+                      steps[None] <= lengths_b[:, None])
+  code_valid = steps[None, :-1] < lengths_b[:, None]
+  code_loss = mean_nll(code_logits, codes_bl, code_valid)
+  accuracy = jnp.sum((jnp.argmax(code_logits, -1) == codes_bl) & code_valid
+                     ) / jnp.maximum(code_valid.sum(), 1)
+  loss = pos_loss + code_loss
+  return loss, {"loss": loss, "position_loss": pos_loss,
+                "code_loss": code_loss, "code_accuracy": accuracy}
+
+
+def check_sequences(positions_bl, lengths_b, num_regions: int) -> None:
+  """Raises naming the first row whose positions are not a valid sequence
+  of the format above (length and END padding included)."""
+  positions_bl = jnp.asarray(positions_bl)
+  b, steps = positions_bl.shape
+  if steps != 4 * num_regions or jnp.shape(lengths_b) != (b,):
+    raise ValueError(f"positions {positions_bl.shape}, lengths"
+                     f" {jnp.shape(lengths_b)}; expected [B, {4 * num_regions}]"
+                     " and [B]")
+  end = 5 * num_regions
+  targets = jnp.concatenate([positions_bl, jnp.full((b, 1), end)], 1)
+  in_range = (targets >= 0) & (targets <= end)
+  targets = jnp.clip(targets, 0, end)
+  allowed = valid_next_positions(targets[:, :-1], num_regions)
+  ok = jnp.take_along_axis(allowed, targets[..., None], -1)[..., 0]
+  # END exactly from step `length` on.
+  padded = jnp.arange(steps + 1) >= jnp.asarray(lengths_b)[:, None]
+  ok &= in_range & ((targets == end) == padded)
+  bad = np.flatnonzero(~np.asarray(ok).all(axis=1))
+  if bad.size:
+    raise ValueError(f"row {bad[0]} is not a valid DQ sequence (R ="
+                     f" {num_regions}): positions"
+                     f" {np.asarray(positions_bl[bad[0]]).tolist()}, length"
+                     f" {int(lengths_b[bad[0]])}")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "graphdef", "temperature", "top_k", "top_p", "cfg_scale"))
+def _generate(graphdef, state, class_ids_b, key, *, temperature, top_k,
+              top_p, cfg_scale):
+  model = nnx.merge(graphdef, state)
+  c = model.config
+  b = class_ids_b.shape[0]
+  guided = cfg_scale != 1.0
+  classes = class_ids_b.astype(jnp.int32)
+  if guided:  # conditional rows, then null-class rows, as one batch
+    classes = jnp.concatenate([classes, jnp.full((b,), c.null_class,
+                                                 jnp.int32)])
+  twice = lambda x: jnp.concatenate([x, x]) if guided else x
+  guide = lambda logits: (car_lib.guided_logits(logits[:b], logits[b:],
+                                                cfg_scale)
+                          if guided else logits)
+  pick = functools.partial(sampling.pick, temperature=temperature,
+                           top_p=top_p)
+
+  def step(carry, i):
+    codes, positions, coarse_br, last_b = carry
+    key_pos, key_code = jax.random.split(jax.random.fold_in(key, i))
+    # Full recompute: the step's state depends only on tokens < i.
+    hidden = model.position_hidden(classes, twice(codes), twice(positions))
+    logits = guide(model.position_logits(hidden[:, i]))
+    allowed = next_position_mask(coarse_br, last_b, c.num_regions)
+    pos = pick(mask_logits(logits, allowed), key_pos,
+               top_k=min(top_k, c.num_positions))
+    positions = positions.at[:, i].set(pos)
+    code_logits = model.code_logits(hidden[:, :-1], twice(positions))[:, i]
+    code = pick(guide(code_logits), key_code, top_k=top_k)
+    codes = codes.at[:, i].set(jnp.where(pos == c.end, 0, code))
+    coarse_br |= jax.nn.one_hot(pos, c.num_regions, dtype=bool)
+    return (codes, positions, coarse_br, pos), None
+
+  init = (jnp.zeros((b, c.max_len), jnp.int32),
+          jnp.full((b, c.max_len), c.end, jnp.int32),
+          jnp.zeros((b, c.num_regions), bool), jnp.full((b,), -1, jnp.int32))
+  (codes, positions, _, _), _ = jax.lax.scan(step, init,
+                                             jnp.arange(c.max_len))
+  return codes, positions, jnp.sum(positions != c.end, axis=1)
+
+
+def generate(model: DQTransformer, class_ids_b, key, *, temperature=1.0,
+             top_k=0, top_p=1.0, cfg_scale=1.0):
+  """Samples (codes [B, 4R], positions [B, 4R], lengths [B]) for class ids
+  [B] (num_classes: the null class).
+
+  One jitted lax.scan of exactly 4R steps; a finished row keeps emitting
+  END with code 0. Each step recomputes both streams over the whole
+  buffer (no KV cache): fine at this model's size. Positions are drawn
+  from the guided logits masked to `next_position_mask`, so every sample is
+  valid; temperature, top_k (clamped to the 5R + 1 ids) and top_p apply to
+  both streams, temperature 0 being greedy. cfg_scale s gives null + s (cond
+  - null) (cvqcar.car.model.guided_logits): 1 is conditional only (and
+  runs no null rows), 0 unconditional.
+  """
+  c = model.config
+  sampling.check_settings(temperature=temperature, top_k=top_k, top_p=top_p,
+                          num_codes=c.num_codes)
+  class_ids_b = jnp.asarray(class_ids_b)
+  if class_ids_b.ndim != 1:
+    raise ValueError(f"class_ids {class_ids_b.shape}; expected [B]")
+  ids = np.asarray(class_ids_b)
+  if ids.size and (ids.min() < 0 or ids.max() > c.null_class):
+    raise ValueError(f"class ids span {ids.min()}..{ids.max()}; expected"
+                     f" 0..{c.null_class} ({c.null_class}: the null class)")
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, class_ids_b, key,
+                   temperature=float(temperature), top_k=int(top_k),
+                   top_p=float(top_p), cfg_scale=float(cfg_scale))
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: Any
+
+
+def train_step(state: TrainState, batch, key, *, graphdef, tx,
+               cond_drop_prob: float):
+  """One AdamW update on a batch dict of class_ids [B], codes, positions
+  [B, 4R] and lengths [B]; a cond_drop_prob share of rows gets the null
+  class (classifier-free guidance training)."""
+  model = nnx.merge(graphdef, state.params)
+  key = jax.random.fold_in(key, state.step)
+  drop_b = jax.random.uniform(key, batch["class_ids"].shape) < cond_drop_prob
+  class_ids = jnp.where(drop_b, model.config.null_class, batch["class_ids"])
+
+  def f(params):
+    return loss_fn(nnx.merge(graphdef, params), class_ids, batch["codes"],
+                   batch["positions"], batch["lengths"])
+
+  (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
+
+
+def train(config, codes_nl, positions_nl, lengths_n, class_ids_n,
+          steps: int):
+  """Trains a fresh model on N encoded sequences; -> (model, losses
+  [steps]).
+
+  `config` has `model` (DQConfig fields), `optimizer` (as read by
+  cvqcar.optim.make_optimizer), `batch_size`, `seed`, `cond_drop_prob` and
+  optionally `num_train_steps` (the schedule's length; default `steps`).
+  Rows are drawn at random each step. Single-device: a sharded trainer
+  would jit this step with explicit in/out shardings as car/state.py does.
+  """
+  model_cfg = DQConfig(**dict(config.model))
+  codes_nl, positions_nl = np.asarray(codes_nl), np.asarray(positions_nl)
+  lengths_n, class_ids_n = np.asarray(lengths_n), np.asarray(class_ids_n)
+  n = positions_nl.shape[0]
+  if codes_nl.shape != positions_nl.shape or class_ids_n.shape != (n,):
+    raise ValueError(f"codes {codes_nl.shape}, positions"
+                     f" {positions_nl.shape}, class_ids {class_ids_n.shape};"
+                     " expected [N, 4R], [N, 4R], [N]")
+  check_sequences(positions_nl, lengths_n, model_cfg.num_regions)
+  if codes_nl.min() < 0 or codes_nl.max() >= model_cfg.num_codes:
+    raise ValueError(f"codes span {codes_nl.min()}..{codes_nl.max()};"
+                     f" expected 0..{model_cfg.num_codes - 1}")
+  if class_ids_n.min() < 0 or class_ids_n.max() > model_cfg.num_classes:
+    raise ValueError(f"class ids span {class_ids_n.min()}.."
+                     f"{class_ids_n.max()}; expected 0..num_classes ="
+                     f" {model_cfg.num_classes} (the null class)")
+  tx = optim.make_optimizer(ml_collections.ConfigDict({
+      "optimizer": config.optimizer,
+      "num_train_steps": config.get("num_train_steps") or steps}))
+  graphdef, params = nnx.split(DQTransformer(model_cfg,
+                                             rngs=nnx.Rngs(config.seed)))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params))
+  step_fn = jax.jit(functools.partial(
+      train_step, graphdef=graphdef, tx=tx,
+      cond_drop_prob=float(config.cond_drop_prob)), donate_argnums=(0,))
+  rng = np.random.default_rng(config.seed)
+  key = jax.random.key(config.seed + 1)
+  arrays = {"class_ids": class_ids_n.astype(np.int32),
+            "codes": codes_nl.astype(np.int32),
+            "positions": positions_nl.astype(np.int32),
+            "lengths": lengths_n.astype(np.int32)}
+  losses = []
+  for _ in range(steps):
+    rows = rng.choice(n, config.batch_size, replace=n < config.batch_size)
+    state, metrics = step_fn(state, {k: v[rows] for k, v in arrays.items()},
+                             key)
+    losses.append(metrics["loss"])
+  losses = np.asarray(jax.device_get(losses), np.float32)
+  if not np.isfinite(losses).all():
+    first = int(np.flatnonzero(~np.isfinite(losses))[0])
+    raise FloatingPointError(f"non-finite DQ-Transformer loss from step"
+                             f" {first + 1} of {steps}")
+  return nnx.merge(graphdef, state.params), losses

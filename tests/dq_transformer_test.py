@@ -1,0 +1,199 @@
+"""DQ-Transformer: sequence format, causality, valid sampling, training."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from cvqcar.car import dq_transformer as dq
+from cvqcar.car import model as car_lib
+
+CONFIG = dq.DQConfig(grid=4, num_codes=32, num_classes=4)
+R, END, L = CONFIG.num_regions, CONFIG.end, CONFIG.max_len  # 4, 20, 16
+
+
+def assert_valid(positions, length, num_regions):
+  """The format's definition, written independently of the module."""
+  end = 5 * num_regions
+  positions = [int(p) for p in positions]
+  seq, pad = positions[:length], positions[length:]
+  assert all(p == end for p in pad), positions
+  assert all(0 <= p < end for p in seq), positions
+  # Coarse ids (< R) before fine ones, each phase ascending: ids ascend.
+  assert all(a < b for a, b in zip(seq, seq[1:], strict=False)), positions
+  for r in range(num_regions):
+    cells = {num_regions + 4 * r + k for k in range(4)}
+    coarse = r in seq
+    fine = cells & set(seq)
+    assert (coarse and not fine) or (not coarse and fine == cells), (
+        r, positions)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return dq.DQTransformer(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+  graphdef, state = nnx.split(model)
+  call = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
+  return functools.partial(call, state)  # (class_ids, codes, positions)
+
+
+def test_dq_positions_orders_coarse_then_fine_cells():
+  fine = np.array([[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 0]],
+                  bool)
+  positions, lengths = dq.dq_positions(fine)
+  pad = lambda seq: seq + [END] * (L - len(seq))
+  want = [pad([0, 1, 2, 3]),
+          pad(list(range(4, 20))),
+          pad([1, 3, 4, 5, 6, 7, 12, 13, 14, 15]),
+          pad([0, 3, 8, 9, 10, 11, 12, 13, 14, 15])]
+  np.testing.assert_array_equal(positions, want)
+  np.testing.assert_array_equal(lengths, [4, 16, 10, 10])
+  # s = 6: R = 9, END = 45; region 4 (the centre) fine.
+  positions, lengths = dq.dq_positions(np.eye(9, dtype=bool)[4:5])
+  assert positions.shape == (1, 36) and int(lengths[0]) == 12
+  np.testing.assert_array_equal(
+      positions[0, :13], [0, 1, 2, 3, 5, 6, 7, 8, 25, 26, 27, 28, 45])
+  assert (positions[0, 12:] == 45).all()
+
+
+def test_masks_allow_every_real_sequence_and_force_the_fine_phase():
+  fine = jax.random.bernoulli(jax.random.key(0), 0.5, (64, R))
+  positions, lengths = dq.dq_positions(fine)
+  for row, n in zip(np.asarray(positions), np.asarray(lengths), strict=True):
+    assert_valid(row, n, R)
+  dq.check_sequences(positions, lengths, R)
+  allowed = np.asarray(dq.valid_next_positions(positions, R))  # [B, L+1, P]
+  targets = np.concatenate([positions, np.full((64, 1), END)], 1)
+  assert np.take_along_axis(allowed, targets[..., None], -1).all()
+  # The first choice: any coarse region or the first fine cell.
+  np.testing.assert_array_equal(np.flatnonzero(allowed[0, 0]), [0, 1, 2, 3, 4])
+  # Once a fine id is in the prefix, the next id is forced.
+  prev = np.concatenate([np.full((64, 1), -1), positions], 1)
+  assert (allowed.sum(-1)[prev >= R] == 1).all()
+
+
+def test_check_sequences_names_an_invalid_row():
+  positions, lengths = dq.dq_positions(np.zeros((2, R), bool))
+  bad = positions.at[1, 3].set(2)  # region 2 twice, region 3 missing
+  with pytest.raises(ValueError, match="row 1"):
+    dq.check_sequences(bad, lengths, R)
+  with pytest.raises(ValueError, match="row 0"):
+    dq.check_sequences(positions, lengths + 1, R)
+  with pytest.raises(ValueError, match=r"expected \[B, R\]"):
+    dq.dq_positions(np.zeros(R, bool))
+
+
+def test_changing_step_t_never_changes_earlier_logits(forward):
+  key1, key2 = jax.random.split(jax.random.key(1))
+  classes = jnp.array([0, 3])
+  codes = jax.random.randint(key1, (2, L), 0, CONFIG.num_codes)
+  positions = jax.random.randint(key2, (2, L), 0, END + 1)
+  base_pos, base_code = forward(classes, codes, positions)
+  assert base_pos.shape == (2, L + 1, END + 1)
+  assert base_code.shape == (2, L, CONFIG.num_codes)
+  changed = lambda a, b: float(jnp.abs(a - b).max()) > 1e-4
+  for t in range(L):
+    # Step t predicts p_t from tokens < t, and c_t from those and p_t.
+    new_code = (codes[:, t] + 1) % CONFIG.num_codes
+    pos, code = forward(classes, codes.at[:, t].set(new_code), positions)
+    np.testing.assert_allclose(pos[:, :t + 1], base_pos[:, :t + 1], atol=1e-5)
+    np.testing.assert_allclose(code[:, :t + 1], base_code[:, :t + 1],
+                               atol=1e-5)
+    assert changed(pos[:, t + 1:], base_pos[:, t + 1:])
+    new_pos = (positions[:, t] + 1) % (END + 1)
+    pos, code = forward(classes, codes, positions.at[:, t].set(new_pos))
+    np.testing.assert_allclose(pos[:, :t + 1], base_pos[:, :t + 1], atol=1e-5)
+    np.testing.assert_allclose(code[:, :t], base_code[:, :t], atol=1e-5)
+    assert changed(code[:, t], base_code[:, t])
+    assert changed(pos[:, t + 1:], base_pos[:, t + 1:])
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_sampled_sequences_are_valid(model, cfg_scale):
+  classes = jnp.arange(48) % (CONFIG.num_classes + 1)
+  codes, positions, lengths = dq.generate(
+      model, classes, jax.random.key(2), temperature=1.0, top_p=0.95,
+      cfg_scale=cfg_scale)
+  codes, positions, lengths = map(np.asarray, (codes, positions, lengths))
+  for row, n in zip(positions, lengths, strict=True):
+    assert_valid(row, n, R)
+  pad = np.arange(L)[None] >= lengths[:, None]
+  assert (codes[pad] == 0).all() and (codes < CONFIG.num_codes).all()
+  # Not vacuous: the samples mix coarse and fine codings.
+  assert len(set(lengths.tolist())) >= 3
+
+
+def masked_greedy_targets(pos_logits, code_logits, positions):
+  allowed = dq.valid_next_positions(positions, R)
+  return (np.asarray(jnp.argmax(dq.mask_logits(pos_logits, allowed), -1)),
+          np.asarray(jnp.argmax(code_logits, -1)))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_greedy_samples_are_argmax_of_guided_teacher_forced_logits(
+    model, forward, cfg_scale):
+  classes = jnp.arange(4)
+  codes, positions, lengths = dq.generate(
+      model, classes, jax.random.key(3), temperature=0.0,
+      cfg_scale=cfg_scale)
+  pos_c, code_c = forward(classes, codes, positions)
+  null = jnp.full_like(classes, CONFIG.null_class)
+  pos_u, code_u = forward(null, codes, positions)
+  pos_want, code_want = masked_greedy_targets(
+      car_lib.guided_logits(pos_c, pos_u, cfg_scale),
+      car_lib.guided_logits(code_c, code_u, cfg_scale), positions)
+  for i, n in enumerate(np.asarray(lengths)):
+    np.testing.assert_array_equal(positions[i, :n], pos_want[i, :n])
+    assert pos_want[i, n] == END  # END is the argmax at step L
+    np.testing.assert_array_equal(codes[i, :n], code_want[i, :n])
+
+
+def test_cfg_scale_zero_is_the_null_class_and_top_k_one_is_greedy(model):
+  classes = jnp.arange(4)
+  key = jax.random.key(4)
+  unguided = dq.generate(model, classes, key, temperature=0.0,
+                         cfg_scale=0.0)
+  null = dq.generate(model, jnp.full_like(classes, CONFIG.null_class), key,
+                     temperature=0.0)
+  for a, b in zip(unguided, null, strict=True):
+    np.testing.assert_array_equal(a, b)
+  greedy = dq.generate(model, classes, key, temperature=0.0)
+  top1 = dq.generate(model, classes, key, temperature=1.0, top_k=1)
+  for a, b in zip(greedy, top1, strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="top_k"):
+    dq.generate(model, classes, key, top_k=CONFIG.num_codes + 1)
+  with pytest.raises(ValueError, match="null class"):
+    dq.generate(model, classes + CONFIG.num_classes, key)
+
+
+@pytest.mark.slow
+def test_training_memorises_sequences_per_class():
+  fine = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1]],
+                  bool)
+  positions, lengths = map(np.asarray, dq.dq_positions(fine))
+  codes = np.random.default_rng(0).integers(0, CONFIG.num_codes,
+                                           positions.shape)
+  codes = np.where(positions == END, 0, codes)
+  config = ml_collections.ConfigDict({
+      "model": {"grid": 4, "num_codes": 32, "num_classes": 4},  # CONFIG
+      "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10, "b1": 0.9,
+                    "b2": 0.99, "weight_decay": 0.0, "grad_clip": 1.0},
+      "batch_size": 4, "seed": 0, "cond_drop_prob": 0.0})
+  trained, losses = dq.train(config, codes, positions, lengths,
+                             np.arange(4), steps=60)
+  assert losses.shape == (60,) and np.isfinite(losses).all()
+  assert losses[-10:].mean() < 0.1 * losses[:5].mean(), losses[::10]
+  out_codes, out_pos, out_len = dq.generate(
+      trained, jnp.arange(4), jax.random.key(5), temperature=0.0)
+  np.testing.assert_array_equal(out_pos, positions)
+  np.testing.assert_array_equal(out_len, lengths)
+  assert (np.asarray(out_codes) == codes).mean() > 0.9
