@@ -127,3 +127,15 @@ def test_config_errors_name_the_field():
   bad = _config(nested_dropout_alpha=0.25)
   with pytest.raises(ValueError, match="nested channel dropout"):
     tokenizer_lib.check_model_config(bad.model)
+
+
+def test_dq_vae_tokens_are_valid_dq_transformer_sequences():
+  from cvqcar.car import dq_transformer as dq  # noqa: PLC0415
+
+  model = tokenizer_lib.Tokenizer(_config().model, rngs=nnx.Rngs(0))
+  images = jax.random.uniform(jax.random.key(2), (6, 32, 32, 3), minval=-1)
+  images = images.at[:3].multiply(0.0)  # flat images: mostly coarse
+  tokens = model.encode(images)
+  dq.check_sequences(np.asarray(tokens.positions), np.asarray(tokens.lengths),
+                     model.quantizer.num_regions)
+  assert len(set(np.asarray(tokens.lengths).tolist())) > 1

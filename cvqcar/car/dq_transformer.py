@@ -49,6 +49,7 @@ from flax import nnx
 from cvqcar import optim, sharding
 from cvqcar.car import model as car_lib
 from cvqcar.car import qwen3, sampling
+from cvqcar.tokenizer import dynamic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +110,15 @@ class DQConfig:
 
 def dq_positions(fine_mask_br: jax.Array):
   """Fine masks [B, R] (true: region coded fine) -> (positions [B, 4R] in
-  sequence order, END-padded; lengths [B])."""
+  sequence order, END-padded; lengths [B]): the tokenizer's own format
+  (cvqcar.tokenizer.dynamic.sequence)."""
   fine_mask_br = jnp.asarray(fine_mask_br, bool)
   if fine_mask_br.ndim != 2:
     raise ValueError(f"fine mask {fine_mask_br.shape}; expected [B, R]")
-  r = fine_mask_br.shape[-1]
-  ids = jnp.arange(5 * r)
-  region = jnp.where(ids < r, ids, (ids - r) // 4)  # [5R]
-  present = jnp.where(ids < r, ~fine_mask_br[:, region],
-                      fine_mask_br[:, region])  # [B, 5R]
-  # Sequence order is ascending position id, so sorting compacts it.
-  positions = jnp.sort(jnp.where(present, ids, 5 * r), axis=-1)[:, :4 * r]
-  lengths = jnp.sum(present, axis=-1)
-  return positions.astype(jnp.int32), lengths.astype(jnp.int32)
+  b, r = fine_mask_br.shape
+  tokens = dynamic.sequence(jnp.zeros((b, r), jnp.int32),
+                            jnp.zeros((b, r, 4), jnp.int32), fine_mask_br)
+  return tokens.positions, tokens.lengths
 
 
 def next_position_mask(coarse_r: jax.Array, last: jax.Array,
