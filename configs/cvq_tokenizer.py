@@ -94,7 +94,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   cb.ema = True  # EMA + dead-code restart: stable on small data
   cb.ema_decay = 0.99
   cb.restart_fraction = 0.03
-  cb.init_scale = 1.0
+  # Std of the initial codewords. 1.0 (norm ~8 for 8 x 8 maps) sits far
+  # outside the encoder's maps (norm ~4): the few smallest codewords win
+  # every lookup and the plain codebook collapses (18.8% of 1,024 codes);
+  # at 0.1 it holds (92.8%). See docs/results.md, configs/sweeps/
+  # plain_collapse.py. EMA codebooks start from data and ignore it.
+  cb.init_scale = 0.1
   cb.argmin_impl = "auto"
   # quantize='dynamic': a region of 2 x 2 latent cells takes 1 code or 4.
   m.dynamic = ml_collections.ConfigDict()

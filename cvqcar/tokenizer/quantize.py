@@ -58,7 +58,7 @@ class VectorQuantizer(nnx.Module):
       ema: bool = False,
       ema_decay: float = 0.99,
       restart_fraction: float = 0.03,
-      init_scale: float = 1.0,
+      init_scale: float = 0.1,
       argmin_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
