@@ -7,8 +7,10 @@ import pytest
 from flax import nnx
 
 from configs import cvq_tokenizer
+from conftest import tiny_config
+from cvqcar.car import dq_transformer as dq
 from cvqcar.data import images as image_data
-from cvqcar.tokenizer import dynamic
+from cvqcar.tokenizer import dynamic, export
 from cvqcar.tokenizer import model as tokenizer_lib
 from cvqcar.tokenizer import trainer as tokenizer_trainer
 
@@ -130,8 +132,6 @@ def test_config_errors_name_the_field():
 
 
 def test_dq_vae_tokens_are_valid_dq_transformer_sequences():
-  from cvqcar.car import dq_transformer as dq  # noqa: PLC0415
-
   model = tokenizer_lib.Tokenizer(_config().model, rngs=nnx.Rngs(0))
   images = jax.random.uniform(jax.random.key(2), (6, 32, 32, 3), minval=-1)
   images = images.at[:3].multiply(0.0)  # flat images: mostly coarse
@@ -139,3 +139,27 @@ def test_dq_vae_tokens_are_valid_dq_transformer_sequences():
   dq.check_sequences(np.asarray(tokens.positions), np.asarray(tokens.lengths),
                      model.quantizer.num_regions)
   assert len(set(np.asarray(tokens.lengths).tolist())) > 1
+
+
+@pytest.mark.slow
+def test_dynamic_tokenizer_trains_sharded_resumes_exactly_and_exports(
+    tmp_path):
+  config = tiny_config("tiny,dynamic")  # 8 x 8 grid: 16 regions, 8 devices
+  full = tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "full"))
+  assert 0 < full.eval["eval/codebook_usage"] <= 1
+  assert 16 <= full.eval["eval/tokens"] <= 64  # R..4R codes per image
+  config.run_steps = 2
+  tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "cut"))
+  config.run_steps = 0
+  resumed = tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "cut"))
+  for step in (3, 4):
+    for name in ("train/loss", "train/fine_share"):
+      np.testing.assert_allclose(resumed.train[step][name],
+                                 full.train[step][name], rtol=1e-6)
+  loaded = export.load_tokenizer(
+      export.export(str(tmp_path / "full"), str(tmp_path / "export")))
+  batch = next(iter(image_data.eval_dataset(config)))["image"]
+  tokens = loaded.encode(batch)
+  assert isinstance(tokens, dynamic.DynamicTokens)
+  np.testing.assert_allclose(loaded.decode(tokens),
+                             loaded(batch).reconstructions, atol=1e-5)
