@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from configs import cvq_tokenizer
 from conftest import tiny_config
+from cvqcar import train_dq
 from cvqcar.car import dq_transformer as dq
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import dynamic, export
@@ -163,3 +165,11 @@ def test_dynamic_tokenizer_trains_sharded_resumes_exactly_and_exports(
   assert isinstance(tokens, dynamic.DynamicTokens)
   np.testing.assert_allclose(loaded.decode(tokens),
                              loaded(batch).reconstructions, atol=1e-5)
+  # The DQ-Transformer learns the export's tokens and samples images.
+  out = tmp_path / "dq"
+  result = train_dq.run(str(tmp_path / "export"), str(out), steps=40,
+                        crops=8, num_classes=2, samples=2, temperature=1.0)
+  assert result["last_loss"] < 0.8 * result["first_loss"]
+  assert 16 <= result["sample_mean_length"] <= 64
+  grid = np.asarray(Image.open(out / "samples.png"))
+  assert grid.shape[:2] == (2 * 96 + 2, 3 * 96 + 4) and grid.std() > 5
