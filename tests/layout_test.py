@@ -13,7 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "cvqcar"
 COMMANDS = frozenset(
     {"train", "export", "sample", "convert_pairs", "tokenize_dataset",
-     "evaluate", "convert_weights", "generate_benchmark"})
+     "evaluate", "convert_weights", "generate_benchmark", "report", "train_dq"})
 SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
      "optim"})
