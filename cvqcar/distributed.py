@@ -32,9 +32,10 @@ def initialize() -> None:
   else:
     try:
       jax.distributed.initialize()
-    except ValueError as e:
-      # No cluster environment: jax asks for a coordinator address.
-      logging.info("single process (%s)", e)
+    except ValueError:
+      # No cluster environment (jax asks for a coordinator address): a
+      # single-process job, which is what a laptop or one GPU host runs.
+      pass
   logging.info("JAX process %d of %d, %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),

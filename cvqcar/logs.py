@@ -10,10 +10,15 @@ from absl import logging
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Orbax logs every phase of every save at INFO; keep only its warnings."""
+  """Orbax logs every phase of every save at INFO, and jax each backend it
+  probes and does not find ("Unable to initialize backend 'tpu'"): keep
+  their warnings only."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+    if record.levelno >= pylogging.WARNING:
+      return True
+    return not ("orbax" in record.pathname
+                or "Unable to initialize backend" in str(record.msg))
 
 
 def setup() -> None:
