@@ -158,11 +158,15 @@ def sweep_table(runs: list[Run]) -> str:
                                          for f in varying]):
     tokens, dim = num_tokens(run.config["model"])
     ev = run.eval
+    shown = f"{tokens} x {dim}"
+    if run.config["model"]["quantize"] == "dynamic" and "eval/tokens" in ev:
+      most, tokens = tokens, ev["eval/tokens"]  # the eval set's mean
+      shown = f"{tokens:.1f} (at most {most}) x {dim}"
     z, e = (_last_train(run, "train/latent_norm"),
             _last_train(run, "train/codeword_norm"))
     rows.append(
         [show(read(run.config)) for _, read, show in varying]
-        + [f"{tokens} x {dim}", f"{int(ev['eval/images']) * tokens:,}",
+        + [shown, f"{round(ev['eval/images'] * tokens):,}",
            f"{ev['eval/codebook_usage']:.1%}",
            f"{ev['eval/codebook_perplexity']:,.0f}",
            f"{ev['eval/psnr']:.2f}", f"{ev['eval/ssim']:.3f}"]
