@@ -12,6 +12,10 @@ holds checkpoints is resumed.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -31,6 +35,34 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and images go.")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the flags and loads the config before anything starts; a
+  missing config file, an unknown field or a bad value exits with one line
+  naming it (absl would print tracebacks)."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        sys.exit(f"train: no config file {path!r} (--config=FILE[:ARGS],"
+                 " e.g. configs/cvq_tokenizer.py:tiny)")
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value  # noqa: B018 (loads the config: its errors surface here)
+  except (AttributeError, KeyError) as e:  # an override names no field
+    name = str(e).strip("\"'")
+    given = [a.split("=", 1)[0] for a in argv
+             if a.startswith("--config.") and f".{name}" in a.split("=")[0]]
+    sys.exit(f"train: the config has no field {name!r}"
+             f" ({', '.join(given) or 'an override'})")
+  except (flags.Error, OSError, TypeError, ValueError) as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if "Traceback" in str(e):  # the config file's own error: its last line
+      lines = [lines[0].split(": Error whilst")[0] + ":", lines[-1]]
+    message = re.sub(r"\s+", " ", " ".join(lines))
+    sys.exit(f"train: {message[:400]}")
+  return rest
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -47,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

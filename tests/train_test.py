@@ -3,6 +3,8 @@
 import functools
 import math
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,6 +20,7 @@ from cvqcar.tokenizer import export, lpips
 from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 pytestmark = pytest.mark.slow
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +182,22 @@ def test_relative_workdir(tmp_path, monkeypatch):
   summary = tokenizer_trainer.train_and_evaluate(config, "runs/rel")
   assert summary.last_step == 2
   assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py"], "train: no config file 'configs/nope.py'"),
+    (["--config=configs/cvq_tokenizer.py:tiny", "--config.model.nope=1"],
+     "train: the config has no field 'nope' (--config.model.nope)"),
+    (["--config=configs/cvq_tokenizer.py:tiny,bogus"],
+     "unknown config argument(s) ['bogus']"),
+])
+def test_config_errors_are_one_line_before_anything_starts(args, message,
+                                                           tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "cvqcar.train", *args,
+       f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
+      text=True, timeout=300)
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], out.stderr
+  assert not (tmp_path / "run").exists()  # nothing started
