@@ -105,6 +105,7 @@ def test_flat_images_use_fewer_codes_than_textured_ones():
                                                           textured_len)
 
 
+@pytest.mark.slow
 def test_router_moves_the_fine_share_to_its_target():
   config = _config()
   config.model.dynamic.fine_fraction = 0.25
