@@ -34,7 +34,9 @@ _FIELDS = (
     ("axis", lambda c: c["model"]["quantize"], str),
     ("K", lambda c: c["model"]["num_codes"], lambda v: f"{v:,}"),
     ("codebook", lambda c: codebook_name(c["model"]["codebook"]), str),
-    ("init scale", lambda c: c["model"]["codebook"]["init_scale"], str),
+    # EMA codebooks start from data rows, whatever the initial scale.
+    ("init scale", lambda c: "-" if c["model"]["codebook"]["ema"]
+     else c["model"]["codebook"]["init_scale"], str),
     ("alpha", lambda c: c["model"]["nested_dropout_alpha"], str),
     ("batch", lambda c: c["batch_size"], str),
     ("steps", lambda c: c["num_train_steps"], str),
