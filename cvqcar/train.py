@@ -6,7 +6,8 @@
       --workdir=runs/car1_tiny
 
 `config.trainer` picks the trainer: 'tokenizer' (CVQ or a baseline
-tokenizer) or 'car' (stage I or II text-to-image). A workdir that already
+tokenizer), 'car' (stage I or II text-to-image) or 'dq' (the DQ-Transformer
+over a DQ-VAE's tokens). A workdir that already
 holds checkpoints is resumed.
 """
 
@@ -20,12 +21,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cvqcar import distributed, logs
+from cvqcar.car import dq_trainer
 from cvqcar.car import trainer as car_trainer
 from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 TRAINERS = {
     "tokenizer": tokenizer_trainer.train_and_evaluate,
     "car": car_trainer.train_and_evaluate,
+    "dq": dq_trainer.train_and_evaluate,
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

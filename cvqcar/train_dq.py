@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from cvqcar import logs, visualize
+from cvqcar.car import dq_trainer
 from cvqcar.car import dq_transformer as dq
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import dynamic, export
@@ -84,8 +85,8 @@ def run(tokenizer_dir: str, out: str, *, steps: int, crops: int,
                " %d..%d)", len(labels), num_classes, tokens.lengths.mean(),
                tokenizer.quantizer.num_regions, tokenizer.num_tokens)
   config = train_config(tokenizer, num_classes, steps, seed)
-  model, losses = dq.train(config, tokens.codes, tokens.positions,
-                           tokens.lengths, labels, steps)
+  model, losses = dq_trainer.train(config, tokens.codes, tokens.positions,
+                                   tokens.lengths, labels, steps)
   classes = np.repeat(np.arange(num_classes), samples)
   codes, positions, lengths = dq.generate(
       model, jnp.asarray(classes, jnp.int32), jax.random.key(seed + 2),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cvqcar.car import dq_trainer
 from cvqcar.car import dq_transformer as dq
 from cvqcar.car import model as car_lib
 
@@ -175,6 +176,58 @@ def test_cfg_scale_zero_is_the_null_class_and_top_k_one_is_greedy(model):
     dq.generate(model, classes + CONFIG.num_classes, key)
 
 
+TEXT = dq.DQConfig(grid=4, num_codes=32, text_vocab=40, max_text_len=6)
+
+
+def prompts(rows, length):
+  """Left-padded (ids, mask) [B, length] of the given prompts."""
+  ids = np.zeros((len(rows), length), np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    if row:
+      ids[i, -len(row):], mask[i, -len(row):] = row, 1
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def test_prompt_conditioning_is_causal_padding_blind_and_guided():
+  model = dq.DQTransformer(TEXT, rngs=nnx.Rngs(1))
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda cond, c, p: nnx.merge(graphdef, state)(cond, c, p))
+  key1, key2 = jax.random.split(jax.random.key(2))
+  codes = jax.random.randint(key1, (2, L), 0, TEXT.num_codes)
+  positions = jax.random.randint(key2, (2, L), 0, END + 1)
+  cond = prompts([[5, 6, 7], [9]], 4)
+  base_pos, base_code = forward(cond, codes, positions)
+  assert base_pos.shape == (2, L + 1, END + 1)
+  # More left padding changes nothing; another prompt changes everything.
+  pos, code = forward(prompts([[5, 6, 7], [9]], 6), codes, positions)
+  np.testing.assert_allclose(pos, base_pos, atol=1e-5)
+  np.testing.assert_allclose(code, base_code, atol=1e-5)
+  pos, _ = forward(prompts([[5, 6, 8], [9]], 4), codes, positions)
+  assert float(jnp.abs(pos[0, 0] - base_pos[0, 0]).max()) > 1e-4
+  np.testing.assert_allclose(pos[1], base_pos[1], atol=1e-5)
+  # Causal behind a prompt too.
+  for t in (0, L // 2, L - 1):
+    new = codes.at[:, t].set((codes[:, t] + 1) % TEXT.num_codes)
+    pos, code = forward(cond, new, positions)
+    np.testing.assert_allclose(pos[:, :t + 1], base_pos[:, :t + 1], atol=1e-5)
+    np.testing.assert_allclose(code[:, :t + 1], base_code[:, :t + 1],
+                               atol=1e-5)
+  # Guidance's null rows are the empty prompt; samples stay valid.
+  key = jax.random.key(3)
+  unguided = dq.generate(model, cond, key, temperature=0.0, cfg_scale=0.0)
+  empty = dq.generate(model, prompts([[], []], 4), key, temperature=0.0)
+  for a, b in zip(unguided, empty, strict=True):
+    np.testing.assert_array_equal(a, b)
+  codes, positions, lengths = dq.generate(model, cond, key, cfg_scale=3.0)
+  for row, n in zip(np.asarray(positions), np.asarray(lengths), strict=True):
+    assert_valid(row, n, R)
+  with pytest.raises(ValueError, match="at most max_text_len = 6"):
+    dq.generate(model, prompts([[1]], 7), key)
+  with pytest.raises(ValueError, match="text ids, text mask"):
+    dq.generate(model, jnp.arange(2), key)
+
+
 @pytest.mark.slow
 def test_training_memorises_sequences_per_class():
   fine = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1]],
@@ -188,7 +241,7 @@ def test_training_memorises_sequences_per_class():
       "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10, "b1": 0.9,
                     "b2": 0.99, "weight_decay": 0.0, "grad_clip": 1.0},
       "batch_size": 4, "seed": 0, "cond_drop_prob": 0.0})
-  trained, losses = dq.train(config, codes, positions, lengths,
+  trained, losses = dq_trainer.train(config, codes, positions, lengths,
                              np.arange(4), steps=60)
   assert losses.shape == (60,) and np.isfinite(losses).all()
   assert losses[-10:].mean() < 0.1 * losses[:5].mean(), losses[::10]

@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from configs import cvq_tokenizer
+from configs import cvq_tokenizer, dq_transformer
 from conftest import tiny_config
 from cvqcar import train_dq
+from cvqcar.car import dq_trainer
 from cvqcar.car import dq_transformer as dq
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import dynamic, export
@@ -174,3 +175,31 @@ def test_dynamic_tokenizer_trains_sharded_resumes_exactly_and_exports(
   assert 16 <= result["sample_mean_length"] <= 64
   grid = np.asarray(Image.open(out / "samples.png"))
   assert grid.shape[:2] == (2 * 96 + 2, 3 * 96 + 4) and grid.std() > 5
+  # The prompt-conditioned DQ-Transformer on the trainer machinery: sharded
+  # over 4 x 2 devices, checkpointed with its data iterator, resumed exactly.
+  config = dq_transformer.get_config("tiny")
+  config.tokenizer = tiny_config("tiny,dynamic").model
+  config.tokenizer_export = str(tmp_path / "export")
+  config.model.update(width=32, position_layers=1, content_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+  config.mesh.update(data=4, fsdp=2)
+  config.update(batch_size=8, num_train_steps=4, log_every=1,
+                eval_every=1000, checkpoint_every=2)
+  config.data.num_eval_examples = 8
+  config.sample.update(prompts=("a ginger tabby cat",), per_prompt=2)
+  full = dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))
+  assert 16 <= full.eval["eval/sample_tokens"] <= 64
+  assert np.isfinite(full.eval["eval/loss"])
+  assert (tmp_path / "dqt" / "images" / "samples_0000004.png").exists()
+  config.run_steps = 2
+  dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt_cut"))
+  config.run_steps = 0
+  resumed = dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt_cut"))
+  assert sorted(resumed.train) == [3, 4]
+  for step in (3, 4):
+    for name in ("train/loss", "train/grad_norm"):
+      np.testing.assert_allclose(resumed.train[step][name],
+                                 full.train[step][name], rtol=1e-5)
+  config.model.width = 64
+  with pytest.raises(ValueError, match="model.width"):
+    dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))

@@ -26,27 +26,26 @@ hidden state plus embed_next(p_t), the position of the code to predict, and
 predicts c_t; it is causal too, so step t sees tokens < t and p_t. Both are
 cvqcar.car.qwen3 trunks (RMSNorm, GQA with RoPE over the step index, SwiGLU).
 
-Conditioning is a class id; id num_classes is the null class of
-classifier-free guidance (dropped in training with `cond_drop_prob`). Text
-would replace the begin token by a left-padded prompt prefix, as
-cvqcar.car.model.CAR.prefix does, with an empty prompt as the null case.
+Conditioning (`condition`): with `text_vocab` 0, a class id whose
+embedding is the begin token, id num_classes being the null class of
+classifier-free guidance; otherwise a left-padded prompt (text ids and mask
+[B, L], L <= max_text_len) followed by a learned begin token, as
+cvqcar.car.model.CAR.prefix does, the empty prompt being the null case.
+Training drops the condition for a `cond_drop_prob` share of rows
+(cvqcar.car.dq_trainer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
-from cvqcar import optim, sharding
+from cvqcar import sharding
 from cvqcar.car import model as car_lib
 from cvqcar.car import qwen3, sampling
 from cvqcar.tokenizer import dynamic
@@ -59,6 +58,8 @@ class DQConfig:
   grid: int = 4  # s: the tokenizer's fine latent side (even)
   num_codes: int = 64  # K
   num_classes: int = 10  # plus one null class for guidance
+  text_vocab: int = 0  # > 0: prompt-conditioned (class ids unused)
+  max_text_len: int = 0  # the longest prompt, in text tokens
   width: int = 64
   position_layers: int = 2
   content_layers: int = 2
@@ -76,6 +77,9 @@ class DQConfig:
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"DQConfig.{name}={getattr(self, name)!r}; expected"
                          " a positive int")
+    if self.text_vocab and self.max_text_len < 1:
+      raise ValueError(f"DQConfig.text_vocab={self.text_vocab} needs"
+                       f" max_text_len >= 1, got {self.max_text_len}")
 
   @property
   def num_regions(self) -> int:  # R
@@ -104,7 +108,8 @@ class DQConfig:
         intermediate_size=self.mlp_dim, num_hidden_layers=layers,
         num_attention_heads=self.num_heads,
         num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
-        rope_theta=1e4, max_position_embeddings=self.max_len + 1,
+        rope_theta=1e4,
+        max_position_embeddings=self.max_len + 1 + self.max_text_len,
         tie_word_embeddings=True, dtype=self.dtype)
 
 
@@ -163,8 +168,50 @@ def mask_logits(logits: jax.Array, allowed: jax.Array) -> jax.Array:
   return jnp.where(allowed, logits, -jnp.inf)
 
 
+def null_condition(config: DQConfig, cond):
+  """The unconditional counterpart of `cond`: the null class, or the same
+  prompts with an all-padding mask (the empty prompt)."""
+  if config.text_vocab:
+    text_bl, mask_bl = cond
+    return text_bl, jnp.zeros_like(mask_bl)
+  return jnp.full_like(cond, config.null_class)
+
+
+def drop_condition(config: DQConfig, cond, drop_b: jax.Array):
+  """`cond` with the rows where drop_b [B] is true made unconditional."""
+  null = null_condition(config, cond)
+  pick = lambda c, n: jnp.where(drop_b.reshape(drop_b.shape + (1,) *
+                                               (c.ndim - 1)), n, c)
+  return jax.tree.map(pick, cond, null)
+
+
+def check_condition(config: DQConfig, cond) -> None:
+  """Raises unless `cond` is class ids [B] in 0..num_classes (class mode)
+  or (text ids, mask), both [B, L] with L <= max_text_len (text mode)."""
+  if not config.text_vocab:
+    ids = np.asarray(cond)
+    if ids.ndim != 1:
+      raise ValueError(f"class ids {ids.shape}; expected [B]")
+    if ids.size and (ids.min() < 0 or ids.max() > config.null_class):
+      raise ValueError(f"class ids span {ids.min()}..{ids.max()}; expected"
+                       f" 0..{config.null_class} ({config.null_class}: the"
+                       " null class)")
+    return
+  if not (isinstance(cond, tuple | list) and len(cond) == 2):
+    raise ValueError("a prompt-conditioned DQ-Transformer takes (text ids,"
+                     " text mask)")
+  text_bl, mask_bl = (np.shape(c) for c in cond)
+  if len(text_bl) != 2 or text_bl != mask_bl:
+    raise ValueError(f"text ids {text_bl} and mask {mask_bl}; expected both"
+                     " [B, L]")
+  if text_bl[1] > config.max_text_len:
+    raise ValueError(f"prompts of {text_bl[1]} tokens; this model takes at"
+                     f" most max_text_len = {config.max_text_len}")
+
+
 class DQTransformer(nnx.Module):
-  """(class ids [B], codes [B, 4R], positions [B, 4R]) -> raw logits."""
+  """(condition, codes [B, 4R], positions [B, 4R]) -> raw logits; the
+  condition is class ids [B] or (text ids, text mask) [B, L]."""
 
   def __init__(self, config: DQConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -176,7 +223,13 @@ class DQTransformer(nnx.Module):
                                        rngs=rngs)  # embeds the codes
     self.content_stream = qwen3.Qwen3(config.trunk(config.content_layers),
                                       rngs=rngs)  # its table is the code head
-    self.embed_class = embed(config.num_classes + 1, ("classes", "embed"))
+    if config.text_vocab:
+      self.embed_text = embed(config.text_vocab, ("vocab", "embed"))
+      self.begin = nnx.Param(
+          jax.random.normal(rngs.params(), (config.width,)) * 0.02,
+          logical_axes=("embed",))
+    else:
+      self.embed_class = embed(config.num_classes + 1, ("classes", "embed"))
     self.embed_pos = embed(config.num_positions, ("positions", "embed"))
     self.embed_next = embed(config.num_positions, ("positions", "embed"))
     self.position_head = nnx.Linear(
@@ -191,14 +244,32 @@ class DQTransformer(nnx.Module):
                        f" {positions_bl.shape}; expected both [B, 4R] ="
                        f" {want}")
 
-  def position_hidden(self, class_ids_b, codes_bl, positions_bl):
-    """Position-stream states [B, 4R + 1, D]: step t has seen tokens < t."""
+  def condition(self, cond):
+    """Prefix embeddings [B, P, D] ending in the begin token, and its mask
+    [B, P]: P = 1 for a class, L + 1 for a left-padded prompt."""
+    if not self.config.text_vocab:
+      begin = self.embed_class(cond)[:, None]
+      return begin, jnp.ones(begin.shape[:2], bool)
+    text_bl, mask_bl = cond
+    text = self.embed_text(text_bl)
+    b, _, d = text.shape
+    begin = jnp.broadcast_to(self.begin[...].astype(text.dtype), (b, 1, d))
+    mask = jnp.concatenate([mask_bl.astype(bool), jnp.ones((b, 1), bool)], 1)
+    return jnp.concatenate([text, begin], axis=1), mask
+
+  def position_hidden(self, cond, codes_bl, positions_bl):
+    """Position-stream states [B, 4R + 1, D] from the begin token on: step
+    t has seen the condition and tokens < t."""
     self._check(codes_bl, positions_bl)
-    begin = self.embed_class(class_ids_b)[:, None]
+    prefix, mask = self.condition(cond)
     tokens = (self.position_stream.embed(codes_bl) +
               self.embed_pos(positions_bl))
-    x = jnp.concatenate([begin, tokens.astype(begin.dtype)], axis=1)
-    return self.position_stream.forward_embeddings(x)[0]
+    x = jnp.concatenate([prefix, tokens.astype(prefix.dtype)], axis=1)
+    mask = jnp.concatenate([mask, jnp.ones(tokens.shape[:2], bool)], axis=1)
+    hidden = self.position_stream.forward_embeddings(
+        sharding.constrain_batch(x), car_lib.positions_from_mask(mask),
+        attention_mask=mask)[0]
+    return hidden[:, prefix.shape[1] - 1:]
 
   def position_logits(self, hidden):
     """[..., D] -> next-position logits [..., 5R + 1] (unmasked)."""
@@ -211,20 +282,19 @@ class DQTransformer(nnx.Module):
     h = self.content_stream.forward_embeddings(x)[0]
     return self.content_stream.logits(h).astype(jnp.float32)
 
-  def __call__(self, class_ids_b, codes_bl, positions_bl):
+  def __call__(self, cond, codes_bl, positions_bl):
     """(position logits [B, 4R + 1, 5R + 1], code logits [B, 4R, K]),
     teacher-forced and unmasked: step t predicts p_t and c_t."""
-    hidden = self.position_hidden(class_ids_b, codes_bl, positions_bl)
+    hidden = self.position_hidden(cond, codes_bl, positions_bl)
     return (self.position_logits(hidden),
             self.code_logits(hidden[:, :-1], positions_bl))
 
 
-def loss_fn(model: DQTransformer, class_ids_b, codes_bl, positions_bl,
-            lengths_b):
+def loss_fn(model: DQTransformer, cond, codes_bl, positions_bl, lengths_b):
   """(position CE + code CE, metrics): means over the unpadded steps, the
   END prediction at step L included; invalid positions masked out."""
   c = model.config
-  pos_logits, code_logits = model(class_ids_b, codes_bl, positions_bl)
+  pos_logits, code_logits = model(cond, codes_bl, positions_bl)
   allowed = valid_next_positions(positions_bl, c.num_regions)
   b = positions_bl.shape[0]
   targets = jnp.concatenate(
@@ -276,16 +346,15 @@ def check_sequences(positions_bl, lengths_b, num_regions: int) -> None:
 
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "temperature", "top_k", "top_p", "cfg_scale"))
-def _generate(graphdef, state, class_ids_b, key, *, temperature, top_k,
-              top_p, cfg_scale):
+def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
+              cfg_scale):
   model = nnx.merge(graphdef, state)
   c = model.config
-  b = class_ids_b.shape[0]
+  b = jax.tree.leaves(cond)[0].shape[0]
   guided = cfg_scale != 1.0
-  classes = class_ids_b.astype(jnp.int32)
-  if guided:  # conditional rows, then null-class rows, as one batch
-    classes = jnp.concatenate([classes, jnp.full((b,), c.null_class,
-                                                 jnp.int32)])
+  if guided:  # conditional rows, then unconditional rows, as one batch
+    cond = jax.tree.map(lambda x, n: jnp.concatenate([x, n]), cond,
+                        null_condition(c, cond))
   twice = lambda x: jnp.concatenate([x, x]) if guided else x
   guide = lambda logits: (car_lib.guided_logits(logits[:b], logits[b:],
                                                 cfg_scale)
@@ -297,7 +366,7 @@ def _generate(graphdef, state, class_ids_b, key, *, temperature, top_k,
     codes, positions, coarse_br, last_b = carry
     key_pos, key_code = jax.random.split(jax.random.fold_in(key, i))
     # Full recompute: the step's state depends only on tokens < i.
-    hidden = model.position_hidden(classes, twice(codes), twice(positions))
+    hidden = model.position_hidden(cond, twice(codes), twice(positions))
     logits = guide(model.position_logits(hidden[:, i]))
     allowed = next_position_mask(coarse_br, last_b, c.num_regions)
     pos = pick(mask_logits(logits, allowed), key_pos,
@@ -317,10 +386,11 @@ def _generate(graphdef, state, class_ids_b, key, *, temperature, top_k,
   return codes, positions, jnp.sum(positions != c.end, axis=1)
 
 
-def generate(model: DQTransformer, class_ids_b, key, *, temperature=1.0,
-             top_k=0, top_p=1.0, cfg_scale=1.0):
-  """Samples (codes [B, 4R], positions [B, 4R], lengths [B]) for class ids
-  [B] (num_classes: the null class).
+def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
+             top_p=1.0, cfg_scale=1.0):
+  """Samples (codes [B, 4R], positions [B, 4R], lengths [B]) for a
+  condition: class ids [B] (num_classes: the null class) or (text ids,
+  text mask) [B, L] (an all-zero mask: the empty prompt).
 
   One jitted lax.scan of exactly 4R steps; a finished row keeps emitting
   END with code 0. Each step recomputes both streams over the whole
@@ -334,99 +404,10 @@ def generate(model: DQTransformer, class_ids_b, key, *, temperature=1.0,
   c = model.config
   sampling.check_settings(temperature=temperature, top_k=top_k, top_p=top_p,
                           num_codes=c.num_codes)
-  class_ids_b = jnp.asarray(class_ids_b)
-  if class_ids_b.ndim != 1:
-    raise ValueError(f"class_ids {class_ids_b.shape}; expected [B]")
-  ids = np.asarray(class_ids_b)
-  if ids.size and (ids.min() < 0 or ids.max() > c.null_class):
-    raise ValueError(f"class ids span {ids.min()}..{ids.max()}; expected"
-                     f" 0..{c.null_class} ({c.null_class}: the null class)")
+  check_condition(c, cond)
+  cond = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32),
+                      tuple(cond) if c.text_vocab else cond)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, class_ids_b, key,
+  return _generate(graphdef, state, cond, key,
                    temperature=float(temperature), top_k=int(top_k),
                    top_p=float(top_p), cfg_scale=float(cfg_scale))
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: nnx.State
-  opt_state: Any
-
-
-def train_step(state: TrainState, batch, key, *, graphdef, tx,
-               cond_drop_prob: float):
-  """One AdamW update on a batch dict of class_ids [B], codes, positions
-  [B, 4R] and lengths [B]; a cond_drop_prob share of rows gets the null
-  class (classifier-free guidance training)."""
-  model = nnx.merge(graphdef, state.params)
-  key = jax.random.fold_in(key, state.step)
-  drop_b = jax.random.uniform(key, batch["class_ids"].shape) < cond_drop_prob
-  class_ids = jnp.where(drop_b, model.config.null_class, batch["class_ids"])
-
-  def f(params):
-    return loss_fn(nnx.merge(graphdef, params), class_ids, batch["codes"],
-                   batch["positions"], batch["lengths"])
-
-  (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return state.replace(step=state.step + 1, params=params,
-                       opt_state=opt_state), metrics
-
-
-def train(config, codes_nl, positions_nl, lengths_n, class_ids_n,
-          steps: int):
-  """Trains a fresh model on N encoded sequences; -> (model, losses
-  [steps]).
-
-  `config` has `model` (DQConfig fields), `optimizer` (as read by
-  cvqcar.optim.make_optimizer), `batch_size`, `seed`, `cond_drop_prob` and
-  optionally `num_train_steps` (the schedule's length; default `steps`).
-  Rows are drawn at random each step. Single-device: a sharded trainer
-  would jit this step with explicit in/out shardings as car/state.py does.
-  """
-  model_cfg = DQConfig(**dict(config.model))
-  codes_nl, positions_nl = np.asarray(codes_nl), np.asarray(positions_nl)
-  lengths_n, class_ids_n = np.asarray(lengths_n), np.asarray(class_ids_n)
-  n = positions_nl.shape[0]
-  if codes_nl.shape != positions_nl.shape or class_ids_n.shape != (n,):
-    raise ValueError(f"codes {codes_nl.shape}, positions"
-                     f" {positions_nl.shape}, class_ids {class_ids_n.shape};"
-                     " expected [N, 4R], [N, 4R], [N]")
-  check_sequences(positions_nl, lengths_n, model_cfg.num_regions)
-  if codes_nl.min() < 0 or codes_nl.max() >= model_cfg.num_codes:
-    raise ValueError(f"codes span {codes_nl.min()}..{codes_nl.max()};"
-                     f" expected 0..{model_cfg.num_codes - 1}")
-  if class_ids_n.min() < 0 or class_ids_n.max() > model_cfg.num_classes:
-    raise ValueError(f"class ids span {class_ids_n.min()}.."
-                     f"{class_ids_n.max()}; expected 0..num_classes ="
-                     f" {model_cfg.num_classes} (the null class)")
-  tx = optim.make_optimizer(ml_collections.ConfigDict({
-      "optimizer": config.optimizer,
-      "num_train_steps": config.get("num_train_steps") or steps}))
-  graphdef, params = nnx.split(DQTransformer(model_cfg,
-                                             rngs=nnx.Rngs(config.seed)))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=tx.init(params))
-  step_fn = jax.jit(functools.partial(
-      train_step, graphdef=graphdef, tx=tx,
-      cond_drop_prob=float(config.cond_drop_prob)), donate_argnums=(0,))
-  rng = np.random.default_rng(config.seed)
-  key = jax.random.key(config.seed + 1)
-  arrays = {"class_ids": class_ids_n.astype(np.int32),
-            "codes": codes_nl.astype(np.int32),
-            "positions": positions_nl.astype(np.int32),
-            "lengths": lengths_n.astype(np.int32)}
-  losses = []
-  for _ in range(steps):
-    rows = rng.choice(n, config.batch_size, replace=n < config.batch_size)
-    state, metrics = step_fn(state, {k: v[rows] for k, v in arrays.items()},
-                             key)
-    losses.append(metrics["loss"])
-  losses = np.asarray(jax.device_get(losses), np.float32)
-  if not np.isfinite(losses).all():
-    first = int(np.flatnonzero(~np.isfinite(losses))[0])
-    raise FloatingPointError(f"non-finite DQ-Transformer loss from step"
-                             f" {first + 1} of {steps}")
-  return nnx.merge(graphdef, state.params), losses

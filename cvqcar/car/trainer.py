@@ -128,6 +128,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state = restored.replace(backbone=state.backbone)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
+
+  def run_eval(step, state):
+    t0 = time.time()
+    losses = [float(eval_fn(state, sharding.global_batch(local, mesh),
+                            tok_state)) for local in eval_ds]
+    scalars = {"eval/loss": float(np.mean(losses))}
+    strips = _sample_strips(config, graphdef, state, tokenizer, text_tok)
+    path = os.path.join(workdir, "images", f"samples_{step:07d}.png")
+    if jax.process_index() == 0:
+      visualize.save_png(visualize.strip_grid(strips), path)
+    logging.info("eval at step %d (%.1fs): loss %.4f; samples %s", step,
+                 time.time() - t0, scalars["eval/loss"], path)
+    return scalars
+
+  state, summary = run_loop(config, state, step_fn, train_iter, mesh, ckpt,
+                            writer, run_eval, tok_state, "CAR")
+  logs.finished(workdir, summary.last_step,
+                f"CAR stage {config.stage} training", summary.eval)
+  return summary
+
+
+def run_loop(config, state, step_fn, train_iter, mesh, ckpt, writer,
+             run_eval, step_arg, what: str) -> tuple[object, Summary]:
+  """The training loop shared by CAR and the DQ-Transformer: steps
+  state.step + 1 .. (config.run_steps later or) config.num_train_steps of
+  step_fn(state, batch, key, step_arg) -> (state, metrics), logging every
+  config.log_every steps, run_eval(step, state) -> eval scalars at step 0,
+  every config.eval_every and at the end, checkpoints every
+  config.checkpoint_every and at the stop. A non-finite loss stops the run
+  naming the step."""
   start, total = int(state.step), config.num_train_steps
   stop = min(total, start + config.run_steps) if config.run_steps else total
   progress = periodic_actions.ReportProgress(
@@ -135,28 +165,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   summary = Summary(train={}, eval={}, last_step=start)
   key = jax.random.key(config.seed + 1)
 
-  def run_eval(step):
-    t0 = time.time()
-    losses = []
-    for local in eval_ds:
-      batch = sharding.global_batch(local, mesh)
-      losses.append(float(eval_fn(state, batch, tok_state)))
-    summary.eval.update({"eval/loss": float(np.mean(losses))})
-    strips = _sample_strips(config, graphdef, state, tokenizer, text_tok)
-    path = os.path.join(workdir, "images", f"samples_{step:07d}.png")
-    if jax.process_index() == 0:
-      visualize.save_png(visualize.strip_grid(strips), path)
+  def evaluate(step):
+    summary.eval.update(run_eval(step, state))
     writer.write_scalars(step, summary.eval)
-    logging.info("eval at step %d (%.1fs): loss %.4f; samples %s", step,
-                 time.time() - t0, summary.eval["eval/loss"], path)
 
   if start == 0:
-    run_eval(0)
+    evaluate(0)
   history, first, step = [], start + 1, start
   for step in range(start + 1, stop + 1):
     batch = sharding.global_batch(next(train_iter), mesh)
     with jax.set_mesh(mesh):
-      state, m = step_fn(state, batch, key, tok_state)
+      state, m = step_fn(state, batch, key, step_arg)
     history.append(m)
     progress(step)
     last = step == stop
@@ -164,21 +183,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       history = jax.device_get(history)
       for i, h in enumerate(history):
         if not np.isfinite(h["loss"]):
-          raise FloatingPointError(f"non-finite CAR loss at step {first + i}")
+          raise FloatingPointError(
+              f"non-finite {what} loss at step {first + i}")
         summary.train[first + i] = {f"train/{k}": float(v)
                                     for k, v in h.items()}
       writer.write_scalars(step, {f"train/{k}": float(np.mean(
           [h[k] for h in history])) for k in history[0]})
       history, first = [], step + 1
     if step % config.eval_every == 0 or step == total:
-      run_eval(step)
+      evaluate(step)
     if step % config.checkpoint_every == 0 or last:
       ckpt.save(step, state.saved(), train_iter, force=last)
   ckpt.wait()
   writer.flush()
-  logs.finished(workdir, step, f"CAR stage {config.stage} training",
-                summary.eval)
-  return summary._replace(last_step=step)
+  return state, summary._replace(last_step=step)
 
 
 def _teacher_forced(graphdef, state, tok_graphdef, tok_state, batch):
