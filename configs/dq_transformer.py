@@ -1,7 +1,8 @@
 """DQ-Transformer: prompt-conditioned generation of DQ-VAE token sequences.
 
 Run (embedded captioned photos, CPU):
-  python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,dynamic \
+  python -m cvqcar.train \
+      --config=configs/cvq_tokenizer.py:tiny,budget=64,dynamic \
       --workdir=runs/dq_tiny
   python -m cvqcar.export --workdir=runs/dq_tiny --out=exports/dq_tiny
   python -m cvqcar.train --config=configs/dq_transformer.py:tiny \
@@ -26,8 +27,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.trainer = "dq"  # what `python -m cvqcar.train` runs
   config.seed = 0
+  # tiny: an 8 x 8 fine grid, so 16 to 64 codes per image.
   config.tokenizer = cvq_tokenizer.get_config(
-      "tiny,dynamic" if tiny else "dynamic").model
+      "tiny,budget=64,dynamic" if tiny else "dynamic").model
   config.tokenizer_export = "exports/dq_tiny" if tiny else ""
   config.text_tokenizer = "bytes"  # or the path of a tokenizer.json
   config.max_text_len = 64 if tiny else 128

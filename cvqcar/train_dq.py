@@ -1,6 +1,7 @@
 """Train a tiny class-conditional DQ-Transformer on a DQ-VAE's tokens.
 
-  python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,dynamic \
+  python -m cvqcar.train \
+      --config=configs/cvq_tokenizer.py:tiny,budget=64,dynamic \
       --workdir=runs/dq_tiny
   python -m cvqcar.export --workdir=runs/dq_tiny --out=exports/dq_tiny
   python -m cvqcar.train_dq --tokenizer=exports/dq_tiny --out=samples/dq

@@ -1,6 +1,7 @@
 """DQ-Transformer training: prompt-conditioned, sharded and resumable.
 
-  python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,dynamic \
+  python -m cvqcar.train \
+      --config=configs/cvq_tokenizer.py:tiny,budget=64,dynamic \
       --workdir=runs/dq_tiny
   python -m cvqcar.export --workdir=runs/dq_tiny --out=exports/dq_tiny
   python -m cvqcar.train --config=configs/dq_transformer.py:tiny \
