@@ -13,7 +13,9 @@ a CPU, `patch` selects the patch-wise VQGAN baseline on the same encoder,
 `dynamic` DQ-VAE's dynamic quantization (at most h*w tokens: a region of
 2 x 2 latent cells takes one code or four; about half fine by default),
 `ema` / `plain` / `cosine` / `simvq` select the codebook variant, `res=N`
-sets the resolution, and `budget=B` (a square number) sets an equal token
+sets the resolution, `smoke` (with `tiny`) shrinks it to a seconds-long
+run for notebooks' fast mode and CI (16 px, 8 channels, 6 steps), and
+`budget=B` (a square number) sets an equal token
 budget for both axes: a sqrt(B) x sqrt(B) latent grid with B channels, so
 channel tokens and patch tokens alike are B tokens of B numbers:
 
@@ -26,7 +28,7 @@ Any field is overridable: --config.num_train_steps=50.
 import ml_collections
 
 KNOWN_ARGS = {"tiny", "patch", "dynamic", "ema", "plain", "cosine", "simvq",
-              "res", "budget"}
+              "res", "budget", "smoke"}
 
 
 def parse_args(arg: str, known: set[str]) -> dict[str, str]:
@@ -179,6 +181,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.log_every = 50
     config.eval_every = 200
     config.checkpoint_every = 200
+  if "smoke" in args:
+    if "tiny" not in args:
+      raise ValueError("config argument 'smoke' shrinks 'tiny': use"
+                       " 'tiny,smoke'")
+    m.resolution = int(args.get("res", 16))
+    m.base_channels, m.norm_groups = 8, 4
+    m.latent_channels, m.num_codes = 8, 64
+    config.batch_size = config.eval_batch_size = 8
+    config.data.num_eval_images = 16
+    config.data.num_threads = 2
+    config.num_train_steps, config.log_every = 6, 2
+    config.eval_every = config.checkpoint_every = 1000
+    config.num_grid_images = 4
   if "budget" in args:
     set_budget(m, int(args["budget"]), tiny="tiny" in args)
   for axis in ("patch", "dynamic"):

@@ -103,9 +103,11 @@ def prepare(config, workdir: str | None = None):
   return config, mesh, tokenizer, text_tok, record
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Summary:
-  """Trains CAR on text-image pairs; resumes from `workdir` if it can."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_log=None) -> Summary:
+  """Trains CAR on text-image pairs; resumes from `workdir` if it can.
+  `on_log(step, num_train_steps, scalars)` sees every logged set of
+  scalars (e.g. cvqcar.figures.LiveProgress)."""
   config, mesh, tokenizer, text_tok, record = prepare(config, workdir)
   start_params = (_stage1_params(config, mesh, record)
                   if config.stage == 2 else None)
@@ -143,21 +145,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return scalars
 
   state, summary = run_loop(config, state, step_fn, train_iter, mesh, ckpt,
-                            writer, run_eval, tok_state, "CAR")
+                            writer, run_eval, tok_state, "CAR", on_log)
   logs.finished(workdir, summary.last_step,
                 f"CAR stage {config.stage} training", summary.eval)
   return summary
 
 
 def run_loop(config, state, step_fn, train_iter, mesh, ckpt, writer,
-             run_eval, step_arg, what: str) -> tuple[object, Summary]:
+             run_eval, step_arg, what: str, on_log=None
+             ) -> tuple[object, Summary]:
   """The training loop shared by CAR and the DQ-Transformer: steps
   state.step + 1 .. (config.run_steps later or) config.num_train_steps of
   step_fn(state, batch, key, step_arg) -> (state, metrics), logging every
   config.log_every steps, run_eval(step, state) -> eval scalars at step 0,
   every config.eval_every and at the end, checkpoints every
-  config.checkpoint_every and at the stop. A non-finite loss stops the run
-  naming the step."""
+  config.checkpoint_every and at the stop; on_log(step, total, scalars)
+  sees what is logged. A non-finite loss stops the run naming the step."""
   start, total = int(state.step), config.num_train_steps
   stop = min(total, start + config.run_steps) if config.run_steps else total
   progress = periodic_actions.ReportProgress(
@@ -165,9 +168,14 @@ def run_loop(config, state, step_fn, train_iter, mesh, ckpt, writer,
   summary = Summary(train={}, eval={}, last_step=start)
   key = jax.random.key(config.seed + 1)
 
+  def log(step, scalars):
+    writer.write_scalars(step, scalars)
+    if on_log is not None:
+      on_log(step, total, scalars)
+
   def evaluate(step):
     summary.eval.update(run_eval(step, state))
-    writer.write_scalars(step, summary.eval)
+    log(step, summary.eval)
 
   if start == 0:
     evaluate(0)
@@ -187,8 +195,8 @@ def run_loop(config, state, step_fn, train_iter, mesh, ckpt, writer,
               f"non-finite {what} loss at step {first + i}")
         summary.train[first + i] = {f"train/{k}": float(v)
                                     for k, v in h.items()}
-      writer.write_scalars(step, {f"train/{k}": float(np.mean(
-          [h[k] for h in history])) for k in history[0]})
+      log(step, {f"train/{k}": float(np.mean([h[k] for h in history]))
+                 for k in history[0]})
       history, first = [], step + 1
     if step % config.eval_every == 0 or step == total:
       evaluate(step)

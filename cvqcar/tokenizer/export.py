@@ -31,6 +31,14 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   return out
 
 
+def train_and_load(config: ml_collections.ConfigDict, workdir: str,
+                   on_log=None) -> tokenizer_lib.Tokenizer:
+  """Trains (or resumes, or finds finished) the tokenizer in `workdir`,
+  exports it to WORKDIR/export and loads it: the notebooks' one call."""
+  tokenizer_trainer.train_and_evaluate(config, workdir, on_log=on_log)
+  return load_tokenizer(export(workdir, f"{workdir.rstrip('/')}/export"))
+
+
 def _single_device(config):
   config = ml_collections.ConfigDict(config.to_dict())
   for mesh in (config.mesh, config.get("dcn_mesh") or {}):

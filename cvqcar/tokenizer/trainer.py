@@ -288,13 +288,15 @@ class Summary(NamedTuple):
   last_step: int
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Summary:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_log=None) -> Summary:
   """Trains the tokenizer, evaluating, logging and checkpointing in workdir.
 
   Resumes from the latest checkpoint in `workdir` (model, optimizer, EMA and
   data iterator position). With config.run_steps > 0 it stops after that many
   steps with a checkpoint (for time-limited jobs); the next call goes on.
+  `on_log(step, num_train_steps, scalars)`, when given, sees every logged
+  set of train or eval scalars (e.g. cvqcar.figures.LiveProgress).
   """
   trainer = Trainer(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
@@ -324,6 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     summary.eval.update(eval_metrics)
     writer.write_scalars(step, eval_metrics)
     metrics_file.write(step, eval_metrics)
+    if on_log is not None:
+      on_log(step, total, eval_metrics)
     grid = visualize.reconstruction_grid(first, config.num_grid_images)
     path = os.path.join(workdir, "images", f"recon_{step:07d}.png")
     if jax.process_index() == 0:
@@ -353,6 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       scalars["train/skipped"] *= len(history)  # a count, not a mean
       writer.write_scalars(step, scalars)
       metrics_file.write(step, scalars)
+      if on_log is not None:
+        on_log(step, total, scalars)
       history, first_step = [], step + 1
     if step % config.eval_every == 0 or step == total:
       run_eval(step)
