@@ -1,4 +1,5 @@
-"""Grain image pipelines: ImageNet from TFDS, image folders, embedded photos."""
+"""Grain image pipelines: ImageNet from TFDS, image folders, embedded photos,
+Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from cvqcar.data import fashion
 
 # Photos bundled in the scikit-image wheel that stay out of training and give
 # the embedded eval set (a cat, a coffee cup and a gravel texture).
@@ -278,8 +281,12 @@ def train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
   elif d.name == "imagenet2012":
     records = _imagenet_records(d, d.train_split)
     preprocess = Preprocess(r, crop=d.train_crop, flip=True)
+  elif d.name == "fashion_mnist":
+    records = fashion.records(d.data_dir, "train")
+    preprocess = Preprocess(r, crop="center")
   else:
-    raise ValueError(f"config.data.name must be 'embedded' or 'imagenet2012',"
+    raise ValueError(f"config.data.name must be 'embedded', 'imagenet2012'"
+                     f" or 'fashion_mnist',"
                      f" got {d.name!r}")
   logging.info("train data: %s, %d records", d.name, len(records))
   return image_pipeline(records, preprocess=preprocess,
@@ -297,6 +304,8 @@ def eval_records(config: ml_collections.ConfigDict):
             d.num_eval_images)
   if d.name == "folder":
     records = FolderImages(d.eval_dir)
+  elif d.name == "fashion_mnist":
+    records = fashion.records(d.data_dir, "test")
   else:
     records = _imagenet_records(d, d.eval_split)
   num = min(d.num_eval_images or len(records), len(records))
@@ -321,7 +330,9 @@ def eval_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
     preprocess = Preprocess(r, crop="random_scale", min_scale=d.min_scale)
     num = d.num_eval_images
   else:
-    records = _imagenet_records(d, d.eval_split)
+    records = (fashion.records(d.data_dir, "test")
+               if d.name == "fashion_mnist"
+               else _imagenet_records(d, d.eval_split))
     preprocess = Preprocess(r, crop="center")
     num = min(d.num_eval_images or len(records), len(records))
   return image_pipeline(records, preprocess=preprocess,

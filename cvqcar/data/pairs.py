@@ -28,8 +28,8 @@ import numpy as np
 from array_record.python import array_record_module
 from PIL import Image
 
+from cvqcar.data import fashion, text
 from cvqcar.data import images as image_data
-from cvqcar.data import text
 
 SHARD_SUFFIX = ".array_record"
 DEFAULT_EXAMPLES_PER_SHARD = 4096
@@ -329,9 +329,12 @@ def _config_source(d: ml_collections.ConfigDict, split: str):
       raise ValueError("config.data.pretokenized needs config.data.name="
                        "'shards' (tokenize_dataset output)")
     return embedded_pairs(split)
+  if d.name == "fashion_mnist":  # class-name captions, held-out phrasing
+    return fashion.records(d.data_dir, "train" if split == "train" else
+                           "test", captions=True)
   if d.name != "shards":
-    raise ValueError(f"config.data.name must be 'embedded' or 'shards', got"
-                     f" {d.name!r}")
+    raise ValueError(f"config.data.name must be 'embedded', 'shards' or"
+                     f" 'fashion_mnist', got {d.name!r}")
   pattern = d.shards if split == "train" else (d.get("eval_shards")
                                                or d.shards)
   if not pattern:
