@@ -11,25 +11,30 @@ b2=0.96, weight decay 1e-3, lr 1e-4). `config.tokenizer` is the tokenizer's
 model config (imported, so its shape cannot drift); the export named in
 `config.tokenizer_export` must match it or the run stops at start-up.
 Arguments: `tiny` (CPU-sized LLM and the tiny tokenizer), `llm=PRESET`
-(0.6b, 1.7b, 4b, 8b, tiny). Sharding: `config.mesh` sizes the data, fsdp
-and model axes; the rules shard the embedding width over fsdp and heads,
-kv heads, MLP width, vocabulary and codes over model.
+(0.6b, 1.7b, 4b, 8b, tiny), `fashion` (Fashion-MNIST with class-name
+captions and the tokenizer `cvq_tokenizer.py:tiny,fashion`; eval and sample
+prompts use a phrasing never seen in training). Sharding: `config.mesh`
+sizes the data, fsdp and model axes; the rules shard the embedding width
+over fsdp and heads, kv heads, MLP width, vocabulary and codes over model.
 """
 
 import ml_collections
 
 from configs import cvq_tokenizer
+from cvqcar.data import fashion as fashion_data
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = cvq_tokenizer.parse_args(arg, {"tiny", "llm"})
-  tiny = "tiny" in args
+  args = cvq_tokenizer.parse_args(arg, {"tiny", "llm", "fashion"})
+  tiny, fashion = "tiny" in args, "fashion" in args
   config = ml_collections.ConfigDict()
   config.trainer = "car"  # what `python -m cvqcar.train` runs
   config.stage = 1
   config.seed = 0
-  config.tokenizer = cvq_tokenizer.get_config("tiny" if tiny else "").model
-  config.tokenizer_export = "exports/cvq_tiny" if tiny else ""
+  tok_args = ",".join(a for a in ("tiny", "fashion") if a in args)
+  config.tokenizer = cvq_tokenizer.get_config(tok_args).model
+  config.tokenizer_export = (f"exports/cvq_{'fashion' if fashion else 'tiny'}"
+                             if tiny else "")
   config.init_from = ""  # stage II: a stage-I workdir or export
 
   config.llm = ml_collections.ConfigDict()
@@ -55,7 +60,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.cfg_drop_prob = 0.1  # prompt dropped -> unconditional training
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "embedded"  # or 'shards' (ArrayRecord pairs)
+  # 'embedded' (captioned photos), 'shards' (ArrayRecord pairs) or
+  # 'fashion_mnist' (IDX files in data_dir; empty: Debian's location).
+  config.data.name = "fashion_mnist" if fashion else "embedded"
+  config.data.data_dir = ""
   config.data.shards = ""  # convert_pairs / tokenize_dataset output
   config.data.eval_shards = ""  # held-out shards; empty: first train records
   config.data.pretokenized = False  # shards hold CVQ tokens, not images
@@ -95,6 +103,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sample.top_p = 1.0
   config.sample.cfg_scale = 3.0
 
+  if fashion:
+    config.data.num_eval_examples = 256
+    config.sample.prompts = tuple(
+        fashion_data.caption(c, fashion_data.HELD_OUT_TEMPLATE)
+        for c in (0, 1, 5, 7, 8, 9))
   if tiny:
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 20

@@ -18,7 +18,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = car_stage1.get_config(arg)
   config.stage = 2
   config.optimizer.learning_rate = 2e-5
-  config.init_from = "runs/car1_tiny" if "tiny" in arg else ""
+  config.init_from = ""
+  if "tiny" in arg:
+    config.init_from = ("runs/car1_fashion" if "fashion" in arg
+                        else "runs/car1_tiny")
   if "tiny" in arg:
     config.optimizer.learning_rate = 2e-4
     config.num_train_steps = 100

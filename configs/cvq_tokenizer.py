@@ -13,7 +13,9 @@ a CPU, `patch` selects the patch-wise VQGAN baseline on the same encoder,
 `dynamic` DQ-VAE's dynamic quantization (at most h*w tokens: a region of
 2 x 2 latent cells takes one code or four; about half fine by default),
 `ema` / `plain` / `cosine` / `simvq` select the codebook variant, `res=N`
-sets the resolution, `smoke` (with `tiny`) shrinks it to a seconds-long
+sets the resolution, `fashion` trains on Fashion-MNIST (local IDX files,
+config.data.data_dir; empty: where Debian's dataset-fashion-mnist puts
+them), `smoke` (with `tiny`) shrinks it to a seconds-long
 run for notebooks' fast mode and CI (16 px, 8 channels, 6 steps), and
 `budget=B` (a square number) sets an equal token
 budget for both axes: a sqrt(B) x sqrt(B) latent grid with B channels, so
@@ -28,7 +30,7 @@ Any field is overridable: --config.num_train_steps=50.
 import ml_collections
 
 KNOWN_ARGS = {"tiny", "patch", "dynamic", "ema", "plain", "cosine", "simvq",
-              "res", "budget", "smoke"}
+              "res", "budget", "smoke", "fashion"}
 
 
 def parse_args(arg: str, known: set[str]) -> dict[str, str]:
@@ -181,6 +183,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.log_every = 50
     config.eval_every = 200
     config.checkpoint_every = 200
+  if "fashion" in args:
+    config.data.name = "fashion_mnist"  # 60,000 train, 10,000 test images
+    config.data.num_eval_images = 1000
   if "smoke" in args:
     if "tiny" not in args:
       raise ValueError("config argument 'smoke' shrinks 'tiny': use"

@@ -1,9 +1,10 @@
-"""Figures of tokenizers and samples, for the notebooks and the README.
+"""Figures of tokenizers, for the notebooks and the README.
 
 Each function draws one matplotlib figure and returns it; `save` writes a
 figure as a PNG file. The notebooks only call these, so their cells hold no
 logic. Images are [N, H, W, 3] in [-1, 1]; a tokenizer is an exported
-`cvqcar.tokenizer.model.Tokenizer` (channel or patch tokens).
+`cvqcar.tokenizer.model.Tokenizer` (channel or patch tokens). CAR's
+figures are in cvqcar.car.figures.
 """
 
 from __future__ import annotations
@@ -227,82 +228,8 @@ class LiveProgress:
     plt.close(fig)
 
 
-def car_samples(model, tokenizer, text_tok, prompts: Sequence[str], *,
-                per_prompt: int = 4, seed: int = 0, max_text_len: int = 64,
-                **settings) -> tuple[np.ndarray, np.ndarray]:
-  """CAR channel tokens [P, n, C] and images [P, n, H, W, 3] for each
-  prompt (settings: temperature, top_k, top_p, cfg_scale)."""
-  from flax import nnx  # noqa: PLC0415
-
-  from cvqcar.car import sampling  # noqa: PLC0415
-  from cvqcar.data import text  # noqa: PLC0415
-
-  repeated = [p for p in prompts for _ in range(per_prompt)]
-  ids, mask = text.batch_encode(text_tok, repeated, max_text_len,
-                                truncate=True)
-  graphdef, state = nnx.split(model)
-  tokens = sampling.generate(graphdef, (state,), jnp.asarray(ids),
-                             jnp.asarray(mask), jax.random.key(seed),
-                             **settings)
-  images = np.asarray(jax.jit(tokenizer.decode)(tokens))
-  shape = (len(prompts), per_prompt)
-  return (np.asarray(tokens).reshape(shape + tokens.shape[1:]),
-          images.reshape(shape + images.shape[1:]))
-
-
-def prompt_grid(model, tokenizer, text_tok, prompts, per_prompt: int = 4,
-                **settings):
-  """A row of samples per prompt, the prompt beside it."""
-  _, images = car_samples(model, tokenizer, text_tok, prompts,
-                          per_prompt=per_prompt, **settings)
-  fig = image_grid(images, [f"sample {i + 1}" for i in range(per_prompt)],
-                   row_titles=[f'"{p}"' for p in prompts])
-  fig.subplots_adjust(left=0.3)
-  return fig
-
-
-def sampling_sweep(model, tokenizer, text_tok, prompt: str, name: str,
-                   values: Sequence[float], per_value: int = 4, **settings):
-  """A row of samples of one prompt per value of one setting (e.g. name
-  'cfg_scale' or 'temperature'), the same seed in every row."""
-  rows = [car_samples(model, tokenizer, text_tok, [prompt],
-                      per_prompt=per_value, **{**settings, name: v})[1][0]
-          for v in values]
-  fig = image_grid(np.stack(rows), [f"seed {i}" for i in range(per_value)],
-                   row_titles=[f"{name} {v:g}" for v in values])
-  fig.subplots_adjust(left=0.2)
-  fig.suptitle(f'"{prompt}"', fontsize=10)
-  return fig
-
-
-def channel_progression(tokenizer, tokens_c, steps: int = 8):
-  """One sample decoded from its first 1, 2, ... C channel tokens."""
-  c = tokens_c.shape[-1]
-  ks = sorted({int(round(k)) for k in np.geomspace(1, c, steps)})
-  decodes = prefix_decodes_of_tokens(tokenizer, np.asarray(tokens_c)[None],
-                                     ks)[0]
-  return image_grid(decodes[None], [f"{k} of {c}" for k in ks])
-
-
 def prefix_decodes_of_tokens(tokenizer, tokens_bc, ks) -> np.ndarray:
   """[B, len(ks), H, W, 3]: decodes of the first k of given channel tokens."""
   decode = jax.jit(tokenizer.decode)
   tokens_bc = jnp.asarray(tokens_bc)
   return np.stack([np.asarray(decode(tokens_bc[:, :k])) for k in ks], 1)
-
-
-def progression_gif(tokenizer, tokens_c, path: str, size: int = 192,
-                    frame_ms: int = 120) -> str:
-  """An animated GIF of one sample decoded from 1, 2, ..., C channel
-  tokens; returns the path."""
-  from PIL import Image  # noqa: PLC0415
-
-  c = tokens_c.shape[-1]
-  decodes = prefix_decodes_of_tokens(tokenizer, np.asarray(tokens_c)[None],
-                                     range(1, c + 1))[0]
-  frames = [Image.fromarray(visualize.to_uint8(d)).resize(
-      (size, size), Image.NEAREST) for d in decodes]
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  frames[0].save(path, save_all=True, append_images=frames[1:],
-                 duration=frame_ms, loop=0)
-  return path

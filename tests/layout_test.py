@@ -13,10 +13,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "cvqcar"
 COMMANDS = frozenset(
     {"train", "export", "sample", "convert_pairs", "tokenize_dataset",
-     "evaluate", "convert_weights", "generate_benchmark", "report", "train_dq"})
+     "evaluate", "convert_weights", "generate_benchmark", "report", "train_dq",
+     "prompt_following"})
 SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
-     "optim"})
+     "optim", "figures"})
 SUBPACKAGES = ("kernels", "tokenizer", "car", "data", "evaluation")
 # Which rooms each room may import (besides itself).
 ALLOWED = {

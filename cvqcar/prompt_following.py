@@ -1,0 +1,140 @@
+"""Prompt-following score of a CAR model: a classifier labels its samples.
+
+  python -m cvqcar.prompt_following --car=exports/car2_fashion \
+      --tokenizer=exports/cvq_fashion --out=samples/fashion
+
+For each Fashion-MNIST class, --per_class samples are drawn for the
+held-out prompt ("an image of a sandal": a phrasing never used in
+training) and for a training phrasing ("a photo of a sandal"). A CNN
+trained on the real training images (cvqcar.evaluation.classifier; trained
+once, then read from --classifier) labels them: the share labelled with
+the prompt's class is the prompt-following accuracy, printed beside chance
+(1 / 10) and the classifier's own accuracy on the real test images. OUT
+gets prompt_following.json and prompt_grid.png (a row of samples per
+class, held-out phrasing). --car takes a CAR export or a training workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from cvqcar import figures, logs
+from cvqcar.car import export as car_export
+from cvqcar.car import figures as car_figures
+from cvqcar.car import trainer as car_trainer
+from cvqcar.data import fashion, text
+from cvqcar.data import images as image_data
+from cvqcar.evaluation import classifier as classifier_lib
+from cvqcar.tokenizer import export
+
+_CAR = flags.DEFINE_string("car", None, "CAR export or training workdir.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Its tokenizer export.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_CLASSIFIER = flags.DEFINE_string(
+    "classifier", "exports/fashion_classifier",
+    "Classifier export: read if present, else trained and written here.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Fashion-MNIST IDX files;"
+                                " empty: where Debian's package puts them.")
+_PER_CLASS = flags.DEFINE_integer("per_class", 20, "Samples per prompt.")
+_CFG = flags.DEFINE_float("cfg_scale", 3.0, "1 = no guidance.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def real_images(data_dir: str, split: str, resolution: int):
+  """(images [N, R, R, 3] in [-1, 1], labels [N]) as the pipelines see
+  them (center crop, resized to R)."""
+  preprocess = image_data.Preprocess(resolution, crop="center")
+  records = fashion.records(data_dir, split)
+  images = np.stack([preprocess(r, None)["image"] for r in records])
+  return images, np.array([r["label"] for r in records])
+
+
+def load_classifier(path: str, data_dir: str, resolution: int,
+                    steps: int = 2000):
+  """The classifier export at `path`, trained on the real training images
+  (and written there) if it does not exist yet."""
+  if os.path.exists(os.path.join(path, "config.json")):
+    return classifier_lib.load(path)
+  images, labels = real_images(data_dir, "train", resolution)
+  model = classifier_lib.train(images, labels, len(fashion.CLASSES),
+                               steps=steps)
+  test_images, test_labels = real_images(data_dir, "test", resolution)
+  test_accuracy = classifier_lib.accuracy(model, test_images, test_labels)
+  logging.info("classifier: %.1f%% on the %d real test images",
+               100 * test_accuracy, len(test_labels))
+  classifier_lib.save(model, path, classes=list(fashion.CLASSES),
+                      resolution=resolution, test_accuracy=test_accuracy)
+  return classifier_lib.load(path)
+
+
+def load_car(path: str):
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return car_trainer.load_from_workdir(path)
+  return car_export.load_car(path)
+
+
+def run(car_path: str, tokenizer_path: str, out: str, *,
+        classifier_path: str, data_dir: str = "", per_class: int = 20,
+        seed: int = 0, **settings) -> dict:
+  """Samples, scores and writes OUT/prompt_following.json and the grid;
+  returns the results."""
+  model, config = load_car(car_path)
+  tokenizer = export.load_tokenizer(tokenizer_path, expect=(
+      ml_collections.ConfigDict({"model": config.tokenizer})))
+  text_tok = text.load_text_tokenizer(config.text_tokenizer)
+  clf, clf_config = load_classifier(classifier_path, data_dir,
+                                    tokenizer.resolution)
+  classes = range(len(fashion.CLASSES))
+  results = {"chance": 1 / len(fashion.CLASSES), "per_class": per_class,
+             "classifier_test_accuracy": clf_config.info.test_accuracy,
+             "settings": settings, "seed": seed}
+  for name, template in (("held_out", fashion.HELD_OUT_TEMPLATE),
+                         ("train", fashion.TRAIN_TEMPLATES[0])):
+    prompts = [fashion.caption(c, template) for c in classes]
+    _, images = car_figures.car_samples(
+        model, tokenizer, text_tok, prompts, per_prompt=per_class, seed=seed,
+        max_text_len=config.max_text_len, **settings)
+    predicted = classifier_lib.predict(
+        clf, images.reshape((-1,) + images.shape[2:])).reshape(
+            len(prompts), per_class)
+    hits = predicted == np.arange(len(prompts))[:, None]
+    results[name] = {"template": template, "accuracy": float(hits.mean()),
+                     "per_class": {fashion.CLASSES[c]: float(hits[c].mean())
+                                   for c in classes}}
+    print(f"{name} prompts ('{template}'): {hits.mean():.1%} of"
+          f" {hits.size} samples show the prompt's class (chance"
+          f" {results['chance']:.0%})", flush=True)
+    if name == "held_out":
+      shown = min(per_class, 8)
+      fig = figures.image_grid(
+          images[:, :shown], [""] * shown,
+          row_titles=[f'"{p}"' for p in prompts], tile=1.0)
+      fig.subplots_adjust(left=0.3)
+      results["grid"] = figures.save(fig, os.path.join(out,
+                                                       "prompt_grid.png"))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "prompt_following.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.setup()
+  run(_CAR.value, _TOKENIZER.value, _OUT.value,
+      classifier_path=_CLASSIFIER.value, data_dir=_DATA_DIR.value,
+      per_class=_PER_CLASS.value, seed=_SEED.value,
+      cfg_scale=_CFG.value, temperature=_TEMPERATURE.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["car", "tokenizer", "out"])
+  app.run(main)
