@@ -91,7 +91,8 @@ def test_batch_must_split_over_processes(monkeypatch):
 def test_unknown_dataset_name():
   config = tiny_config()
   config.data.name = "cifar"
-  with pytest.raises(ValueError, match="'embedded' or 'imagenet2012'"):
+  with pytest.raises(ValueError, match="'embedded', 'imagenet2012' or"
+                     " 'fashion_mnist', got 'cifar'"):
     image_data.train_dataset(config)
 
 

@@ -289,7 +289,8 @@ def test_config_shards_must_match_pretokenized(tmp_path):
                      " config.data.pretokenized=True"):
     pairs.train_dataset(config, BYTES)
   config.data.name = "laion"
-  with pytest.raises(ValueError, match="'embedded' or 'shards', got 'laion'"):
+  with pytest.raises(ValueError, match="'embedded', 'shards' or"
+                     " 'fashion_mnist', got 'laion'"):
     pairs.train_dataset(config, BYTES)
 
 
