@@ -63,3 +63,11 @@ def tokenizer_export(tmp_path_factory):
   config.num_train_steps = 2
   tokenizer_trainer.train_and_evaluate(config, str(root / "run"))
   return export.export(str(root / "run"), str(root / "export"))
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first: under `-n` the long end-to-end runs start at once
+  and the quick tests fill the gaps, instead of one long run finishing
+  alone at the end."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from configs import cvq_tokenizer, dq_transformer
 from conftest import tiny_config
-from cvqcar import train_dq
+from cvqcar import checkpoint, train_dq
 from cvqcar.car import dq_trainer
 from cvqcar.car import dq_transformer as dq
 from cvqcar.data import images as image_data
@@ -176,10 +176,20 @@ def test_dynamic_tokenizer_trains_sharded_resumes_exactly_and_exports(
   assert 16 <= result["sample_mean_length"] <= 64
   grid = np.asarray(Image.open(out / "samples.png"))
   assert grid.shape[:2] == (2 * 96 + 2, 3 * 96 + 4) and grid.std() > 5
-  # The prompt-conditioned DQ-Transformer on the trainer machinery: sharded
-  # over 4 x 2 devices, checkpointed with its data iterator, resumed exactly.
+
+
+@pytest.mark.slow
+def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
+  """The prompt-conditioned DQ-Transformer on the trainer machinery: sharded
+  over 4 x 2 devices, checkpointed with its data iterator, resumed exactly,
+  on an (untrained) DQ-VAE export."""
+  tok_config = tiny_config("tiny,dynamic")
+  model = tokenizer_lib.Tokenizer(tok_config.model, rngs=nnx.Rngs(0))
+  _, params, buffers = nnx.split(model, nnx.Param, ...)
+  checkpoint.save_export(str(tmp_path / "export"), tok_config,
+                         {"params": params, "buffers": buffers})
   config = dq_transformer.get_config("tiny")
-  config.tokenizer = tiny_config("tiny,dynamic").model
+  config.tokenizer = tok_config.model
   config.tokenizer_export = str(tmp_path / "export")
   config.model.update(width=32, position_layers=1, content_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
