@@ -66,8 +66,8 @@ def tokenizer_export(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-  """Slow tests first: under `-n` the long end-to-end runs start at once
-  and the quick tests fill the gaps, instead of one long run finishing
-  alone at the end."""
+  """Slow tests first: under `-n ... --dist worksteal` the long end-to-end
+  runs start at once and an idle worker steals the quick ones, instead of
+  one long run finishing alone at the end."""
   del config
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
