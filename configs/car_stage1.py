@@ -116,4 +116,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.log_every = 20
     config.eval_every = 100
     config.checkpoint_every = 100
+  if tiny and fashion:  # 60,000 images: more steps and a larger batch
+    config.batch_size = 32
+    config.num_train_steps = 400
+    config.eval_every = config.checkpoint_every = 200
   return config

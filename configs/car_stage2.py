@@ -25,4 +25,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if "tiny" in arg:
     config.optimizer.learning_rate = 2e-4
     config.num_train_steps = 100
+    if "fashion" in arg:
+      config.optimizer.learning_rate = 3e-4
+      config.num_train_steps = 1200
+      config.eval_every = config.checkpoint_every = 400
   return config

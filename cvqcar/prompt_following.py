@@ -80,6 +80,28 @@ def load_car(path: str):
   return car_export.load_car(path)
 
 
+def score_prompts(sample, classify, template: str, per_class: int
+                  ) -> tuple[dict, list[str], np.ndarray]:
+  """Prompts every class through `template`, samples `per_class` images
+  each (`sample(prompts, per_class)` -> [P, N, R, R, 3]) and labels them
+  (`classify(images [M, R, R, 3])` -> class ids [M]): returns
+  ({'template', 'accuracy', 'per_class'}, the prompts, the images)."""
+  classes = range(len(fashion.CLASSES))
+  prompts = [fashion.caption(c, template) for c in classes]
+  images = np.asarray(sample(prompts, per_class))
+  if images.shape[:2] != (len(prompts), per_class):
+    raise ValueError(f"sample gave {images.shape[:2]} images, not"
+                     f" {(len(prompts), per_class)} (prompts, per prompt)")
+  predicted = np.asarray(classify(
+      images.reshape((-1,) + images.shape[2:]))).reshape(
+          len(prompts), per_class)
+  hits = predicted == np.arange(len(prompts))[:, None]
+  result = {"template": template, "accuracy": float(hits.mean()),
+            "per_class": {fashion.CLASSES[c]: float(hits[c].mean())
+                          for c in classes}}
+  return result, prompts, images
+
+
 def run(car_path: str, tokenizer_path: str, out: str, *,
         classifier_path: str, data_dir: str = "", per_class: int = 20,
         seed: int = 0, **settings) -> dict:
@@ -91,26 +113,23 @@ def run(car_path: str, tokenizer_path: str, out: str, *,
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
   clf, clf_config = load_classifier(classifier_path, data_dir,
                                     tokenizer.resolution)
-  classes = range(len(fashion.CLASSES))
   results = {"chance": 1 / len(fashion.CLASSES), "per_class": per_class,
              "classifier_test_accuracy": clf_config.info.test_accuracy,
              "settings": settings, "seed": seed}
+
+  def sample(prompts, n):
+    return car_figures.car_samples(
+        model, tokenizer, text_tok, prompts, per_prompt=n, seed=seed,
+        max_text_len=config.max_text_len, **settings)[1]
+
   for name, template in (("held_out", fashion.HELD_OUT_TEMPLATE),
                          ("train", fashion.TRAIN_TEMPLATES[0])):
-    prompts = [fashion.caption(c, template) for c in classes]
-    _, images = car_figures.car_samples(
-        model, tokenizer, text_tok, prompts, per_prompt=per_class, seed=seed,
-        max_text_len=config.max_text_len, **settings)
-    predicted = classifier_lib.predict(
-        clf, images.reshape((-1,) + images.shape[2:])).reshape(
-            len(prompts), per_class)
-    hits = predicted == np.arange(len(prompts))[:, None]
-    results[name] = {"template": template, "accuracy": float(hits.mean()),
-                     "per_class": {fashion.CLASSES[c]: float(hits[c].mean())
-                                   for c in classes}}
-    print(f"{name} prompts ('{template}'): {hits.mean():.1%} of"
-          f" {hits.size} samples show the prompt's class (chance"
-          f" {results['chance']:.0%})", flush=True)
+    results[name], prompts, images = score_prompts(
+        sample, lambda x: classifier_lib.predict(clf, x), template,
+        per_class)
+    print(f"{name} prompts ('{template}'): {results[name]['accuracy']:.1%}"
+          f" of {images.shape[0] * images.shape[1]} samples show the"
+          f" prompt's class (chance {results['chance']:.0%})", flush=True)
     if name == "held_out":
       shown = min(per_class, 8)
       fig = figures.image_grid(

@@ -75,7 +75,9 @@ def test_same_losses_on_every_mesh(stage):
   _, want = train(single, one, batches(single, vocab, 3),
                   codebook_of(single))
   assert want[0] > want[-1]  # it trains
-  for name, axes in MESHES.items():
+  # Pure data parallelism shards no weight: checked once, at stage II.
+  meshes = {k: v for k, v in MESHES.items() if stage == 2 or k != "data=8"}
+  for name, axes in meshes.items():
     config = car_config(stage, **axes)
     mesh = sharding.make_mesh(config)
     state, got = train(config, mesh, batches(config, vocab, 3),

@@ -1,11 +1,19 @@
 """Test setup: 8 fake CPU devices and a tiny tokenizer config."""
 
 import os
+import tempfile
 
 # Must run before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Dozens of tests, their subprocesses (README commands, notebooks, the
+# two-process jobs) and the xdist workers compile the same tiny programs:
+# JAX's persistent compilation cache compiles each once per machine.
+# JAX_COMPILATION_CACHE_DIR= (empty) turns it off.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"cvqcar-test-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # TensorFlow >= 2.20 dlopens itself RTLD_GLOBAL, exporting its static LLVM;
 # triton (>= 3.7, pulled in by CUDA torch) loaded after it binds to that LLVM
