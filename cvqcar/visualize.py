@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -18,7 +19,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def reconstruction_grid(batch: dict[str, np.ndarray], max_rows: int = 8,
                         min_tile: int = 96, gap: int = 2) -> np.ndarray:
   """One row per image: input, then decodes from the first k channel tokens
-  for growing k (channel-wise) or the reconstruction (patch-wise).
+  for growing k (channel-wise) or the reconstruction (patch-wise), under a
+  row of column titles ('input', 'first k').
 
   Tiles are upscaled (nearest) to at least `min_tile` pixels.
   """
@@ -27,7 +29,14 @@ def reconstruction_grid(batch: dict[str, np.ndarray], max_rows: int = 8,
   columns = ["image"] + (prefixes or ["reconstructions"])
   rows = min(max_rows, batch["image"].shape[0])
   tiles = np.stack([np.asarray(batch[c][:rows]) for c in columns], axis=1)
-  return strip_grid(tiles, min_tile, gap)
+  ks = [int(c.split("_")[1]) for c in prefixes]
+  titles = ["input"] + (prefix_titles(ks) if ks else ["decoded"])
+  return strip_grid(tiles, min_tile, gap, column_titles=titles)
+
+
+def prefix_titles(ks: Sequence[int]) -> list[str]:
+  """Column titles of decodes from the first k of C = max(ks) tokens."""
+  return [f"first {k}" for k in ks[:-1]] + [f"all {ks[-1]}"]
 
 
 def save_png(image: np.ndarray, path: str) -> str:
@@ -45,17 +54,73 @@ def strip(images: np.ndarray, min_tile: int = 96, gap: int = 2) -> np.ndarray:
   return strip_grid(images[None], min_tile, gap)
 
 
-def strip_grid(rows: np.ndarray, min_tile: int = 96, gap: int = 2
-               ) -> np.ndarray:
-  """[R, N, H, W, 3] in [-1, 1] -> an R x N grid of upscaled tiles."""
+def strip_grid(rows: np.ndarray, min_tile: int = 96, gap: int = 2,
+               column_titles: Sequence[str] | None = None,
+               row_titles: Sequence[str] | None = None) -> np.ndarray:
+  """[R, N, H, W, 3] in [-1, 1] -> an R x N grid of upscaled tiles, with a
+  band of column titles on top and of row titles on the left if given."""
   r, n, size = rows.shape[0], rows.shape[1], rows.shape[2]
+  for titles, count, what in ((column_titles, n, "column"),
+                              (row_titles, r, "row")):
+    if titles is not None and len(titles) != count:
+      raise ValueError(f"{len(titles)} {what} titles for {count} {what}s")
   scale = max(1, -(-min_tile // size))
   tile = size * scale
-  grid = np.full((r * (tile + gap) - gap, n * (tile + gap) - gap, 3), 255,
-                 np.uint8)
+  font = _font()
+  top = _LINE if column_titles is not None else 0
+  left = 0
+  if row_titles is not None:
+    left = min(_MAX_ROW_TITLE, max(
+        (_text_width(font, t) for t in row_titles), default=0) + 8)
+  grid = np.full((top + r * (tile + gap) - gap,
+                  left + n * (tile + gap) - gap, 3), 255, np.uint8)
   for i in range(r):
     for j in range(n):
-      y, x = i * (tile + gap), j * (tile + gap)
+      y, x = top + i * (tile + gap), left + j * (tile + gap)
       grid[y:y + tile, x:x + tile] = to_uint8(rows[i, j]).repeat(
           scale, 0).repeat(scale, 1)
-  return grid
+  if column_titles is None and row_titles is None:
+    return grid
+  canvas = Image.fromarray(grid)
+  draw = ImageDraw.Draw(canvas)
+  for j, title in enumerate(column_titles or ()):
+    text = _fit(font, title, tile)
+    x = left + j * (tile + gap) + (tile - _text_width(font, text)) // 2
+    _draw(draw, font, (x, top // 2), text)
+  for i, title in enumerate(row_titles or ()):
+    text = _fit(font, title, left - 8)
+    y = top + i * (tile + gap) + tile // 2
+    _draw(draw, font, (left - 4 - _text_width(font, text), y), text)
+  return np.asarray(canvas)
+
+
+_LINE = 20  # height of the column-title band, pixels
+_MAX_ROW_TITLE = 260  # widest row-title band, pixels
+
+
+def _font():
+  try:  # Pillow >= 10.1: the bundled scalable font.
+    return ImageFont.load_default(size=13)
+  except TypeError:
+    return ImageFont.load_default()
+
+
+def _draw(draw, font, xy, text: str) -> None:
+  """Text whose left edge is at x, vertically centred on y."""
+  _, top, _, bottom = font.getbbox(text)
+  draw.text((xy[0], xy[1] - (top + bottom) // 2), text, fill=(0, 0, 0),
+            font=font)
+
+
+def _text_width(font, text: str) -> int:
+  left, _, right, _ = font.getbbox(text)
+  return int(right - left)
+
+
+def _fit(font, text: str, width: int) -> str:
+  """`text`, cut with an ellipsis to fit `width` pixels."""
+  if _text_width(font, text) <= width:
+    return text
+  while text and _text_width(font, text + "...") > width:
+    text = text[:-1]
+  return text + "..."

@@ -122,7 +122,8 @@ def generate(graphdef, states, text_bl, mask_bl, key, *, temperature=1.0,
 
 
 def coarse_to_fine_strip(tokenizer, tokens_bc) -> np.ndarray:
-  """[B, 1 + len(ks), H, W, 3] decodes from the first C/16 ... C tokens."""
+  """[B, len(ks), H, W, 3] decodes from the first k tokens, k in
+  metrics.prefix_lengths(C): C/64 (at least 1) ... C/2, C."""
   tokens_bc = np.asarray(tokens_bc)  # Off the sampling mesh.
   ks = metrics.prefix_lengths(tokens_bc.shape[1])
   return np.stack([np.asarray(tokenizer.decode(tokens_bc[:, :k]))

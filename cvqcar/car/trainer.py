@@ -15,7 +15,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from cvqcar import checkpoint, logs, sharding, visualize
+from cvqcar import checkpoint, logs, metrics, sharding, visualize
 from cvqcar.car import model as car_lib
 from cvqcar.car import sampling
 from cvqcar.car import state as car_state
@@ -139,7 +139,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     strips = _sample_strips(config, graphdef, state, tokenizer, text_tok)
     path = os.path.join(workdir, "images", f"samples_{step:07d}.png")
     if jax.process_index() == 0:
-      visualize.save_png(visualize.strip_grid(strips), path)
+      ks = metrics.prefix_lengths(config.tokenizer.latent_channels)
+      visualize.save_png(visualize.strip_grid(
+          strips, column_titles=visualize.prefix_titles(ks),
+          row_titles=list(config.sample.prompts)), path)
     logging.info("eval at step %d (%.1fs): loss %.4f; samples %s", step,
                  time.time() - t0, scalars["eval/loss"], path)
     return scalars
