@@ -27,6 +27,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.num_train_steps = 100
     if "fashion" in arg:
       config.optimizer.learning_rate = 3e-4
-      config.num_train_steps = 1200
-      config.eval_every = config.checkpoint_every = 400
+      config.num_train_steps = 3000
+      config.eval_every = config.checkpoint_every = 1000
   return config

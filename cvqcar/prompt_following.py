@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from cvqcar import figures, logs
+from cvqcar import logs, visualize
 from cvqcar.car import export as car_export
 from cvqcar.car import figures as car_figures
 from cvqcar.car import trainer as car_trainer
@@ -131,13 +131,10 @@ def run(car_path: str, tokenizer_path: str, out: str, *,
           f" of {images.shape[0] * images.shape[1]} samples show the"
           f" prompt's class (chance {results['chance']:.0%})", flush=True)
     if name == "held_out":
-      shown = min(per_class, 8)
-      fig = figures.image_grid(
-          images[:, :shown], [""] * shown,
-          row_titles=[f'"{p}"' for p in prompts], tile=1.0)
-      fig.subplots_adjust(left=0.3)
-      results["grid"] = figures.save(fig, os.path.join(out,
-                                                       "prompt_grid.png"))
+      grid = visualize.strip_grid(images[:, :min(per_class, 8)], min_tile=64,
+                                  row_titles=[f'"{p}"' for p in prompts])
+      results["grid"] = visualize.save_png(
+          grid, os.path.join(out, "prompt_grid.png"))
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "prompt_following.json"), "w") as f:
     json.dump(results, f, indent=2)
