@@ -165,10 +165,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.data.num_threads = 4
     m.resolution = int(args.get("res", 32))
     m.base_channels = 32
-    m.channel_mults = (1, 2)  # f = 2, 16x16 channel maps at 32 px
+    # f = 4: 256 channel tokens of 8 x 8 at 32 px (the token count of the
+    # paper's 256 px models). At this budget more, smaller tokens won:
+    # 32 tokens of 16 x 16 reached 20.2 dB, 128 of 8 x 8 21.3 dB and 256 of
+    # 8 x 8 21.8 dB in 600 steps (README, quick start).
+    m.channel_mults = (1, 2, 2)
     m.num_res_blocks = 1
     m.norm_groups = 8
-    m.latent_channels = 32
+    m.latent_channels = 256
     m.num_codes = 1024
     loss.gan_weight = 0.0
     loss.perceptual_weight = 0.0
@@ -186,11 +190,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if "fashion" in args:
     config.data.name = "fashion_mnist"  # 60,000 train, 10,000 test images
     config.data.num_eval_images = 1000
+    if "tiny" in args:  # grey clothes on black: 32 tokens of 16 x 16
+      m.channel_mults, m.latent_channels = (1, 2), 32
   if "smoke" in args:
     if "tiny" not in args:
       raise ValueError("config argument 'smoke' shrinks 'tiny': use"
                        " 'tiny,smoke'")
     m.resolution = int(args.get("res", 16))
+    m.channel_mults = (1, 2)  # 8 x 8 channel maps
     m.base_channels, m.norm_groups = 8, 4
     m.latent_channels, m.num_codes = 8, 64
     config.batch_size = config.eval_batch_size = 8

@@ -38,6 +38,7 @@ def tiny_config(arg: str = "tiny"):
   """The tiny config shrunk further: 16 px, 8 channel tokens of 8x8."""
   config = cvq_tokenizer.get_config(arg)
   config.model.resolution = 16
+  config.model.channel_mults = (1, 2)
   config.model.base_channels = 8
   config.model.norm_groups = 4
   config.model.latent_channels = 8
