@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cvqcar import visualize
+from cvqcar import metrics, visualize
 from cvqcar.car import export as car_export
 from cvqcar.car import sampling
 from cvqcar.data import text
@@ -68,11 +68,13 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
         jax.random.key(s), temperature=temperature, top_k=top_k,
         top_p=top_p, cfg_scale=cfg_scale)
     strips = sampling.coarse_to_fine_strip(tokenizer, tokens)
+    titles = visualize.prefix_titles(metrics.prefix_lengths(tokens.shape[1]))
     for i, prompt in enumerate(prompts):
       name = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40]
       base = os.path.join(out, f"{i:02d}_{name or 'unconditional'}_s{s}")
       visualize.save_png(visualize.to_uint8(strips[i, -1]), base + ".png")
-      visualize.save_png(visualize.strip(strips[i]), base + "_strip.png")
+      visualize.save_png(visualize.strip_grid(
+          strips[i][None], column_titles=titles), base + "_strip.png")
       written += [base + ".png", base + "_strip.png"]
       print(f"wrote {base}.png and {base}_strip.png")
   return written
