@@ -33,19 +33,6 @@ from cvqcar.data import images as image_data
 from cvqcar.evaluation import classifier as classifier_lib
 from cvqcar.tokenizer import export
 
-_CAR = flags.DEFINE_string("car", None, "CAR export or training workdir.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Its tokenizer export.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_CLASSIFIER = flags.DEFINE_string(
-    "classifier", "exports/fashion_classifier",
-    "Classifier export: read if present, else trained and written here.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Fashion-MNIST IDX files;"
-                                " empty: where Debian's package puts them.")
-_PER_CLASS = flags.DEFINE_integer("per_class", 20, "Samples per prompt.")
-_CFG = flags.DEFINE_float("cfg_scale", 3.0, "1 = no guidance.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
 
 def real_images(data_dir: str, split: str, resolution: int):
   """(images [N, R, R, 3] in [-1, 1], labels [N]) as the pipelines see
@@ -141,16 +128,34 @@ def run(car_path: str, tokenizer_path: str, out: str, *,
   return results
 
 
+def _define_flags() -> None:
+  """The command's flags, defined only when run as one: importing
+  score_prompts or run defines none (other commands share names)."""
+  flags.DEFINE_string("car", None, "CAR export or training workdir.")
+  flags.DEFINE_string("tokenizer", None, "Its tokenizer export.")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_string(
+      "classifier", "exports/fashion_classifier",
+      "Classifier export: read if present, else trained and written here.")
+  flags.DEFINE_string("data_dir", "", "Fashion-MNIST IDX files; empty:"
+                      " where Debian's package puts them.")
+  flags.DEFINE_integer("per_class", 20, "Samples per prompt.")
+  flags.DEFINE_float("cfg_scale", 3.0, "1 = no guidance.")
+  flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.setup()
-  run(_CAR.value, _TOKENIZER.value, _OUT.value,
-      classifier_path=_CLASSIFIER.value, data_dir=_DATA_DIR.value,
-      per_class=_PER_CLASS.value, seed=_SEED.value,
-      cfg_scale=_CFG.value, temperature=_TEMPERATURE.value)
+  f = flags.FLAGS
+  run(f.car, f.tokenizer, f.out, classifier_path=f.classifier,
+      data_dir=f.data_dir, per_class=f.per_class, seed=f.seed,
+      cfg_scale=f.cfg_scale, temperature=f.temperature)
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["car", "tokenizer", "out"])
   app.run(main)
