@@ -167,7 +167,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     m.base_channels = 32
     # f = 4: 256 channel tokens of 8 x 8 at 32 px (the token count of the
     # paper's 256 px models). At this budget more, smaller tokens won:
-    # 32 tokens of 16 x 16 reached 20.2 dB, 128 of 8 x 8 21.3 dB and 256 of
+    # 32 tokens of 16 x 16 reached 20.0 dB, 128 of 8 x 8 21.3 dB and 256 of
     # 8 x 8 21.8 dB in 600 steps (README, quick start).
     m.channel_mults = (1, 2, 2)
     m.num_res_blocks = 1
