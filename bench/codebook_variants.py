@@ -26,7 +26,8 @@ from cvqcar.tokenizer import trainer as tokenizer_trainer  # noqa: E402
 
 # The shape these rows were measured at (docs/benchmarks.md): 32 channel
 # tokens of 16 x 16, before `tiny` moved to 256 tokens of 8 x 8.
-SHAPE = {"model.latent_channels": 32, "model.channel_mults": (1, 2)}
+SHAPE = {"model.latent_channels": 32, "model.channel_mults": (1, 2),
+         "model.num_codes": 1024, "batch_size": 32}
 # name -> (config argument, extra overrides on SHAPE)
 VARIANTS = {
     "channel, EMA + restart": ("tiny,ema", {}),
@@ -52,9 +53,7 @@ def main():
   for name in names:
     arg, overrides = VARIANTS[name]
     config = cvq_tokenizer.get_config(arg)
-    for key, value in {**SHAPE, **overrides}.items():
-      section, field = key.split(".")
-      config[section][field] = value
+    config.update_from_flattened_dict({**SHAPE, **overrides})
     config.num_train_steps = args.steps
     config.eval_every = config.checkpoint_every = args.steps
     with tempfile.TemporaryDirectory() as workdir:

@@ -25,11 +25,12 @@ sys.path.insert(0, ROOT)
 SIZES = {
     # The tiny tokenizer at the shape measured in docs/benchmarks.md: 32
     # channel tokens of 16 x 16 (the quick start's now has 256 of 8 x 8).
-    "tiny": {"model.latent_channels": 32, "model.channel_mults": (1, 2)},
+    "tiny": {"model.latent_channels": 32, "model.channel_mults": (1, 2),
+             "model.num_codes": 1024, "batch_size": 32},
     # 64 px, f = 4, 64 channel tokens of 16 x 16, K = 4096.
     "mid": {"model.resolution": 64, "model.base_channels": 64,
             "model.channel_mults": (1, 2, 2), "model.latent_channels": 64,
-            "model.num_codes": 4096},
+            "model.num_codes": 4096, "batch_size": 32},
 }
 
 
@@ -37,9 +38,7 @@ def _config(size: str, devices: int):
   from configs import cvq_tokenizer
 
   config = cvq_tokenizer.get_config("tiny")
-  for key, value in SIZES[size].items():
-    section, field = key.split(".")
-    config[section][field] = value
+  config.update_from_flattened_dict(SIZES[size])
   config.mesh.data = devices
   return config
 

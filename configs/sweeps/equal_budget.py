@@ -38,7 +38,7 @@ def get_sweep() -> dict:
         "data.num_eval_images": max(256, 4 * k // TOKENS_PER_IMAGE)})
   return {"config": "configs/cvq_tokenizer.py:tiny,budget=64",
           "workdir_root": "runs/sweeps/equal_budget",
-          "fixed": {"model.nested_dropout_alpha": 0.0,
+          "fixed": {"model.nested_dropout_alpha": 0.0, "batch_size": 32,
                     "num_train_steps": 400, "eval_every": 400,
                     "checkpoint_every": 400},
           "points": points}

@@ -14,7 +14,7 @@ def get_sweep() -> dict:
   return {"config": "configs/cvq_tokenizer.py:tiny,budget=64",
           "workdir_root": "runs/sweeps/nested_dropout",
           "fixed": {"model.num_codes": 4096, "model.codebook.ema": True,
-                    "num_train_steps": 400, "eval_every": 400,
+                    "batch_size": 32, "num_train_steps": 400, "eval_every": 400,
                     "checkpoint_every": 400, "data.num_eval_images": 256},
           "points": [{"model.nested_dropout_alpha": a}
                      for a in (0.0, 0.25, 0.5)]}

@@ -13,8 +13,8 @@ cvqcar.report` tabulates them in docs/results.md.
 """
 
 FIXED = {"model.num_codes": 1024, "model.codebook.ema": False,
-        "num_train_steps": 300, "eval_every": 300, "checkpoint_every": 300,
-        "data.num_eval_images": 256}
+         "batch_size": 32, "num_train_steps": 300, "eval_every": 300,
+         "checkpoint_every": 300, "data.num_eval_images": 256}
 
 
 def get_sweep() -> dict:
