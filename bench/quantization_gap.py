@@ -30,13 +30,8 @@ from cvqcar.tokenizer import export  # noqa: E402
 def gap(tokenizer, images) -> tuple[float, float, float]:
   """(quantized PSNR, unquantized PSNR, missed energy share) of a batch."""
   z = tokenizer.encoder(images)
-  tokens = tokenizer.encode(images)
-  if tokenizer.quantize == "channel":
-    e = tokenizer.quantizer.lookup(tokens, tokenizer.latent_channels)
-  else:
-    side = tokenizer.latent_size
-    e = tokenizer.quantizer.lookup(tokens, side, side)
-  quantized = jnp.mean(metrics.psnr(tokenizer.decode(tokens), images))
+  e = tokenizer.quantizer(z).quantized  # forward value: the codewords
+  quantized = jnp.mean(metrics.psnr(tokenizer.decoder(e), images))
   unquantized = jnp.mean(metrics.psnr(tokenizer.decoder(z), images))
   missed = jnp.sum(jnp.square(z - e)) / jnp.sum(jnp.square(z))
   return float(quantized), float(unquantized), float(missed)
