@@ -155,6 +155,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval_every = 5_000
   config.checkpoint_every = 5_000
   config.keep_checkpoints = 3
+  # "A:B": a jax.profiler trace of steps A..B into WORKDIR/profile.
+  config.profile_steps = ""
+  # A workdir lock whose holder sent no heartbeat for this long is stale.
+  config.lock_stale_after_s = 600.0
   config.num_grid_images = 8
 
   if "res" in args:

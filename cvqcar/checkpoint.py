@@ -16,6 +16,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 CONFIG_FILE = "config.json"
+# The checkpoint item with the global data position (see cvqcar.loop).
+POSITION_ITEM = "position"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -194,20 +196,36 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter: grain.DatasetIterator,
-           force: bool = False) -> None:
-    saved = self.manager.save(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iter)),
-        force=force)
+           force: bool = False, position: dict | None = None) -> bool:
+    """Starts an async save of `state` and the data iterator (with
+    `position`, the loop's record of the global data position, as JSON);
+    True when a save was started."""
+    items = {"state": ocp.args.StandardSave(state),
+             "data": grain.checkpoint.CheckpointSave(data_iter)}
+    if position is not None:
+      items[POSITION_ITEM] = ocp.args.JsonSave(position)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items),
+                              force=force)
     if saved:
-      logging.info("saved checkpoint at step %d to %s", step, self.directory)
+      logging.info("saving checkpoint at step %d to %s", step,
+                   self.directory)
+    return saved
+
+  def position(self, step: int) -> dict | None:
+    """The data position saved with `step`; None for checkpoints written
+    before positions were saved."""
+    if not (epath.Path(self.directory) / str(step) / POSITION_ITEM).exists():
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        **{POSITION_ITEM: ocp.args.JsonRestore()}))
+    return dict(restored[POSITION_ITEM])
 
   def restore(self, abstract_state: Any,
               data_iter: grain.DatasetIterator | None = None,
               step: int | None = None) -> Any:
     """Restores state (resharded to `abstract_state`'s shardings) and, when
-    given, moves `data_iter` to where it was at that step."""
+    given, moves `data_iter` to where it was at that step (the iterator
+    must come from the same pipeline on the same number of processes)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
@@ -218,6 +236,12 @@ class Checkpointer:
     logging.info("restored checkpoint of step %d from %s", step,
                  self.directory)
     return restored.state
+
+  def restore_data(self, step: int, data_iter: grain.DatasetIterator
+                   ) -> None:
+    """Moves `data_iter` to where the iterator saved at `step` was."""
+    self.manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -9,6 +9,12 @@
 tokenizer), 'car' (stage I or II text-to-image) or 'dq' (the DQ-Transformer
 over a DQ-VAE's tokens). A workdir that already
 holds checkpoints is resumed.
+
+Exit status: 0 when the run reached its last step (or config.run_steps);
+75 (exit_codes.PREEMPTED) when SIGTERM, SIGINT or a preemption notice
+stopped it with a checkpoint at the step reached: rerun the same command
+to resume; 130 after a second SIGINT (no checkpoint); 1 on errors, among
+them a workdir another live trainer holds (WORKDIR/lock.json).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from cvqcar import distributed, logs
+from cvqcar import distributed, exit_codes, logs, workdir_lock
 from cvqcar.car import dq_trainer
 from cvqcar.car import trainer as car_trainer
 from cvqcar.tokenizer import trainer as tokenizer_trainer
@@ -76,8 +82,13 @@ def main(argv):
                          f" got {trainer!r}")
   logs.setup()
   distributed.initialize()
-  TRAINERS[trainer](config, _WORKDIR.value)
+  try:
+    summary = TRAINERS[trainer](config, _WORKDIR.value)
+  except workdir_lock.WorkdirLocked as e:
+    sys.exit(f"train: {e}")
   distributed.finish()
+  if summary.preempted:
+    sys.exit(exit_codes.PREEMPTED)
 
 
 if __name__ == "__main__":

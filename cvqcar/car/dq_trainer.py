@@ -12,7 +12,7 @@ config.trainer = 'dq', on CAR's machinery: text-image pairs stream from
 Grain, the frozen DQ-VAE export encodes each batch inside the jitted step,
 the state is created sharded over config.mesh by its logical axes, and a
 checkpoint holds the state with the data iterator, so a run resumes exactly
-(cvqcar.car.trainer.run_loop). Samples of config.sample.prompts are decoded
+(cvqcar.loop). Samples of config.sample.prompts are decoded
 into WORKDIR/images at each evaluation.
 
 `train` is the single-device loop over pre-encoded arrays behind
@@ -33,13 +33,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from flax import nnx
 
-from cvqcar import checkpoint, logs, optim, sharding, visualize
+from cvqcar import loop, optim, sharding, visualize
 from cvqcar.car import dq_transformer as dq
 from cvqcar.car import state as car_state
-from cvqcar.car import trainer as car_trainer
 from cvqcar.data import pairs, text
 from cvqcar.tokenizer import dynamic, export
 
@@ -133,15 +131,17 @@ def init_state(config, model_cfg: dq.DQConfig, mesh, tx):
   return graphdef, state, shardings
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> car_trainer.Summary:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_log=None) -> loop.Summary:
   """Trains the DQ-Transformer on text-image pairs encoded by the frozen
-  DQ-VAE; resumes from `workdir` if it can."""
+  DQ-VAE; resumes from `workdir` if it can (cvqcar.loop)."""
   config, tokenizer, text_tok = prepare(config)
   model_cfg = _model_config(config)
   mesh = sharding.make_mesh(config)
   tx = optim.make_optimizer(config)
   graphdef, state, shardings = init_state(config, model_cfg, mesh, tx)
+  fresh = {"state": state}  # dropped once the loop has a state
+  del state
   tok_graphdef, tok_state = nnx.split(tokenizer)
   rep = sharding.replicated(mesh)
   tok_state = jax.device_put(tok_state, rep)
@@ -161,16 +161,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return dq.loss_fn(nnx.merge(graphdef, params), condition(model_cfg, batch),
                       batch["codes"], batch["positions"], batch["lengths"])[1]
 
-  ckpt = checkpoint.Checkpointer(workdir, config, sections=SECTIONS)
-  train_iter = iter(pairs.train_dataset(config, text_tok))
   eval_ds = pairs.eval_dataset(config, text_tok)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(car_state.with_shardings(state, shardings),
-                         train_iter)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
 
-  def run_eval(step, state):
+  def evaluate(step, state, writer):
+    del writer
     t0 = time.time()
     metrics = [jax.device_get(eval_fn(state.params, sharding.global_batch(
         local, mesh), tok_state)) for local in eval_ds]
@@ -187,12 +181,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  scalars["eval/loss"], scalars["eval/sample_tokens"], path)
     return scalars
 
-  _, summary = car_trainer.run_loop(config, state, step_fn, train_iter, mesh,
-                                    ckpt, writer, run_eval, tok_state,
-                                    "DQ-Transformer")
-  logs.finished(workdir, summary.last_step, "DQ-Transformer training",
-                summary.eval)
-  return summary
+  def from_saved(saved):
+    fresh.clear()
+    return saved
+
+  task = loop.Task(
+      what="DQ-Transformer", mesh=mesh, init=lambda: fresh.pop("state"),
+      restore_target=car_state.with_shardings(fresh["state"], shardings),
+      from_saved=from_saved, step=step_fn,
+      step_args=(jax.random.key(config.seed + 1), tok_state),
+      evaluate=evaluate,
+      train_data=lambda start: pairs.train_dataset(config, text_tok, start),
+      sections=SECTIONS,
+      # The prompt and the padded code sequence (4R).
+      tokens_per_example=config.max_text_len + model_cfg.max_len)
+  return loop.run(config, workdir, task, on_log=on_log)
 
 
 def sample_grid(config, graphdef, params, tokenizer, text_tok):

@@ -6,16 +6,14 @@ import dataclasses
 import logging
 import os
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from cvqcar import checkpoint, logs, metrics, sharding, visualize
+from cvqcar import checkpoint, loop, metrics, sharding, visualize
 from cvqcar.car import model as car_lib
 from cvqcar.car import sampling
 from cvqcar.car import state as car_state
@@ -56,10 +54,7 @@ def load_frozen_tokenizer(config):
   return export.load_tokenizer(config.tokenizer_export, expect=expect)
 
 
-class Summary(NamedTuple):
-  train: dict[int, dict[str, float]]
-  eval: dict[str, float]
-  last_step: int
+Summary = loop.Summary
 
 
 def _stage1_params(config, mesh, record):
@@ -113,25 +108,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   if config.stage == 2 else None)
   graphdef, state, shardings = car_state.init_state(
       config, mesh, tokenizer.quantizer.vq.codebook(), start_params)
+  # Held only until the loop takes it (or its backbone, when resuming):
+  # no second copy of the weights lives through the run.
+  fresh = {"state": state}
+  del state, start_params
   tok_graphdef, tok_state = nnx.split(tokenizer)
   tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
   step_fn = make_train_step(config, graphdef, tok_graphdef, shardings, mesh)
   eval_fn = jax.jit(lambda state, batch, tok_state: car_lib.loss_fn(
       *_teacher_forced(graphdef, state, tok_graphdef, tok_state, batch)))
-
-  ckpt = checkpoint.Checkpointer(workdir, config, sections=SECTIONS)
-  train_iter = iter(pairs.train_dataset(config, text_tok))
   eval_ds = pairs.eval_dataset(config, text_tok)
-  car_state.write_backbone_record(workdir, record)
-  if ckpt.latest_step() is not None:
-    restored = ckpt.restore(
-        car_state.with_shardings(state.saved(), shardings.saved()),
-        train_iter)
-    state = restored.replace(backbone=state.backbone)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
 
-  def run_eval(step, state):
+  def evaluate(step, state, writer):
+    del writer
     t0 = time.time()
     losses = [float(eval_fn(state, sharding.global_batch(local, mesh),
                             tok_state)) for local in eval_ds]
@@ -147,67 +136,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  time.time() - t0, scalars["eval/loss"], path)
     return scalars
 
-  state, summary = run_loop(config, state, step_fn, train_iter, mesh, ckpt,
-                            writer, run_eval, tok_state, "CAR", on_log)
-  logs.finished(workdir, summary.last_step,
-                f"CAR stage {config.stage} training", summary.eval)
-  return summary
-
-
-def run_loop(config, state, step_fn, train_iter, mesh, ckpt, writer,
-             run_eval, step_arg, what: str, on_log=None
-             ) -> tuple[object, Summary]:
-  """The training loop shared by CAR and the DQ-Transformer: steps
-  state.step + 1 .. (config.run_steps later or) config.num_train_steps of
-  step_fn(state, batch, key, step_arg) -> (state, metrics), logging every
-  config.log_every steps, run_eval(step, state) -> eval scalars at step 0,
-  every config.eval_every and at the end, checkpoints every
-  config.checkpoint_every and at the stop; on_log(step, total, scalars)
-  sees what is logged. A non-finite loss stops the run naming the step."""
-  start, total = int(state.step), config.num_train_steps
-  stop = min(total, start + config.run_steps) if config.run_steps else total
-  progress = periodic_actions.ReportProgress(
-      num_train_steps=total, writer=writer, every_steps=config.log_every)
-  summary = Summary(train={}, eval={}, last_step=start)
-  key = jax.random.key(config.seed + 1)
-
-  def log(step, scalars):
-    writer.write_scalars(step, scalars)
-    if on_log is not None:
-      on_log(step, total, scalars)
-
-  def evaluate(step):
-    summary.eval.update(run_eval(step, state))
-    log(step, summary.eval)
-
-  if start == 0:
-    evaluate(0)
-  history, first, step = [], start + 1, start
-  for step in range(start + 1, stop + 1):
-    batch = sharding.global_batch(next(train_iter), mesh)
-    with jax.set_mesh(mesh):
-      state, m = step_fn(state, batch, key, step_arg)
-    history.append(m)
-    progress(step)
-    last = step == stop
-    if step % config.log_every == 0 or last:
-      history = jax.device_get(history)
-      for i, h in enumerate(history):
-        if not np.isfinite(h["loss"]):
-          raise FloatingPointError(
-              f"non-finite {what} loss at step {first + i}")
-        summary.train[first + i] = {f"train/{k}": float(v)
-                                    for k, v in h.items()}
-      log(step, {f"train/{k}": float(np.mean([h[k] for h in history]))
-                 for k in history[0]})
-      history, first = [], step + 1
-    if step % config.eval_every == 0 or step == total:
-      evaluate(step)
-    if step % config.checkpoint_every == 0 or last:
-      ckpt.save(step, state.saved(), train_iter, force=last)
-  ckpt.wait()
-  writer.flush()
-  return state, summary._replace(last_step=step)
+  task = loop.Task(
+      what=f"CAR stage {config.stage}", mesh=mesh,
+      init=lambda: fresh.pop("state"),
+      restore_target=car_state.with_shardings(fresh["state"].saved(),
+                                              shardings.saved()),
+      from_saved=lambda saved: saved.replace(
+          backbone=fresh.pop("state").backbone),
+      to_saved=lambda s: s.saved(), step=step_fn,
+      step_args=(jax.random.key(config.seed + 1), tok_state),
+      evaluate=evaluate,
+      train_data=lambda start: pairs.train_dataset(config, text_tok, start),
+      sections=SECTIONS,
+      # The LLM's sequence: the prompt, the begin token, C - 1 channels.
+      tokens_per_example=config.max_text_len
+      + config.tokenizer.latent_channels,
+      on_start=lambda: car_state.write_backbone_record(workdir, record))
+  return loop.run(config, workdir, task, on_log=on_log)
 
 
 def _teacher_forced(graphdef, state, tok_graphdef, tok_state, batch):

@@ -155,31 +155,52 @@ def records_pipeline(
     num_threads: int = 4,
     worker_count: int = 0,
     drop_remainder: bool = True,
+    start_example: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> grain.IterDataset:
   """Shuffled/repeated (train) or one-pass (eval) batches of this process.
 
   `transform(record, rng)` returns an element dict with a 'corrupt' flag.
-  `batch_size` is global; each JAX process reads a disjoint 1/process_count
-  share and yields batches of batch_size / process_count. `num_examples`
-  takes the first num_examples records, cycling if there are fewer (eval
-  crops from a few photos).
+  `batch_size` is global; each JAX process yields batches of batch_size /
+  process_count. `num_examples` takes the first num_examples records,
+  cycling if there are fewer (eval crops from a few photos).
+
+  Training reads one global stream, the same for any number of processes:
+  example i is record shuffle(i) of the repeated records, transformed with
+  a random generator seeded by (seed, i). Global batch t is examples
+  [start_example + t * batch_size, ... + batch_size), and process p of P
+  reads its contiguous block of batch_size / P of them. So a run that
+  resumes at step s on another process count, with start_example = the
+  examples consumed so far, sees exactly the examples an uninterrupted run
+  would (elastic resume; corrupt records shift a process's own block by
+  the number dropped). Eval splits the records one pass, p::P.
   """
-  processes = jax.process_count()
+  processes = jax.process_count() if process_count is None else process_count
+  index = jax.process_index() if process_index is None else process_index
   if batch_size % processes:
     raise ValueError(f"batch size {batch_size} is not divisible by the"
                      f" {processes} JAX processes")
+  local = batch_size // processes
   ds = grain.MapDataset.source(records)
   if num_examples is not None:
     n = len(records)
     ds = grain.MapDataset.range(num_examples).map(lambda i: records[i % n])
   if train:
-    ds = ds.shuffle(seed=seed).repeat()
-  ds = ds[jax.process_index()::processes]
-  ds = ds.random_map(transform, seed=seed)
+    stream = ds.shuffle(seed=seed).repeat().random_map(transform, seed=seed)
+
+    def global_index(j: int) -> int:  # this process's j-th example
+      return start_example + (j // local) * batch_size + index * local + (
+          j % local)
+
+    ds = grain.MapDataset.range(len(stream) - start_example).map(
+        lambda j: stream[global_index(j)])
+  else:
+    ds = ds[index::processes].random_map(transform, seed=seed)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
   ds = SkipCorrupt(ds)
-  ds = ds.batch(batch_size // processes, drop_remainder=drop_remainder)
+  ds = ds.batch(local, drop_remainder=drop_remainder)
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return ds
@@ -272,7 +293,10 @@ def _imagenet_records(cfg: ml_collections.ConfigDict, split: str):
       decoders={"image": tfds.decode.SkipDecoding()})
 
 
-def train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
+def train_dataset(config: ml_collections.ConfigDict,
+                  start_example: int = 0) -> grain.IterDataset:
+  """The tokenizer config's training images from global example
+  `start_example` on (records_pipeline)."""
   d, r = config.data, config.model.resolution
   if d.name == "embedded":
     records = embedded_photos("train")
@@ -292,7 +316,8 @@ def train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
   return image_pipeline(records, preprocess=preprocess,
                         batch_size=config.batch_size, seed=config.seed,
                         train=True, num_threads=d.num_threads,
-                        worker_count=d.worker_count)
+                        worker_count=d.worker_count,
+                        start_example=start_example)
 
 
 def eval_records(config: ml_collections.ConfigDict):

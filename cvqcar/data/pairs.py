@@ -294,6 +294,7 @@ def pair_pipeline(
     num_examples: int | None = None,
     num_threads: int = 4,
     worker_count: int = 0,
+    start_example: int = 0,
 ) -> grain.IterDataset:
   """Batches {'image' [b, R, R, 3] float32 | 'tokens' [b, C] int32,
   'text' [b, L] int32, 'text_mask' [b, L] int32, 'skipped' [b] int32}.
@@ -320,7 +321,7 @@ def pair_pipeline(
                              truncate, num_tokens, num_codes),
       batch_size=batch_size, seed=seed, train=train,
       num_examples=num_examples, num_threads=num_threads,
-      worker_count=worker_count)
+      worker_count=worker_count, start_example=start_example)
 
 
 def _config_source(d: ml_collections.ConfigDict, split: str):
@@ -349,7 +350,8 @@ def _config_source(d: ml_collections.ConfigDict, split: str):
   return source
 
 
-def _config_pipeline(config, text_tokenizer, split: str):
+def _config_pipeline(config, text_tokenizer, split: str,
+                     start_example: int = 0):
   d = config.data
   source = _config_source(d, split)
   embedded, train = d.name == "embedded", split == "train"
@@ -369,13 +371,16 @@ def _config_pipeline(config, text_tokenizer, split: str):
       num_tokens=config.tokenizer.latent_channels,
       num_codes=config.tokenizer.num_codes, num_examples=num,
       num_threads=d.get("num_threads", 4),
-      worker_count=d.get("worker_count", 0) if train else 0)
+      worker_count=d.get("worker_count", 0) if train else 0,
+      start_example=start_example)
 
 
 def train_dataset(config: ml_collections.ConfigDict,
-                  text_tokenizer: text.TextTokenizer) -> grain.IterDataset:
-  """The CAR config's training pairs, shuffled and repeated."""
-  return _config_pipeline(config, text_tokenizer, "train")
+                  text_tokenizer: text.TextTokenizer,
+                  start_example: int = 0) -> grain.IterDataset:
+  """The CAR config's training pairs, shuffled and repeated, from global
+  example `start_example` on (image_data.records_pipeline)."""
+  return _config_pipeline(config, text_tokenizer, "train", start_example)
 
 
 def eval_dataset(config: ml_collections.ConfigDict,

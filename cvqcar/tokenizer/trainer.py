@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import checkpoint, logs, metrics, optim, sharding, visualize
+from cvqcar import loop, metrics, optim, sharding, visualize
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import evaluate as evaluate_lib
 from cvqcar.tokenizer import losses, lpips, vqgan
@@ -268,66 +267,22 @@ class Trainer:
     return result, first
 
 
-def _check_finite(history: list[dict], first_step: int) -> None:
-  for i, m in enumerate(history):
-    if not np.isfinite(m["loss"]):
-      raise FloatingPointError(
-          f"non-finite loss {m['loss']} at step {first_step + i}; the last"
-          f" good metrics were logged at step {first_step - 1}")
+def task(config: ml_collections.ConfigDict, workdir: str,
+         trainer: Trainer | None = None) -> loop.Task:
+  """The tokenizer's part of the shared training loop (cvqcar.loop)."""
+  trainer = Trainer(config) if trainer is None else trainer
 
-
-_SUMMARY_STEPS = 1000  # per-step train metrics kept for the caller
-
-
-class Summary(NamedTuple):
-  """What a call of train_and_evaluate saw: logged train scalars per step
-  and the last eval metrics."""
-
-  train: dict[int, dict[str, float]]
-  eval: dict[str, float]
-  last_step: int
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       on_log=None) -> Summary:
-  """Trains the tokenizer, evaluating, logging and checkpointing in workdir.
-
-  Resumes from the latest checkpoint in `workdir` (model, optimizer, EMA and
-  data iterator position). With config.run_steps > 0 it stops after that many
-  steps with a checkpoint (for time-limited jobs); the next call goes on.
-  `on_log(step, num_train_steps, scalars)`, when given, sees every logged
-  set of train or eval scalars (e.g. cvqcar.figures.LiveProgress).
-  """
-  trainer = Trainer(config)
-  ckpt = checkpoint.Checkpointer(workdir, config)
-  train_iter = iter(image_data.train_dataset(config))
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  metrics_file = logs.MetricsFile(workdir)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(trainer.abstract_state, train_iter)
-  else:
+  def init():
     state = trainer.init()
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("tokenizer: %.2fM parameters, %d tokens per image",
                  n_params / 1e6, tokenizer_lib.num_tokens(config.model))
-  start = int(state.step)
-  total = config.num_train_steps
-  stop = min(total, start + config.run_steps) if config.run_steps else total
-  progress = periodic_actions.ReportProgress(
-      num_train_steps=total, writer=writer, every_steps=config.log_every)
-  summary = Summary(train={}, eval={}, last_step=start)
+    return state
 
-  def run_eval(step):
+  def evaluate(step, state, writer):
     t0 = time.time()
     eval_metrics, first = trainer.evaluate(state,
                                            image_data.eval_batches(config))
-    summary.eval.clear()
-    summary.eval.update(eval_metrics)
-    writer.write_scalars(step, eval_metrics)
-    metrics_file.write(step, eval_metrics)
-    if on_log is not None:
-      on_log(step, total, eval_metrics)
     grid = visualize.reconstruction_grid(first, config.num_grid_images)
     path = os.path.join(workdir, "images", f"recon_{step:07d}.png")
     if jax.process_index() == 0:
@@ -335,45 +290,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write_images(step, {"reconstructions": grid[None]})
     logging.info("eval at step %d (%.1fs): %s; grid %s", step,
                  time.time() - t0, _fmt(eval_metrics), path)
+    return eval_metrics
 
-  if start == 0:
-    run_eval(0)
-  history, first_step, step = [], start + 1, start
-  for step in range(start + 1, stop + 1):
-    state, step_metrics = trainer.step(state, next(train_iter))
-    history.append(step_metrics)
-    progress(step)
-    last = step == stop
-    if step % config.log_every == 0 or last:
-      history = jax.device_get(history)
-      _check_finite(history, first_step)
-      for i, h in enumerate(history):
-        summary.train[first_step + i] = {f"train/{k}": float(v)
-                                         for k, v in h.items()}
-      while len(summary.train) > _SUMMARY_STEPS:
-        summary.train.pop(next(iter(summary.train)))
-      scalars = {f"train/{k}": float(np.mean([h[k] for h in history]))
-                 for k in history[0]}
-      scalars["train/skipped"] *= len(history)  # a count, not a mean
-      writer.write_scalars(step, scalars)
-      metrics_file.write(step, scalars)
-      if on_log is not None:
-        on_log(step, total, scalars)
-      history, first_step = [], step + 1
-    if step % config.eval_every == 0 or step == total:
-      run_eval(step)
-    if step % config.checkpoint_every == 0 or last:
-      ckpt.save(step, state, train_iter, force=last)
-    elif ckpt.manager.reached_preemption(step):
-      ckpt.save(step, state, train_iter, force=True)
-      logging.warning("preempted at step %d; checkpoint saved", step)
-      break
-  ckpt.wait()
-  writer.flush()
-  logs.finished(workdir, step, "tokenizer training", {
-      k: v for k, v in summary.eval.items()
-      if k in ("eval/psnr", "eval/ssim", "eval/codebook_usage")})
-  return summary._replace(last_step=step)
+  return loop.Task(
+      what="tokenizer", mesh=trainer.mesh, init=init,
+      restore_target=trainer.abstract_state, step=trainer.train_step,
+      step_args=(trainer.step_key, trainer.perceptual), evaluate=evaluate,
+      train_data=lambda start: image_data.train_dataset(config, start),
+      summed=("skipped",),
+      finish_keys=("eval/psnr", "eval/ssim", "eval/codebook_usage"))
+
+
+Summary = loop.Summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_log=None) -> Summary:
+  """Trains the tokenizer, evaluating, logging and checkpointing in workdir.
+
+  Resumes from the latest checkpoint in `workdir` (model, optimizer, EMA and
+  data position). With config.run_steps > 0 it stops after that many steps
+  with a checkpoint (for time-limited jobs); the next call goes on. A
+  signal or preemption notice stops it with a checkpoint too
+  (Summary.preempted). `on_log(step, num_train_steps, scalars)`, when
+  given, sees every logged set of train or eval scalars (e.g.
+  cvqcar.figures.LiveProgress).
+  """
+  return loop.run(config, workdir, task(config, workdir), on_log=on_log)
 
 
 def _fmt(d: dict[str, float]) -> str:
