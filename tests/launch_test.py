@@ -5,10 +5,14 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from cvqcar.exit_codes import PREEMPTED
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP = "configs/sweeps/codebook_size.py"
@@ -137,15 +141,20 @@ def test_shell_launcher_parses_and_prints_usage(script):
   assert "usage:" in out.stderr
 
 
-def fake_tool(tmp_path, name) -> dict[str, str]:
+def fake_tool(tmp_path, name, statuses=()) -> dict[str, str]:
   """Puts an executable `name` first on PATH that records its arguments (NUL
-  separated, in NAME.args) and JAX_LOCAL_DEVICE_IDS (in ids)."""
+  separated, in NAME.args) and JAX_LOCAL_DEVICE_IDS (in ids), and exits with
+  statuses[i] on its i-th call (0 past their end)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   tool = bin_dir / name
   tool.write_text("#!/usr/bin/env bash\n"
                   f"printf '%s\\0' \"$@\" > {tmp_path}/{name}.args\n"
-                  f"echo \"${{JAX_LOCAL_DEVICE_IDS:-}}\" > {tmp_path}/ids\n")
+                  f"echo \"${{JAX_LOCAL_DEVICE_IDS:-}}\" > {tmp_path}/ids\n"
+                  f"echo >> {tmp_path}/{name}.calls\n"
+                  f"statuses=({' '.join(map(str, statuses))})\n"
+                  f"n=$(wc -l < {tmp_path}/{name}.calls)\n"
+                  "exit \"${statuses[n - 1]:-0}\"\n")
   tool.chmod(0o755)
   return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
@@ -211,6 +220,72 @@ def test_slurm_gives_each_node_process_all_its_gpus(tmp_path):
   elsewhere = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"],
                   env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)})
   assert elsewhere.returncode == 2 and "not the cvqcar repo" in elsewhere.stderr
+
+
+def sbatch_options() -> list[str]:
+  return [line.removeprefix("#SBATCH ").strip()
+          for line in (ROOT / "launch/slurm.sbatch").read_text().splitlines()
+          if line.startswith("#SBATCH ")]
+
+
+def test_slurm_asks_for_requeue_and_sigterm_before_the_limit():
+  options = sbatch_options()
+  assert "--requeue" in options
+  signal = [o for o in options if o.startswith("--signal=")]
+  # No "B:": the python processes (job steps) get it, not the batch shell.
+  assert len(signal) == 1 and signal[0].startswith("--signal=TERM@"), signal
+  assert int(signal[0].split("@")[1]) >= 60
+
+
+@pytest.mark.parametrize("status", [PREEMPTED, 0, 1])
+def test_slurm_requeues_the_job_only_when_preempted(tmp_path, status):
+  env = fake_tool(tmp_path, "srun", statuses=[status])
+  env.update(fake_tool(tmp_path, "scontrol"))
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="1",
+             SLURM_JOB_ID="4242")
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], env=env)
+  assert recorded_args(tmp_path, "srun")[1:4] == [
+      ".venv/bin/python", "-m", "cvqcar.train"]
+  if status == PREEMPTED:
+    assert out.returncode == 0, out.stderr
+    assert recorded_args(tmp_path, "scontrol") == ["requeue", "4242"]
+  else:
+    assert out.returncode == status, out.stderr
+    assert not (tmp_path / "scontrol.args").exists()
+
+
+def test_slurm_batch_shell_outlives_a_sigterm_until_srun_returns(tmp_path):
+  # Slurm may SIGTERM the batch shell while the trainer saves: the shell
+  # must wait for srun's status instead of dying (which ends the job).
+  env = fake_tool(tmp_path, "scontrol")
+  srun = tmp_path / "bin" / "srun"
+  srun.write_text(f"#!/usr/bin/env bash\ntouch {tmp_path}/started\n"
+                  f"sleep 1\nexit {PREEMPTED}\n")
+  srun.chmod(0o755)
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="1",
+             SLURM_JOB_ID="4242")
+  shell = subprocess.Popen(
+      ["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], cwd=ROOT,
+      env={**os.environ, **env}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 10
+  while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+    time.sleep(0.02)
+  shell.send_signal(signal.SIGTERM)
+  _, stderr = shell.communicate(timeout=30)
+  assert shell.returncode == 0, stderr
+  assert "SIGTERM; waiting for the trainer" in stderr
+  assert recorded_args(tmp_path, "scontrol") == ["requeue", "4242"]
+
+
+def test_slurm_says_so_when_the_requeue_is_refused(tmp_path):
+  env = fake_tool(tmp_path, "srun", statuses=[PREEMPTED])
+  env.update(fake_tool(tmp_path, "scontrol", statuses=[1]))
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="1",
+             SLURM_JOB_ID="4242")
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], env=env)
+  assert out.returncode == PREEMPTED
+  assert "not requeued" in out.stderr and "resubmit" in out.stderr
 
 
 def compile_check(*args):
