@@ -181,6 +181,89 @@ def test_tpu_pod_runs_main_on_every_worker(tmp_path):
                     "--workdir=gs://b/run", "--config.data.data_dir=/my data"]
 
 
+def fake_gcloud(tmp_path, ssh_statuses, states=("READY\tHEALTHY",)):
+  """A `gcloud` first on PATH: `tpu-vm ssh` exits with ssh_statuses[i] on
+  its i-th call (0 past their end) and appends its --command to ssh.calls;
+  `tpu-vm describe` prints states[j] on its j-th call (the last past their
+  end) and counts itself in describe.calls."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  tool = bin_dir / "gcloud"
+  tool.write_text(f"""#!/usr/bin/env bash
+if [ "$4" = describe ]; then
+  echo >> {tmp_path}/describe.calls
+  states=({" ".join(shlex.quote(s) for s in states)})
+  n=$(wc -l < {tmp_path}/describe.calls)
+  i=$(( n < ${{#states[@]}} ? n - 1 : ${{#states[@]}} - 1 ))
+  printf '%s\\n' "${{states[i]}}"
+  exit 0
+fi
+for arg in "$@"; do
+  case $arg in --command=*) echo "${{arg#--command=}}" >> {tmp_path}/ssh.calls
+  esac
+done
+statuses=({" ".join(map(str, ssh_statuses))})
+n=$(wc -l < {tmp_path}/ssh.calls)
+exit "${{statuses[n - 1]:-0}}"
+""")
+  tool.chmod(0o755)
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TPU_NAME": "pod",
+          "ZONE": "us-west4-a", "RESTART_WAIT": "0"}
+
+
+def tpu_pod_run(tmp_path, env):
+  """(result, the run commands gcloud's ssh was given, describe calls)."""
+  out = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run"], env=env,
+            timeout=30)
+  calls = (tmp_path / "ssh.calls").read_text().splitlines()
+  describes = tmp_path / "describe.calls"
+  n = len(describes.read_text().splitlines()) if describes.exists() else 0
+  return out, calls, n
+
+
+def test_tpu_pod_relaunches_after_a_preemption_or_a_lost_worker(tmp_path):
+  # 75: saved and stopped; 255: gcloud lost a worker's ssh; then a finish.
+  # The pod is under maintenance at the first look: the loop waits.
+  env = fake_gcloud(tmp_path, [PREEMPTED, 255, 0],
+                    states=["READY\tUNHEALTHY_MAINTENANCE", "READY\tHEALTHY"])
+  out, calls, describes = tpu_pod_run(tmp_path, env)
+  assert out.returncode == 0, out.stderr
+  assert len(calls) == 3 and len(set(calls)) == 1, calls
+  assert "cvqcar.train" in calls[0]
+  assert describes == 3  # maintenance, READY; READY
+  assert "relaunch 2 of at most 100" in out.stderr
+
+
+@pytest.mark.parametrize(("statuses", "runs"), [
+    ([1, 0], 1), ([PREEMPTED, 1, 0], 2), ([0, 0], 1)])
+def test_tpu_pod_stops_on_a_finish_or_a_real_error(tmp_path, statuses, runs):
+  out, calls, _ = tpu_pod_run(tmp_path, fake_gcloud(tmp_path, statuses))
+  assert out.returncode == statuses[runs - 1], out.stderr
+  assert len(calls) == runs
+  if statuses[runs - 1]:
+    assert "status 1 (not a preemption): stopped" in out.stderr
+
+
+def test_tpu_pod_relaunches_at_most_max_restarts_times(tmp_path):
+  env = fake_gcloud(tmp_path, [PREEMPTED] * 5)
+  out, calls, _ = tpu_pod_run(tmp_path, {**env, "MAX_RESTARTS": "2"})
+  assert out.returncode == PREEMPTED
+  assert len(calls) == 3
+  assert "stopped after 2 relaunches (MAX_RESTARTS=2)" in out.stderr
+  bad = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run"],
+            env={**env, "MAX_RESTARTS": "many"})
+  assert bad.returncode == 2 and "whole numbers" in bad.stderr
+
+
+def test_tpu_pod_stops_when_the_pod_does_not_come_back(tmp_path):
+  env = fake_gcloud(tmp_path, [PREEMPTED, 0], states=["PREEMPTED"])
+  out, calls, describes = tpu_pod_run(tmp_path,
+                                      {**env, "READY_TIMEOUT": "0"})
+  assert out.returncode == PREEMPTED
+  assert len(calls) == 1 and describes == 1
+  assert "not READY" in out.stderr and "PREEMPTED" in out.stderr
+
+
 def test_tpu_pod_needs_its_environment():
   out = run(["bash", "launch/tpu_pod.sh", "setup"],
             env={"TPU_NAME": "", "ZONE": ""})
