@@ -1,4 +1,6 @@
-"""Exit statuses of the training commands that launchers act on."""
+"""Exit statuses of `python -m cvqcar.train` that launchers act on."""
 
-PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint; rerun to resume
-INTERRUPTED_TWICE = 130  # a second SIGINT: exited at once, no checkpoint
+# EX_TEMPFAIL: preempted, checkpoint saved; rerun the same command to resume.
+PREEMPTED = 75
+# A second SIGINT: stopped at once, without a final checkpoint (128 + 2).
+INTERRUPTED_TWICE = 130

@@ -5,10 +5,14 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from cvqcar.exit_codes import PREEMPTED
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP = "configs/sweeps/codebook_size.py"
@@ -137,15 +141,20 @@ def test_shell_launcher_parses_and_prints_usage(script):
   assert "usage:" in out.stderr
 
 
-def fake_tool(tmp_path, name) -> dict[str, str]:
+def fake_tool(tmp_path, name, statuses=()) -> dict[str, str]:
   """Puts an executable `name` first on PATH that records its arguments (NUL
-  separated, in NAME.args) and JAX_LOCAL_DEVICE_IDS (in ids)."""
+  separated, in NAME.args) and JAX_LOCAL_DEVICE_IDS (in ids), and exits with
+  statuses[i] on its i-th call (0 past their end)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   tool = bin_dir / name
   tool.write_text("#!/usr/bin/env bash\n"
                   f"printf '%s\\0' \"$@\" > {tmp_path}/{name}.args\n"
-                  f"echo \"${{JAX_LOCAL_DEVICE_IDS:-}}\" > {tmp_path}/ids\n")
+                  f"echo \"${{JAX_LOCAL_DEVICE_IDS:-}}\" > {tmp_path}/ids\n"
+                  f"echo >> {tmp_path}/{name}.calls\n"
+                  f"statuses=({' '.join(map(str, statuses))})\n"
+                  f"n=$(wc -l < {tmp_path}/{name}.calls)\n"
+                  "exit \"${statuses[n - 1]:-0}\"\n")
   tool.chmod(0o755)
   return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
@@ -170,6 +179,89 @@ def test_tpu_pod_runs_main_on_every_worker(tmp_path):
   assert remote == ["cd", "cvqcar", "&&", "exec", ".venv/bin/python", "-m",
                     "cvqcar.train", f"--config={CONFIG}",
                     "--workdir=gs://b/run", "--config.data.data_dir=/my data"]
+
+
+def fake_gcloud(tmp_path, ssh_statuses, states=("READY\tHEALTHY",)):
+  """A `gcloud` first on PATH: `tpu-vm ssh` exits with ssh_statuses[i] on
+  its i-th call (0 past their end) and appends its --command to ssh.calls;
+  `tpu-vm describe` prints states[j] on its j-th call (the last past their
+  end) and counts itself in describe.calls."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  tool = bin_dir / "gcloud"
+  tool.write_text(f"""#!/usr/bin/env bash
+if [ "$4" = describe ]; then
+  echo >> {tmp_path}/describe.calls
+  states=({" ".join(shlex.quote(s) for s in states)})
+  n=$(wc -l < {tmp_path}/describe.calls)
+  i=$(( n < ${{#states[@]}} ? n - 1 : ${{#states[@]}} - 1 ))
+  printf '%s\\n' "${{states[i]}}"
+  exit 0
+fi
+for arg in "$@"; do
+  case $arg in --command=*) echo "${{arg#--command=}}" >> {tmp_path}/ssh.calls
+  esac
+done
+statuses=({" ".join(map(str, ssh_statuses))})
+n=$(wc -l < {tmp_path}/ssh.calls)
+exit "${{statuses[n - 1]:-0}}"
+""")
+  tool.chmod(0o755)
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TPU_NAME": "pod",
+          "ZONE": "us-west4-a", "RESTART_WAIT": "0"}
+
+
+def tpu_pod_run(tmp_path, env):
+  """(result, the run commands gcloud's ssh was given, describe calls)."""
+  out = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run"], env=env,
+            timeout=30)
+  calls = (tmp_path / "ssh.calls").read_text().splitlines()
+  describes = tmp_path / "describe.calls"
+  n = len(describes.read_text().splitlines()) if describes.exists() else 0
+  return out, calls, n
+
+
+def test_tpu_pod_relaunches_after_a_preemption_or_a_lost_worker(tmp_path):
+  # 75: saved and stopped; 255: gcloud lost a worker's ssh; then a finish.
+  # The pod is under maintenance at the first look: the loop waits.
+  env = fake_gcloud(tmp_path, [PREEMPTED, 255, 0],
+                    states=["READY\tUNHEALTHY_MAINTENANCE", "READY\tHEALTHY"])
+  out, calls, describes = tpu_pod_run(tmp_path, env)
+  assert out.returncode == 0, out.stderr
+  assert len(calls) == 3 and len(set(calls)) == 1, calls
+  assert "cvqcar.train" in calls[0]
+  assert describes == 3  # maintenance, READY; READY
+  assert "relaunch 2 of at most 100" in out.stderr
+
+
+@pytest.mark.parametrize(("statuses", "runs"), [
+    ([1, 0], 1), ([PREEMPTED, 1, 0], 2), ([0, 0], 1)])
+def test_tpu_pod_stops_on_a_finish_or_a_real_error(tmp_path, statuses, runs):
+  out, calls, _ = tpu_pod_run(tmp_path, fake_gcloud(tmp_path, statuses))
+  assert out.returncode == statuses[runs - 1], out.stderr
+  assert len(calls) == runs
+  if statuses[runs - 1]:
+    assert "status 1 (not a preemption): stopped" in out.stderr
+
+
+def test_tpu_pod_relaunches_at_most_max_restarts_times(tmp_path):
+  env = fake_gcloud(tmp_path, [PREEMPTED] * 5)
+  out, calls, _ = tpu_pod_run(tmp_path, {**env, "MAX_RESTARTS": "2"})
+  assert out.returncode == PREEMPTED
+  assert len(calls) == 3
+  assert "stopped after 2 relaunches (MAX_RESTARTS=2)" in out.stderr
+  bad = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run"],
+            env={**env, "MAX_RESTARTS": "many"})
+  assert bad.returncode == 2 and "whole numbers" in bad.stderr
+
+
+def test_tpu_pod_stops_when_the_pod_does_not_come_back(tmp_path):
+  env = fake_gcloud(tmp_path, [PREEMPTED, 0], states=["PREEMPTED"])
+  out, calls, describes = tpu_pod_run(tmp_path,
+                                      {**env, "READY_TIMEOUT": "0"})
+  assert out.returncode == PREEMPTED
+  assert len(calls) == 1 and describes == 1
+  assert "not READY" in out.stderr and "PREEMPTED" in out.stderr
 
 
 def test_tpu_pod_needs_its_environment():
@@ -211,6 +303,72 @@ def test_slurm_gives_each_node_process_all_its_gpus(tmp_path):
   elsewhere = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"],
                   env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)})
   assert elsewhere.returncode == 2 and "not the cvqcar repo" in elsewhere.stderr
+
+
+def sbatch_options() -> list[str]:
+  return [line.removeprefix("#SBATCH ").strip()
+          for line in (ROOT / "launch/slurm.sbatch").read_text().splitlines()
+          if line.startswith("#SBATCH ")]
+
+
+def test_slurm_asks_for_requeue_and_sigterm_before_the_limit():
+  options = sbatch_options()
+  assert "--requeue" in options
+  signal = [o for o in options if o.startswith("--signal=")]
+  # No "B:": the python processes (job steps) get it, not the batch shell.
+  assert len(signal) == 1 and signal[0].startswith("--signal=TERM@"), signal
+  assert int(signal[0].split("@")[1]) >= 60
+
+
+@pytest.mark.parametrize("status", [PREEMPTED, 0, 1])
+def test_slurm_requeues_the_job_only_when_preempted(tmp_path, status):
+  env = fake_tool(tmp_path, "srun", statuses=[status])
+  env.update(fake_tool(tmp_path, "scontrol"))
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="1",
+             SLURM_JOB_ID="4242")
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], env=env)
+  assert recorded_args(tmp_path, "srun")[1:4] == [
+      ".venv/bin/python", "-m", "cvqcar.train"]
+  if status == PREEMPTED:
+    assert out.returncode == 0, out.stderr
+    assert recorded_args(tmp_path, "scontrol") == ["requeue", "4242"]
+  else:
+    assert out.returncode == status, out.stderr
+    assert not (tmp_path / "scontrol.args").exists()
+
+
+def test_slurm_batch_shell_outlives_a_sigterm_until_srun_returns(tmp_path):
+  # Slurm may SIGTERM the batch shell while the trainer saves: the shell
+  # must wait for srun's status instead of dying (which ends the job).
+  env = fake_tool(tmp_path, "scontrol")
+  srun = tmp_path / "bin" / "srun"
+  srun.write_text(f"#!/usr/bin/env bash\ntouch {tmp_path}/started\n"
+                  f"sleep 1\nexit {PREEMPTED}\n")
+  srun.chmod(0o755)
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="1",
+             SLURM_JOB_ID="4242")
+  shell = subprocess.Popen(
+      ["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], cwd=ROOT,
+      env={**os.environ, **env}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 10
+  while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+    time.sleep(0.02)
+  shell.send_signal(signal.SIGTERM)
+  _, stderr = shell.communicate(timeout=30)
+  assert shell.returncode == 0, stderr
+  assert "SIGTERM; waiting for the trainer" in stderr
+  assert recorded_args(tmp_path, "scontrol") == ["requeue", "4242"]
+
+
+def test_slurm_says_so_when_the_requeue_is_refused(tmp_path):
+  env = fake_tool(tmp_path, "srun", statuses=[PREEMPTED])
+  env.update(fake_tool(tmp_path, "scontrol", statuses=[1]))
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="1",
+             SLURM_JOB_ID="4242")
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], env=env)
+  assert out.returncode == PREEMPTED
+  assert "not requeued" in out.stderr and "resubmit" in out.stderr
 
 
 def compile_check(*args):

@@ -17,7 +17,7 @@ COMMANDS = frozenset(
      "prompt_following"})
 SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
-     "optim", "figures"})
+     "optim", "figures", "exit_codes"})
 SUBPACKAGES = ("kernels", "tokenizer", "car", "data", "evaluation")
 # Which rooms each room may import (besides itself).
 ALLOWED = {
