@@ -34,6 +34,7 @@ but for records dropped as corrupt.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -44,6 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from cvqcar import checkpoint, exit_codes, logs, perf, preemption, sharding
 from cvqcar import workdir_lock as lock_lib
@@ -78,6 +80,12 @@ class Task:
   summed: tuple[str, ...] = ()  # metrics logged as sums, not means
   finish_keys: tuple[str, ...] | None = None  # eval keys in the last line
   on_start: Callable[[], None] | None = None  # after the lock is taken
+
+
+# Written by a run stopped with a checkpoint, removed when the next starts:
+# launchers that cannot trust the exit status alone (srun's, when it kills
+# the processes that are still exiting) look for it.
+PREEMPTED_FILE = "preempted.json"
 
 
 class Summary(NamedTuple):
@@ -163,12 +171,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task,
       workdir, what=task.what,
       stale_after_s=config.get("lock_stale_after_s", 600.0))
   with lock, preemption.StopRequest() as stop:
+    marker = epath.Path(workdir) / PREEMPTED_FILE
+    if jax.process_index() == 0:
+      marker.unlink(missing_ok=True)
     if task.on_start is not None:
       task.on_start()
     ckpt = checkpoint.Checkpointer(workdir, config, sections=task.sections)
     state, data = _restore(task, ckpt, config)
     summary = _train(config, workdir, task, ckpt, state, data, stop, on_log)
     ckpt.wait()
+    if summary.preempted and jax.process_index() == 0:
+      checkpoint.write_text(workdir, PREEMPTED_FILE, json.dumps(
+          {"step": summary.last_step, "signal": stop.signal_name,
+           "time": time.time()}))
   if summary.preempted:
     logging.warning("%s stopped by %s at step %d: checkpoint saved in %s;"
                     " rerun the same command to resume (exit status %d)",

@@ -89,7 +89,9 @@ class StopRequest:
     if self._synced:
       if multihost_utils.reached_preemption_sync_point(step):
         self.requested = True
-        self.signal_name = self.signal_name or "preemption notice"
+        # JAX's notifier does not say whether a SIGTERM or the platform's
+        # maintenance notice woke it.
+        self.signal_name = self.signal_name or "SIGTERM or a preemption notice"
         return True
       return False
     return self.requested

@@ -82,8 +82,14 @@ def main(argv):
                          f" got {trainer!r}")
   logs.setup()
   distributed.initialize()
+  # The lock first, before a trainer spends minutes reading weights: a
+  # second job on a live workdir stops at once (the loop holds it again).
+  lock = workdir_lock.WorkdirLock(
+      _WORKDIR.value, what=f"{trainer} trainer",
+      stale_after_s=config.get("lock_stale_after_s", 600.0))
   try:
-    summary = TRAINERS[trainer](config, _WORKDIR.value)
+    with lock:
+      summary = TRAINERS[trainer](config, _WORKDIR.value)
   except workdir_lock.WorkdirLocked as e:
     sys.exit(f"train: {e}")
   distributed.finish()

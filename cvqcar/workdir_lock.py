@@ -29,6 +29,11 @@ LOCK_FILE = "lock.json"
 _MESSAGE_BYTES = 2048  # the refusal, as broadcast from process 0
 
 
+# Locks this process holds, by path, with their holders: taking a held lock
+# again (the train command, then the loop it runs) nests instead of failing.
+_HELD: dict[str, WorkdirLock] = {}
+
+
 class WorkdirLocked(RuntimeError):
   """Another live trainer holds the workdir."""
 
@@ -62,6 +67,7 @@ class WorkdirLock:
                    "started": time.time(), "what": what}
     self._stop = threading.Event()
     self._thread = None
+    self._nested = False
 
   def holder(self) -> dict | None:
     """The current lock record, or None when there is none."""
@@ -124,6 +130,10 @@ class WorkdirLock:
     return ""
 
   def acquire(self) -> None:
+    key = os.fspath(self.path)
+    if key in _HELD:
+      self._nested = True
+      return
     message = b""
     if jax.process_index() == 0:
       message = self._try_acquire().encode()[:_MESSAGE_BYTES]
@@ -135,6 +145,7 @@ class WorkdirLock:
       message = bytes(buf[1:]).rstrip(b"\0") if buf[0] else b""
     if message:
       raise WorkdirLocked(message.decode(errors="replace"))
+    _HELD[key] = self
     if jax.process_index() == 0:
       self._thread = threading.Thread(target=self._beat, daemon=True,
                                       name="cvqcar-workdir-lock")
@@ -148,6 +159,10 @@ class WorkdirLock:
         logging.warning("could not refresh %s: %s", self.path, e)
 
   def release(self) -> None:
+    if self._nested:
+      self._nested = False
+      return
+    _HELD.pop(os.fspath(self.path), None)
     if self._thread is None:
       return
     self._stop.set()

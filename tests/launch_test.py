@@ -415,3 +415,28 @@ def test_compile_check_compiles_car_and_fsdp_shards_its_state(tmp_path):
   codebook = 1024 * 256 * 4
   assert (fsdp["output"] - codebook) < (data["output"] - codebook) / 6, (
       fsdp, data)
+
+
+@pytest.mark.parametrize("writes_marker", [True, False])
+def test_slurm_trusts_the_preempted_file_over_a_killed_status(tmp_path,
+                                                              writes_marker):
+  # srun reports 143 for a process it killed while it was still exiting,
+  # above another's 75: the run's WORKDIR/preempted.json decides. One left
+  # by an earlier attempt must not requeue a crash.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "preempted.json").write_text("{}")  # an earlier attempt's
+  env = fake_tool(tmp_path, "scontrol")
+  srun = tmp_path / "bin" / "srun"
+  body = f"echo '{{}}' > {workdir}/preempted.json\n" if writes_marker else ""
+  srun.write_text(f"#!/usr/bin/env bash\n{body}exit 143\n")
+  srun.chmod(0o755)
+  env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="1",
+             SLURM_JOB_ID="4242")
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, str(workdir)], env=env)
+  if writes_marker:
+    assert out.returncode == 0, out.stderr
+    assert recorded_args(tmp_path, "scontrol") == ["requeue", "4242"]
+  else:
+    assert out.returncode == 143, out.stderr
+    assert not (tmp_path / "scontrol.args").exists()
