@@ -16,8 +16,8 @@ COMMANDS = frozenset(
      "evaluate", "convert_weights", "generate_benchmark", "report", "train_dq",
      "prompt_following"})
 SHARED = frozenset(
-    {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
-     "optim", "figures"})
+    {"sharding", "distributed", "checkpoint", "fingerprint", "logs",
+     "metrics", "visualize", "optim", "figures"})
 SUBPACKAGES = ("kernels", "tokenizer", "car", "data", "evaluation")
 # Which rooms each room may import (besides itself).
 ALLOWED = {

@@ -26,10 +26,11 @@ def load_car(path: str) -> tuple[car_lib.CAR, ml_collections.ConfigDict]:
   return nnx.merge(graphdef, *(restored[k] for k in parts)), config
 
 
-def export_car(workdir: str, out: str) -> str:
-  """Params-only export of the latest checkpoint in `workdir`."""
+def export_car(workdir: str, out: str, overwrite: bool = False) -> str:
+  """Params-only export of the latest checkpoint in `workdir`; a different
+  export at `out` needs `overwrite`."""
   model, config = car_trainer.load_from_workdir(workdir)
   _, params, backbone, frozen = car_state.split(model, config.stage)
   return checkpoint.save_export(
       out, config, {"params": params, "backbone": backbone,
-                    "frozen": frozen})
+                    "frozen": frozen}, overwrite=overwrite)
