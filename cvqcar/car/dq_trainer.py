@@ -36,7 +36,7 @@ import optax
 from clu import metric_writers
 from flax import nnx
 
-from cvqcar import checkpoint, logs, optim, sharding, visualize
+from cvqcar import checkpoint, fingerprint, logs, optim, sharding, visualize
 from cvqcar.car import dq_transformer as dq
 from cvqcar.car import state as car_state
 from cvqcar.car import trainer as car_trainer
@@ -98,9 +98,11 @@ def _model_config(config) -> dq.DQConfig:
   return dq.DQConfig(**config.model.to_dict())
 
 
-def prepare(config):
+def prepare(config, workdir: str | None = None):
   """(config with the model's grid, K and text vocabulary resolved, the
-  frozen DQ-VAE, the text tokenizer); refuses a non-dynamic tokenizer."""
+  frozen DQ-VAE, the text tokenizer); refuses a non-dynamic tokenizer and
+  a workdir trained on another tokenizer export (unless
+  config.allow_tokenizer_mismatch)."""
   config = ml_collections.ConfigDict(config.to_dict())
   expect = ml_collections.ConfigDict({"model": config.tokenizer})
   tokenizer = export.load_tokenizer(config.tokenizer_export, expect=expect)
@@ -108,6 +110,10 @@ def prepare(config):
     raise ValueError(f"{config.tokenizer_export} is a"
                      f" {tokenizer.quantize!r} tokenizer; the DQ-Transformer"
                      " needs a DQ-VAE (quantize='dynamic')")
+  if workdir is not None:
+    fingerprint.check_record(
+        workdir, export.tokenizer_record(config.tokenizer_export),
+        "the workdir", allow=config.allow_tokenizer_mismatch)
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
   m = config.model
   m.grid = tokenizer.quantizer.height
@@ -137,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> car_trainer.Summary:
   """Trains the DQ-Transformer on text-image pairs encoded by the frozen
   DQ-VAE; resumes from `workdir` if it can."""
-  config, tokenizer, text_tok = prepare(config)
+  config, tokenizer, text_tok = prepare(config, workdir)
   model_cfg = _model_config(config)
   mesh = sharding.make_mesh(config)
   tx = optim.make_optimizer(config)
@@ -162,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       batch["codes"], batch["positions"], batch["lengths"])[1]
 
   ckpt = checkpoint.Checkpointer(workdir, config, sections=SECTIONS)
+  export.write_tokenizer_record(
+      workdir, export.tokenizer_record(config.tokenizer_export))
   train_iter = iter(pairs.train_dataset(config, text_tok))
   eval_ds = pairs.eval_dataset(config, text_tok)
   if ckpt.latest_step() is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from cvqcar import checkpoint, logs, metrics, sharding, visualize
+from cvqcar import checkpoint, fingerprint, logs, metrics, sharding, visualize
 from cvqcar.car import model as car_lib
 from cvqcar.car import sampling
 from cvqcar.car import state as car_state
@@ -72,6 +72,11 @@ def _stage1_params(config, mesh, record):
     raise ValueError(f"config.init_from={config.init_from!r} is a stage"
                      f" {saved.stage} workdir; expected stage I")
   car_state.check_backbone(config.init_from, record, "the stage-I workdir")
+  # Stage II keeps stage I's projector and head, so the codebook they were
+  # trained on must be the one this run loads.
+  fingerprint.check_record(
+      config.init_from, export.tokenizer_record(config.tokenizer_export),
+      "the stage-I workdir", allow=config.allow_tokenizer_mismatch)
   _, abstract = car_state.abstract_state(saved)
   abstract = abstract.saved()
   target = car_state.with_shardings(
@@ -85,7 +90,8 @@ def _stage1_params(config, mesh, record):
 
 def prepare(config, workdir: str | None = None):
   """The resolved config, mesh, frozen tokenizer, text tokenizer and the
-  backbone record; refuses a workdir trained on another backbone."""
+  backbone record; refuses a workdir trained on another backbone or
+  another tokenizer export (unless config.allow_tokenizer_mismatch)."""
   config = ml_collections.ConfigDict(config.to_dict())
   llm_cfg = car_state.resolve_llm_config(config)
   config.llm_config = dataclasses.asdict(llm_cfg)
@@ -100,6 +106,9 @@ def prepare(config, workdir: str | None = None):
   record = car_state.backbone_record(config)
   if workdir is not None:
     car_state.check_backbone(workdir, record, "the workdir")
+    fingerprint.check_record(
+        workdir, export.tokenizer_record(config.tokenizer_export),
+        "the workdir", allow=config.allow_tokenizer_mismatch)
   return config, mesh, tokenizer, text_tok, record
 
 
@@ -123,6 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_iter = iter(pairs.train_dataset(config, text_tok))
   eval_ds = pairs.eval_dataset(config, text_tok)
   car_state.write_backbone_record(workdir, record)
+  export.write_tokenizer_record(
+      workdir, export.tokenizer_record(config.tokenizer_export))
   if ckpt.latest_step() is not None:
     restored = ckpt.restore(
         car_state.with_shardings(state.saved(), shardings.saved()),
