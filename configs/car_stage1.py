@@ -36,6 +36,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.tokenizer_export = (f"exports/cvq_{'fashion' if fashion else 'tiny'}"
                              if tiny else "")
   config.init_from = ""  # stage II: a stage-I workdir or export
+  # The workdir (and stage I, and pre-tokenized shards) record the
+  # tokenizer export's fingerprint; True lets a run go on with another one.
+  config.allow_tokenizer_mismatch = False
 
   config.llm = ml_collections.ConfigDict()
   config.llm.preset = args.get("llm", "tiny" if tiny else "4b")

@@ -31,6 +31,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.tokenizer = cvq_tokenizer.get_config(
       "tiny,budget=64,dynamic" if tiny else "dynamic").model
   config.tokenizer_export = "exports/dq_tiny" if tiny else ""
+  # The workdir records the export's fingerprint; True lets a run go on
+  # with another one.
+  config.allow_tokenizer_mismatch = False
   config.text_tokenizer = "bytes"  # or the path of a tokenizer.json
   config.max_text_len = 64 if tiny else 128
   config.cond_drop_prob = 0.1  # prompt dropped -> unconditional training

@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cvqcar import fingerprint
+
 CONFIG_FILE = "config.json"
 # The checkpoint item with the global data position (see cvqcar.loop).
 POSITION_ITEM = "position"
@@ -85,7 +87,7 @@ def check_same_model(saved: ml_collections.ConfigDict,
 EXPORT_PARAMS_DIR = "params"
 # The portable copy: every array under a "part/path/to/leaf" key, readable
 # with any safetensors library (no Orbax, no JAX) next to config.json.
-EXPORT_SAFETENSORS = "model.safetensors"
+EXPORT_SAFETENSORS = fingerprint.SAFETENSORS
 
 
 def _flat_leaves(tree: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -105,21 +107,58 @@ def _host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def tree_sha256(tree: dict[str, Any]) -> str:
+  """The export fingerprint of a {part: pytree} dict (see fingerprint)."""
+  return fingerprint.arrays_sha256(
+      {name: _host(leaf) for name, leaf in _flat_leaves(tree)})
+
+
 def save_export(out: str, config: ml_collections.ConfigDict,
-                tree: dict[str, Any]) -> str:
+                tree: dict[str, Any], overwrite: bool = False) -> str:
   """A params-only export: OUT/config.json, the pytree in OUT/params
-  (Orbax) and the same arrays in OUT/model.safetensors (portable)."""
+  (Orbax), the same arrays in OUT/model.safetensors (portable) and their
+  fingerprint in OUT/export.json.
+
+  Writing the same arrays again is allowed; replacing a different export
+  needs `overwrite`: what was made with it would no longer match it.
+  """
   from safetensors.numpy import save_file  # noqa: PLC0415
 
+  arrays = {name: _host(leaf) for name, leaf in _flat_leaves(tree)}
+  sha256 = fingerprint.arrays_sha256(arrays)
+  out_path = epath.Path(out)
+  if (out_path / CONFIG_FILE).exists():
+    old = fingerprint.export_sha256(out)
+    if old != sha256:
+      held = (f"a {CONFIG_FILE} but no fingerprint (no"
+              f" {fingerprint.EXPORT_FILE} or {EXPORT_SAFETENSORS}: a"
+              " workdir, an export older than fingerprints, or one cut off"
+              " mid-write)" if old is None else
+              f"a different export (sha256 {old[:12]}...)")
+      if not overwrite:
+        raise FileExistsError(
+            f"{out} holds {held}, not the one being written (sha256"
+            f" {sha256[:12]}...); write to another directory, or replace it"
+            " on purpose with overwrite=True (python -m cvqcar.export"
+            " --overwrite)")
+      logging.warning("replacing %s in %s with sha256 %s...", held, out,
+                      sha256[:12])
+  if jax.process_count() > 1:  # every process checked before any writes
+    multihost_utils.sync_global_devices("cvqcar save_export")
+  if jax.process_index() == 0:
+    # A write killed midway must leave no stale fingerprint behind.
+    for name in (fingerprint.EXPORT_FILE, EXPORT_SAFETENSORS):
+      (out_path / name).unlink(missing_ok=True)
   write_config(out, config)
   with ocp.StandardCheckpointer() as saver:
     saver.save(_absolute(os.path.join(out, EXPORT_PARAMS_DIR)), tree,
                force=True)
-  arrays = {name: _host(leaf) for name, leaf in _flat_leaves(tree)}
   if jax.process_index() == 0:
     tmp = os.path.join(out, f".{EXPORT_SAFETENSORS}.tmp")
-    save_file(arrays, tmp, metadata={"format": "cvqcar"})
+    save_file(arrays, tmp, metadata={"format": "cvqcar", "sha256": sha256})
     os.replace(tmp, os.path.join(out, EXPORT_SAFETENSORS))
+    write_text(out, fingerprint.EXPORT_FILE,
+               json.dumps({"sha256": sha256}, indent=2))
   return out
 
 

@@ -5,7 +5,10 @@
 
 The workdir's saved config names its trainer, which decides the export:
 a tokenizer export (EMA weights and codebook) for `load_tokenizer`, or a
-CAR export (trained and frozen parameters) for `load_car`.
+CAR export (trained and frozen parameters) for `load_car`. Exporting the
+same weights to an existing export is fine; replacing a different one
+(another step, a retrained run) needs --overwrite, since runs made with
+the old one would no longer match it (they refuse it by fingerprint).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.")
 _OUT = flags.DEFINE_string("out", None, "Export directory.")
 _STEP = flags.DEFINE_integer(
     "step", None, "Checkpoint step (latest if unset; tokenizer workdirs).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a different export already at --out.")
 
 
 def main(argv):
@@ -28,11 +33,13 @@ def main(argv):
   logs.setup()
   trainer = checkpoint.load_config(_WORKDIR.value).get("trainer")
   if trainer == "tokenizer":
-    tokenizer_export.export(_WORKDIR.value, _OUT.value, _STEP.value)
+    tokenizer_export.export(_WORKDIR.value, _OUT.value, _STEP.value,
+                            overwrite=_OVERWRITE.value)
   elif trainer == "car":
     if _STEP.value is not None:
       raise app.UsageError("--step is not supported for CAR workdirs")
-    car_export.export_car(_WORKDIR.value, _OUT.value)
+    car_export.export_car(_WORKDIR.value, _OUT.value,
+                          overwrite=_OVERWRITE.value)
   else:
     raise app.UsageError(f"{_WORKDIR.value}: its config names trainer"
                          f" {trainer!r}; expected 'tokenizer' or 'car'")

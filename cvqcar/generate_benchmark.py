@@ -31,6 +31,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1: off).")
 _CFG = flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance.")
+_ALLOW = flags.DEFINE_bool(
+    "allow_tokenizer_mismatch", False, "Sample with a tokenizer export other"
+    " than the one CAR was trained with.")
 
 
 def main(argv):
@@ -42,7 +45,8 @@ def main(argv):
       _BENCHMARK.value, _PROMPTS.value, _CAR.value, _TOKENIZER.value,
       _OUT.value, num_images=_NUM.value, batch_size=_BATCH.value,
       seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      top_p=_TOP_P.value, cfg_scale=_CFG.value)
+      top_p=_TOP_P.value, cfg_scale=_CFG.value,
+      allow_tokenizer_mismatch=_ALLOW.value)
   print(f"wrote {len(done)} prompts to {_OUT.value}")
   distributed.finish()
 

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from cvqcar import logs, visualize
+from cvqcar import fingerprint, logs, visualize
 from cvqcar.car import export as car_export
 from cvqcar.car import figures as car_figures
 from cvqcar.car import trainer as car_trainer
@@ -91,9 +91,15 @@ def score_prompts(sample, classify, template: str, per_class: int
 
 def run(car_path: str, tokenizer_path: str, out: str, *,
         classifier_path: str, data_dir: str = "", per_class: int = 20,
-        seed: int = 0, **settings) -> dict:
+        seed: int = 0, allow_tokenizer_mismatch: bool = False,
+        **settings) -> dict:
   """Samples, scores and writes OUT/prompt_following.json and the grid;
-  returns the results."""
+  returns the results. A tokenizer export other than the one CAR was
+  trained with is refused unless `allow_tokenizer_mismatch`."""
+  fingerprint.check_record(
+      car_path, export.tokenizer_record(tokenizer_path), "the CAR model",
+      allow=allow_tokenizer_mismatch, opt_out=fingerprint.FLAG_OPT_OUT,
+      warn_if_missing=True)
   model, config = load_car(car_path)
   tokenizer = export.load_tokenizer(tokenizer_path, expect=(
       ml_collections.ConfigDict({"model": config.tokenizer})))
@@ -143,6 +149,9 @@ def _define_flags() -> None:
   flags.DEFINE_float("cfg_scale", 3.0, "1 = no guidance.")
   flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("allow_tokenizer_mismatch", False, "Sample with a"
+                    " tokenizer export other than the one CAR was trained"
+                    " with.")
 
 
 def main(argv):
@@ -152,7 +161,8 @@ def main(argv):
   f = flags.FLAGS
   run(f.car, f.tokenizer, f.out, classifier_path=f.classifier,
       data_dir=f.data_dir, per_class=f.per_class, seed=f.seed,
-      cfg_scale=f.cfg_scale, temperature=f.temperature)
+      cfg_scale=f.cfg_scale, temperature=f.temperature,
+      allow_tokenizer_mismatch=f.allow_tokenizer_mismatch)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ flags.DEFINE_bool("truncate", False, "Cut prompts longer than the text"
                   " length to their first ids (else they are refused).")
 flags.DEFINE_integer("max_text_len", 0, "Text length; 0: the one the model"
                      " was trained with.")
+flags.DEFINE_bool("allow_tokenizer_mismatch", False, "Sample with a tokenizer"
+                  " export other than the one CAR was trained with.")
 
 
 def main(argv):
@@ -39,7 +41,8 @@ def main(argv):
       f.car, f.tokenizer, f.prompt, f.out, seed=f.seed,
       num_seeds=f.num_seeds, temperature=f.temperature, top_k=f.top_k,
       top_p=f.top_p, cfg_scale=f.cfg_scale, truncate=f.truncate,
-      max_text_len=f.max_text_len)
+      max_text_len=f.max_text_len,
+      allow_tokenizer_mismatch=f.allow_tokenizer_mismatch)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
 """The tokenizer -> stage I -> stage II -> sample chain on embedded data."""
 
+import logging
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import car_stage1, car_stage2
 from conftest import tiny_config
+from cvqcar import checkpoint, fingerprint
 from cvqcar.car import export as car_export
 from cvqcar.car import pipeline, qwen3
 from cvqcar.car import state as car_state
 from cvqcar.car import trainer as car_trainer
+from cvqcar.tokenizer import export
+from cvqcar.tokenizer import model as tokenizer_lib
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +107,52 @@ def test_stage2_needs_a_stage1_run(tokenizer_export, tmp_path):
                       init_from="")
   with pytest.raises(ValueError, match="config.init_from"):
     car_trainer.train_and_evaluate(config, str(tmp_path / "car"))
+
+
+def test_runs_are_pinned_to_their_tokenizer_export(tokenizer_export, tmp_path,
+                                                   caplog):
+  # Copies: the session's export is shared, and this one gets replaced.
+  tok, orig = str(tmp_path / "tok"), str(tmp_path / "orig")
+  shutil.copytree(tokenizer_export, tok)
+  shutil.copytree(tokenizer_export, orig)
+  car1 = str(tmp_path / "car1")
+  car_trainer.train_and_evaluate(
+      car_config(car_stage1, tok, num_train_steps=1), car1)
+  old = export.tokenizer_record(tok)
+  assert fingerprint.read_record(car1) == old
+  car = car_export.export_car(car1, str(tmp_path / "car"))
+  assert fingerprint.read_record(car) == old
+
+  # The tokenizer re-exported in place from another seed, on purpose.
+  tok_config = checkpoint.load_config(tok)
+  model = tokenizer_lib.Tokenizer(tok_config.model, rngs=nnx.Rngs(1))
+  _, params, buffers = nnx.split(model, nnx.Param, ...)
+  checkpoint.save_export(tok, tok_config,
+                         {"params": params, "buffers": buffers},
+                         overwrite=True)
+  new = export.tokenizer_record(tok)["sha256"]
+  both = (rf"{re.escape(tok)} \(sha256 {old['sha256'][:12]}.*"
+          rf"{re.escape(tok)} \(sha256 {new[:12]}")
+  resume = car_config(car_stage1, tok, num_train_steps=2)
+  with pytest.raises(ValueError, match=rf"the workdir {re.escape(car1)}"
+                     rf" was made with .*{both}.*allow_tokenizer_mismatch"):
+    car_trainer.train_and_evaluate(resume, car1)
+  stage2 = car_config(car_stage2, tok, num_train_steps=1, init_from=car1)
+  with pytest.raises(ValueError, match=rf"stage-I workdir .*{both}"):
+    car_trainer.train_and_evaluate(stage2, str(tmp_path / "car2"))
+  with pytest.raises(ValueError, match=rf"the CAR export .*{both}.*"
+                     "--allow_tokenizer_mismatch"):
+    pipeline.sample_to_files(car, tok, ["a cat"], str(tmp_path / "s"))
+  # The original weights pass under any path.
+  assert len(pipeline.sample_to_files(car, orig, ["a cat"],
+                                      str(tmp_path / "s"))) == 2
+
+  # Opting out goes on, with a warning naming both.
+  with caplog.at_level(logging.WARNING):
+    pipeline.sample_to_files(car, tok, ["a cat"], str(tmp_path / "s"),
+                             allow_tokenizer_mismatch=True)
+  assert re.search(both, caplog.text), caplog.text
+  resume.allow_tokenizer_mismatch = True
+  assert sorted(car_trainer.train_and_evaluate(resume, car1).train) == [2]
+  # The workdir now names the tokenizer it went on with.
+  assert fingerprint.read_record(car1)["sha256"] == new

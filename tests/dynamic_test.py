@@ -214,3 +214,13 @@ def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
   config.model.width = 64
   with pytest.raises(ValueError, match="model.width"):
     dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))
+  # The DQ-VAE re-exported from another seed: the workdir refuses it.
+  config.model.width = 32
+  model = tokenizer_lib.Tokenizer(tok_config.model, rngs=nnx.Rngs(1))
+  _, params, buffers = nnx.split(model, nnx.Param, ...)
+  checkpoint.save_export(str(tmp_path / "export"), tok_config,
+                         {"params": params, "buffers": buffers},
+                         overwrite=True)
+  with pytest.raises(ValueError, match=r"the workdir .*dqt was made with the"
+                     r" tokenizer export .*export \(sha256 [0-9a-f]{12}"):
+    dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))

@@ -16,8 +16,9 @@ COMMANDS = frozenset(
      "evaluate", "convert_weights", "generate_benchmark", "report", "train_dq",
      "prompt_following"})
 SHARED = frozenset(
-    {"sharding", "distributed", "checkpoint", "logs", "metrics", "visualize",
-     "optim", "figures", "exit_codes"})
+    {"sharding", "distributed", "checkpoint", "fingerprint", "logs",
+     "metrics", "visualize", "optim", "figures", "exit_codes", "loop", "perf",
+     "preemption", "workdir_lock"})
 SUBPACKAGES = ("kernels", "tokenizer", "car", "data", "evaluation")
 # Which rooms each room may import (besides itself).
 ALLOWED = {

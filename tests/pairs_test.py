@@ -1,6 +1,8 @@
 """Text-image pairs: shards, converters, the Grain pipeline, tokenizing."""
 
 import io
+import json
+import logging
 import os
 import tarfile
 
@@ -294,6 +296,37 @@ def test_config_shards_must_match_pretokenized(tmp_path):
     pairs.train_dataset(config, BYTES)
 
 
+def test_pretokenized_shards_of_another_tokenizer_are_refused(tmp_path,
+                                                              caplog):
+  config = car_config()
+  k, c = config.tokenizer.num_codes, config.tokenizer.latent_channels
+  out = str(tmp_path / "tokens")
+  pairs.write_shards([{"tokens": np.arange(c) % k, "caption": "a cat"}] * 2,
+                     out)
+  exports = {}
+  for name, digit in (("made_with", "a"), ("other", "b")):
+    exports[name] = tmp_path / name
+    exports[name].mkdir()
+    (exports[name] / "export.json").write_text(
+        json.dumps({"sha256": digit * 64}))
+  (tmp_path / "tokens" / "tokenizer_export.json").write_text(json.dumps(
+      {"source": str(exports["made_with"]), "sha256": "a" * 64}))
+  config.data.update(name="shards", shards=out, pretokenized=True)
+  config.tokenizer_export = str(exports["other"])
+  with pytest.raises(ValueError, match=r"the shard directory .*tokens was"
+                     r" made with .*made_with \(sha256 a{12}\.\.\.\).*"
+                     r"other \(sha256 b{12}\.\.\.\)"):
+    pairs.train_dataset(config, BYTES)
+  config.allow_tokenizer_mismatch = True
+  with caplog.at_level(logging.WARNING):
+    next(iter(pairs.train_dataset(config, BYTES)))
+  assert "a" * 12 in caplog.text and "b" * 12 in caplog.text
+  config.allow_tokenizer_mismatch = False
+  config.tokenizer_export = str(exports["made_with"])
+  batch = next(iter(pairs.train_dataset(config, BYTES)))
+  assert batch["tokens"].shape == (config.batch_size, c)
+
+
 def test_embedded_conversion_writes_every_photo(tmp_path):
   out = str(tmp_path / "embedded")
   stats = convert.convert("", "embedded", out, examples_per_shard=10)
@@ -334,6 +367,9 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, tokenizer_export):
   for e, tokens in zip(examples, want, strict=True):
     assert got[e["key"]]["caption"] == e["caption"]
     np.testing.assert_array_equal(got[e["key"]]["tokens"], tokens)
+  # The shards name the export that made them (pairs checks it).
+  assert (json.loads((tmp_path / "tokens" / "tokenizer_export.json")
+                     .read_text()) == export.tokenizer_record(tokenizer_export))
   batch = next(iter(pipeline(pairs.read_source(tokens_dir),
                              num_tokens=tokenizer.num_tokens)))
   assert batch["tokens"].shape == (2, tokenizer.num_tokens)

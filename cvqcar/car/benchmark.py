@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cvqcar import visualize
+from cvqcar import fingerprint, visualize
 from cvqcar.car import export as car_export
 from cvqcar.car import sampling
 from cvqcar.data import text
@@ -108,12 +108,19 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
                        num_images: int = 4, batch_size: int = 8,
                        seed: int = 0, temperature: float = 1.0,
                        top_k: int = 0, top_p: float = 1.0,
-                       cfg_scale: float = 3.0) -> list[str]:
-  """Writes the benchmark's images; returns the ids of prompts done now."""
+                       cfg_scale: float = 3.0,
+                       allow_tokenizer_mismatch: bool = False) -> list[str]:
+  """Writes the benchmark's images; returns the ids of prompts done now.
+  A tokenizer export other than the one CAR was trained with is refused
+  unless `allow_tokenizer_mismatch`."""
   if benchmark not in BENCHMARKS:
     raise ValueError(f"--benchmark={benchmark!r}; expected one of"
                      f" {BENCHMARKS}")
   items = read_prompts(prompts_path, benchmark)
+  fingerprint.check_record(
+      car_path, export.tokenizer_record(tokenizer_path), "the CAR export",
+      allow=allow_tokenizer_mismatch, opt_out=fingerprint.FLAG_OPT_OUT,
+      warn_if_missing=True)
   model, config = car_export.load_car(car_path)
   tokenizer = export.load_tokenizer(
       tokenizer_path,

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cvqcar import loop, optim, sharding, visualize
+from cvqcar import fingerprint, loop, optim, sharding, visualize
 from cvqcar.car import dq_transformer as dq
 from cvqcar.car import state as car_state
 from cvqcar.data import pairs, text
@@ -96,9 +96,11 @@ def _model_config(config) -> dq.DQConfig:
   return dq.DQConfig(**config.model.to_dict())
 
 
-def prepare(config):
+def prepare(config, workdir: str | None = None):
   """(config with the model's grid, K and text vocabulary resolved, the
-  frozen DQ-VAE, the text tokenizer); refuses a non-dynamic tokenizer."""
+  frozen DQ-VAE, the text tokenizer); refuses a non-dynamic tokenizer and
+  a workdir trained on another tokenizer export (unless
+  config.allow_tokenizer_mismatch)."""
   config = ml_collections.ConfigDict(config.to_dict())
   expect = ml_collections.ConfigDict({"model": config.tokenizer})
   tokenizer = export.load_tokenizer(config.tokenizer_export, expect=expect)
@@ -106,6 +108,10 @@ def prepare(config):
     raise ValueError(f"{config.tokenizer_export} is a"
                      f" {tokenizer.quantize!r} tokenizer; the DQ-Transformer"
                      " needs a DQ-VAE (quantize='dynamic')")
+  if workdir is not None:
+    fingerprint.check_record(
+        workdir, export.tokenizer_record(config.tokenizer_export),
+        "the workdir", allow=config.allow_tokenizer_mismatch)
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
   m = config.model
   m.grid = tokenizer.quantizer.height
@@ -135,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        on_log=None) -> loop.Summary:
   """Trains the DQ-Transformer on text-image pairs encoded by the frozen
   DQ-VAE; resumes from `workdir` if it can (cvqcar.loop)."""
-  config, tokenizer, text_tok = prepare(config)
+  config, tokenizer, text_tok = prepare(config, workdir)
   model_cfg = _model_config(config)
   mesh = sharding.make_mesh(config)
   tx = optim.make_optimizer(config)
@@ -194,7 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_data=lambda start: pairs.train_dataset(config, text_tok, start),
       sections=SECTIONS,
       # The prompt and the padded code sequence (4R).
-      tokens_per_example=config.max_text_len + model_cfg.max_len)
+      tokens_per_example=config.max_text_len + model_cfg.max_len,
+      on_start=lambda: export.write_tokenizer_record(
+          workdir, export.tokenizer_record(config.tokenizer_export)))
   return loop.run(config, workdir, task, on_log=on_log)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cvqcar import metrics, visualize
+from cvqcar import fingerprint, metrics, visualize
 from cvqcar.car import export as car_export
 from cvqcar.car import sampling
 from cvqcar.data import text
@@ -25,15 +25,21 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
                     *, seed: int = 0, num_seeds: int = 1,
                     temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, cfg_scale: float = 3.0,
-                    truncate: bool = False, max_text_len: int = 0
-                    ) -> list[str]:
+                    truncate: bool = False, max_text_len: int = 0,
+                    allow_tokenizer_mismatch: bool = False) -> list[str]:
   """Samples every prompt (an empty one is unconditional) and writes
   PNGs and coarse-to-fine strips; returns the paths written.
 
   Prompts longer than the model's trained text length are refused unless
   `truncate` (keep their first ids) or a longer `max_text_len` is given
-  (positions the model never saw in training: a warning says so).
+  (positions the model never saw in training: a warning says so). A
+  tokenizer export other than the one CAR was trained with is refused
+  unless `allow_tokenizer_mismatch`.
   """
+  fingerprint.check_record(
+      car_path, export.tokenizer_record(tokenizer_path), "the CAR export",
+      allow=allow_tokenizer_mismatch, opt_out=fingerprint.FLAG_OPT_OUT,
+      warn_if_missing=True)
   model, config = car_export.load_car(car_path)
   # The tokenizer must have the shape the CAR model was trained on.
   tokenizer = export.load_tokenizer(

@@ -4,7 +4,8 @@ Each image is resized (short side) and center-cropped to the tokenizer's
 resolution, encoded to its C channel tokens and written with its caption as
 {'tokens': int32 [C], 'caption'} records (format in cvqcar/data/pairs.py), so
 CAR training skips the image decode and the tokenizer's encoder. Runs in one
-process on the default device.
+process on the default device. OUT/tokenizer_export.json records the export's
+fingerprint; CAR training refuses the shards with another tokenizer export.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def tokenize_shards(tokenizer_dir: str, input_spec: str, out: str, *,
   if batch_size < 1:
     raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
   tokenizer = export.load_tokenizer(tokenizer_dir)
+  rec = export.tokenizer_record(tokenizer_dir)
   source = pairs.read_source(input_spec)
   logging.info("tokenizing %d records at %d px into %d tokens each",
                len(source), tokenizer.resolution, tokenizer.num_tokens)
@@ -104,6 +106,8 @@ def tokenize_shards(tokenizer_dir: str, input_spec: str, out: str, *,
       tokenized_examples(tokenizer, source, batch_size=batch_size,
                          num_threads=num_threads, stats=stats),
       out, examples_per_shard=examples_per_shard)
+  # After the shards: write_shards refuses a directory holding some.
+  export.write_tokenizer_record(out, rec)
   logging.info("finished: %d written, %d corrupt records skipped",
                stats["written"], stats["skipped"])
   return stats

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cvqcar import checkpoint, loop, metrics, sharding, visualize
+from cvqcar import checkpoint, fingerprint, loop, metrics, sharding, visualize
 from cvqcar.car import model as car_lib
 from cvqcar.car import sampling
 from cvqcar.car import state as car_state
@@ -67,6 +67,11 @@ def _stage1_params(config, mesh, record):
     raise ValueError(f"config.init_from={config.init_from!r} is a stage"
                      f" {saved.stage} workdir; expected stage I")
   car_state.check_backbone(config.init_from, record, "the stage-I workdir")
+  # Stage II keeps stage I's projector and head, so the codebook they were
+  # trained on must be the one this run loads.
+  fingerprint.check_record(
+      config.init_from, export.tokenizer_record(config.tokenizer_export),
+      "the stage-I workdir", allow=config.allow_tokenizer_mismatch)
   _, abstract = car_state.abstract_state(saved)
   abstract = abstract.saved()
   target = car_state.with_shardings(
@@ -80,7 +85,8 @@ def _stage1_params(config, mesh, record):
 
 def prepare(config, workdir: str | None = None):
   """The resolved config, mesh, frozen tokenizer, text tokenizer and the
-  backbone record; refuses a workdir trained on another backbone."""
+  backbone record; refuses a workdir trained on another backbone or
+  another tokenizer export (unless config.allow_tokenizer_mismatch)."""
   config = ml_collections.ConfigDict(config.to_dict())
   llm_cfg = car_state.resolve_llm_config(config)
   config.llm_config = dataclasses.asdict(llm_cfg)
@@ -95,6 +101,9 @@ def prepare(config, workdir: str | None = None):
   record = car_state.backbone_record(config)
   if workdir is not None:
     car_state.check_backbone(workdir, record, "the workdir")
+    fingerprint.check_record(
+        workdir, export.tokenizer_record(config.tokenizer_export),
+        "the workdir", allow=config.allow_tokenizer_mismatch)
   return config, mesh, tokenizer, text_tok, record
 
 
@@ -151,8 +160,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # The LLM's sequence: the prompt, the begin token, C - 1 channels.
       tokens_per_example=config.max_text_len
       + config.tokenizer.latent_channels,
-      on_start=lambda: car_state.write_backbone_record(workdir, record))
+      on_start=lambda: write_records(workdir, config, record))
   return loop.run(config, workdir, task, on_log=on_log)
+
+
+def write_records(workdir: str, config, backbone: dict[str, str]) -> None:
+  """Pins the workdir to its backbone and tokenizer export (process 0)."""
+  car_state.write_backbone_record(workdir, backbone)
+  export.write_tokenizer_record(
+      workdir, export.tokenizer_record(config.tokenizer_export))
 
 
 def _teacher_forced(graphdef, state, tok_graphdef, tok_state, batch):

@@ -8,7 +8,9 @@ or, in pre-tokenized shards (tokenize_dataset),
   'tokens': bytes  CVQ channel tokens, little-endian int32 [C]
 plus an optional 'key': str naming the source example. Shards are
 OUT/pairs-NNNNN-of-MMMMM.array_record, written with group_size:1 so that
-Grain's random access reads one record, not a block.
+Grain's random access reads one record, not a block. Pre-tokenized shards
+have OUT/tokenizer_export.json beside them, naming the tokenizer export that
+made them (cvqcar.fingerprint); config pipelines refuse another one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from array_record.python import array_record_module
 from PIL import Image
 
+from cvqcar import fingerprint
 from cvqcar.data import fashion, text
 from cvqcar.data import images as image_data
 
@@ -324,7 +327,18 @@ def pair_pipeline(
       worker_count=worker_count, start_example=start_example)
 
 
-def _config_source(d: ml_collections.ConfigDict, split: str):
+def check_shard_tokenizer(pattern: str, tokenizer_export: str,
+                          allow: bool = False) -> None:
+  """Refuses pre-tokenized shards made with another tokenizer export than
+  `tokenizer_export` (their directory's tokenizer_export.json says)."""
+  current = fingerprint.export_record(tokenizer_export)
+  for directory in sorted({os.path.dirname(p) for p in shard_paths(pattern)}):
+    fingerprint.check_record(directory, current, "the shard directory",
+                             allow=allow, warn_if_missing=True)
+
+
+def _config_source(config: ml_collections.ConfigDict, split: str):
+  d = config.data
   if d.name == "embedded":
     if d.get("pretokenized"):
       raise ValueError("config.data.pretokenized needs config.data.name="
@@ -347,13 +361,16 @@ def _config_source(d: ml_collections.ConfigDict, split: str):
     raise ValueError(f"{pattern} holds {record_kind(source)} records but"
                      f" config.data.pretokenized={d.get('pretokenized')}"
                      f" expects {want} records")
+  if want == "tokens":
+    check_shard_tokenizer(pattern, config.get("tokenizer_export", ""),
+                          config.get("allow_tokenizer_mismatch", False))
   return source
 
 
 def _config_pipeline(config, text_tokenizer, split: str,
                      start_example: int = 0):
   d = config.data
-  source = _config_source(d, split)
+  source = _config_source(config, split)
   embedded, train = d.name == "embedded", split == "train"
   num = None
   if not train:
