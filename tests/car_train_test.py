@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import car_stage1, car_stage2
 from conftest import tiny_config
-from cvqcar import checkpoint, fingerprint
+from cvqcar import checkpoint, fingerprint, logs
 from cvqcar.car import export as car_export
 from cvqcar.car import pipeline, qwen3
 from cvqcar.car import state as car_state
@@ -45,6 +45,15 @@ def test_stage1_stage2_sample_chain(tokenizer_export, tmp_path):
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
   assert os.path.exists(tmp_path / "car1" / "images" /
                         "samples_0000030.png")
+  # Throughput in the log: every train line has perf/*, tokens included.
+  rows = logs.read_metrics(str(tmp_path / "car1" / logs.METRICS_FILE))
+  train = [r for r in rows.values() if "train/loss" in r]
+  assert len(train) == 30
+  for name in ("perf/step_time_s", "perf/examples_per_s_per_device",
+               "perf/tokens_per_s_per_device", "perf/tflops_per_device"):
+    assert all(r[name] > 0 for r in train), name
+  # 'cpu' has no peak in the table: no MFU rather than a made-up one.
+  assert not any("perf/mfu" in r for r in train)
 
   # Stage I checkpoints hold what trains, not the frozen backbone; the
   # workdir names the backbone instead and refuses another one.
