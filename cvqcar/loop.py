@@ -221,21 +221,22 @@ def _train(config, workdir, task: Task, ckpt, state, data: _Data,
 
   if start == 0:
     evaluate(0)
-  step_fn, meter = None, None
+  step_fn, meter, tracing = None, None, False
   history, first, step, preempted = [], start + 1, start, False
   for step in range(start + 1, end + 1):
     batch = sharding.global_batch(next(data.iter), task.mesh)
     with jax.set_mesh(task.mesh):
       if step_fn is None:
         step_fn, meter = _compile(config, task, state, batch)
-      if profile and step == profile[0]:
-        _start_trace(workdir)
+      if profile and not tracing and profile[0] <= step <= profile[1]:
+        tracing = _start_trace(workdir)  # (a resumed run starts inside)
       state, m = step_fn(state, batch, *task.step_args)
     meter.step()
-    if profile and step == profile[1]:
+    if tracing and (step == profile[1] or step == end):
       with meter.pause():
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
+      tracing = False
     history.append(m)
     progress(step)
     preempted = stop.reached(step)
@@ -263,6 +264,8 @@ def _train(config, workdir, task: Task, ckpt, state, data: _Data,
         ckpt.save(step, task.to_saved(state), data.iter, force=last,
                   position=data.position(step))
     if preempted:
+      if tracing:
+        jax.profiler.stop_trace()
       break
   writer.flush()
   return summary._replace(last_step=step, preempted=preempted)
@@ -284,11 +287,12 @@ def _compile(config, task: Task, state, batch):
   return compiled, meter
 
 
-def _start_trace(workdir: str) -> None:
+def _start_trace(workdir: str) -> bool:
   directory = os.path.join(workdir, "profile",
                            f"process_{jax.process_index()}")
   logging.info("profiling into %s", directory)
   jax.profiler.start_trace(directory)
+  return True
 
 
 def _check_finite(history: list[dict], first_step: int, what: str) -> None:

@@ -75,8 +75,16 @@ class WorkdirLock:
       return json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
-    except (json.JSONDecodeError, OSError):  # half-written by a killed job
-      return {"host": "?", "pid": -1, "heartbeat": 0.0, "damaged": True}
+    except (json.JSONDecodeError, OSError):
+      # Not a record (damaged by hand or a full disk): its age is the file's,
+      # so it goes stale like a holder that stopped beating.
+      try:
+        mtime = os.path.getmtime(self.path) if "://" not in os.fspath(
+            self.path) else 0.0
+      except OSError:
+        mtime = 0.0
+      return {"host": "?", "pid": -1, "heartbeat": mtime,
+              "what": "an unreadable lock file"}
 
   def _live_reason(self, held: dict) -> str | None:
     """Why `held` is live, or None when it is stale."""
@@ -92,29 +100,47 @@ class WorkdirLock:
             f" {self.stale_after_s:.0f}s)")
 
   def _describe(self, held: dict) -> str:
+    if held.get("pid") == -1:
+      return f"an unreadable lock file ({self.path})"
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(
         float(held.get("started", 0.0))))
     return (f"{held.get('what', 'a trainer')} pid {held.get('pid')} on host"
             f" {held.get('host')}, started {started}")
 
-  def _write(self) -> None:
+  def _record_text(self) -> str:
     self.record["heartbeat"] = time.time()
+    return json.dumps(self.record, indent=2)
+
+  def _write(self) -> None:
     tmp = self.path.parent / f".{LOCK_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(self.record, indent=2))
+    tmp.write_text(self._record_text())
     tmp.replace(self.path)
+
+  def _create(self) -> bool:
+    """Creates the lock with our record if there is none (local paths: an
+    exclusive hard link of a complete file, so no reader sees it half
+    written and of two trainers starting at once one wins)."""
+    tmp = self.path.parent / f".{LOCK_FILE}.{os.getpid()}.new"
+    tmp.write_text(self._record_text())
+    try:
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    finally:
+      tmp.unlink(missing_ok=True)
+
+  def _ours(self) -> bool:
+    held = self.holder() or {}
+    return all(held.get(k) == self.record[k] for k in ("host", "pid",
+                                                       "started"))
 
   def _try_acquire(self) -> str:
     """'' when this process now holds the lock, else why not."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" not in os.fspath(self.path):
-      # Exclusive create: of two trainers starting at once, one wins.
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.close(fd)
-        self._write()
-        return ""
-      except FileExistsError:
-        pass
+    local = "://" not in os.fspath(self.path)
+    if local and self._create():
+      return ""
     held = self.holder()
     if held is not None:
       reason = self._live_reason(held)
@@ -127,6 +153,9 @@ class WorkdirLock:
       logging.warning("taking over the stale lock of %s on %s",
                       self._describe(held), self.path.parent)
     self._write()
+    if not self._ours():  # another trainer took it over at the same time
+      return (f"{self.path.parent} was taken by"
+              f" {self._describe(self.holder() or {})}")
     return ""
 
   def acquire(self) -> None:

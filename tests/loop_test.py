@@ -221,8 +221,13 @@ def test_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path):
   _hold_like(path, host="elsewhere", pid=1, heartbeat=time.time() - 120)
   with lock_lib.WorkdirLock(tmp_path, stale_after_s=60):
     pass
-  path.write_text("{half a reco")  # a writer killed mid-write: stale
-  with lock_lib.WorkdirLock(tmp_path):
+  # An unreadable lock file ages like a silent holder: live while fresh,
+  # taken over once stale.
+  path.write_text("{half a reco")
+  with pytest.raises(lock_lib.WorkdirLocked, match="unreadable lock file"):
+    lock_lib.WorkdirLock(tmp_path, stale_after_s=60).acquire()
+  os.utime(path, (time.time() - 120, time.time() - 120))
+  with lock_lib.WorkdirLock(tmp_path, stale_after_s=60):
     pass
 
 
