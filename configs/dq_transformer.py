@@ -64,6 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval_every = 150 if tiny else 5_000
   config.checkpoint_every = 150 if tiny else 5_000
   config.keep_checkpoints = 3
+  config.eval_at_start = True  # an eval at step 0: the untrained baseline
   # "A:B": a jax.profiler trace of steps A..B into WORKDIR/profile.
   config.profile_steps = ""
   # A workdir lock whose holder sent no heartbeat for this long is stale.

@@ -12,7 +12,8 @@ the same way for all of them:
   (step time, examples and tokens/s per device, TFLOP/s per device, MFU)
   to TensorBoard, WORKDIR/metrics.jsonl and `on_log`, and stops on a
   non-finite loss naming the steps;
-- evaluates at step 0, every config.eval_every and at the end;
+- evaluates at step 0 (unless config.eval_at_start is False), every
+  config.eval_every and at the end;
 - checkpoints (async) every config.checkpoint_every and at the stop;
 - on SIGTERM/SIGINT or JAX's preemption notice (cvqcar.preemption) saves
   at the step every process agrees on, waits for the save to commit and
@@ -219,7 +220,7 @@ def _train(config, workdir, task: Task, ckpt, state, data: _Data,
     summary.eval.update(task.evaluate(step, state, writer))
     log(step, summary.eval)
 
-  if start == 0:
+  if start == 0 and config.get("eval_at_start", True):
     evaluate(0)
   step_fn, meter, tracing = None, None, False
   history, first, step, preempted = [], start + 1, start, False

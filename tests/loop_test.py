@@ -149,8 +149,8 @@ def _wait_for(log, line, proc, timeout=300):
 def test_a_live_workdir_refuses_a_second_trainer_until_its_holder_dies(
     tmp_path):
   workdir = tmp_path / "run"
-  first = _worker(workdir, tmp_path / "first.log", "--steps=40",
-                  "--checkpoint_every=2", "--step_sleep=0.5")
+  first = _worker(workdir, tmp_path / "first.log", "--steps=60",
+                  "--checkpoint_every=2", "--step_sleep=0.4")
   _wait_for(tmp_path / "first.log", "STEP 5", first)
   # The train command refuses at once (the lock comes before any weights
   # are read), naming the holder.
@@ -166,7 +166,7 @@ def test_a_live_workdir_refuses_a_second_trainer_until_its_holder_dies(
 
   first.send_signal(signal.SIGKILL)
   first.wait()
-  third = _worker(workdir, tmp_path / "third.log", "--steps=40",
+  third = _worker(workdir, tmp_path / "third.log", "--steps=60",
                   "--checkpoint_every=2")
   assert third.wait(timeout=300) == 0, open(tmp_path / "third.log").read()
   out = open(tmp_path / "third.log").read()
@@ -177,7 +177,7 @@ def test_a_live_workdir_refuses_a_second_trainer_until_its_holder_dies(
   # it had logged step 5 well before the kill).
   first_step = min(map(int, result))
   assert first_step >= 5 and first_step % 2 == 1, sorted(result)
-  assert max(map(int, result)) == 40
+  assert max(map(int, result)) == 60
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from cvqcar.tokenizer import model as tokenizer_lib
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
-STEPS = 8
+STEPS = 6
 
 
 def _free_port():

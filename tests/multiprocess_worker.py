@@ -63,7 +63,9 @@ def job_config(kind: str, export: str):
   if kind != "tokenizer":
     config.tokenizer_export = export
     config.mesh.update(data=4, fsdp=2)
-  config.update(batch_size=8, log_every=1, eval_every=1000)
+  # Evaluated at the end only: the losses are what these jobs compare.
+  config.update(batch_size=8, log_every=1, eval_every=1000,
+                eval_at_start=False)
   return config
 
 
