@@ -89,11 +89,14 @@ def test_a_row_depends_on_its_key_alone_not_on_its_batch(split):
 
 def test_a_per_row_key_draws_what_the_single_key_path_draws_alone(split):
   # Row b with keys[b] in a batch is the single-key sampler on that row
-  # alone: per-row keys keep the sampler's draws, only unshared.
+  # alone: per-row keys keep the sampler's draws (filters included), only
+  # unshared.
   keys = sampling.sample_keys(3, [0, 1], [0, 0])
-  both = sample(split, [0, 1], keys)
+  filters = dict(top_k=5, top_p=0.9)
+  both = sample(split, [0, 1], keys, **filters)
   for b in range(2):
-    np.testing.assert_array_equal(sample(split, [b], keys[b]), both[b:b + 1])
+    np.testing.assert_array_equal(sample(split, [b], keys[b], **filters),
+                                  both[b:b + 1])
 
 
 def test_ramped_guidance_keeps_the_first_channel_and_changes_the_rest(split):
