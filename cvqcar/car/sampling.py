@@ -7,7 +7,10 @@ conditional and unconditional rows run as one batch).
 
 Per-sample randomness: with one PRNG key per row (`sample_keys`), a row's
 tokens depend on its prompt and its key alone, not on the rows beside it,
-so a sample can be regenerated with any batch size or process count.
+so a sample can be regenerated with any batch size or process count. (Up
+to the backend's arithmetic: a GPU may pick another matmul kernel for
+another batch size, and a last-bit change in the logits can flip a draw
+that sits on a tie; the tests check bit equality on CPU.)
 """
 
 from __future__ import annotations
