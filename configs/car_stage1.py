@@ -110,6 +110,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sample.top_k = 0
   config.sample.top_p = 1.0
   config.sample.cfg_scale = 3.0
+  # 'constant', or 'linear' / 'cosine': cfg_scale at the first channel down
+  # to 1 at the last (cvqcar.car.sampling.guidance_scales).
+  config.sample.cfg_schedule = "constant"
 
   if fashion:
     config.data.num_eval_examples = 256

@@ -7,8 +7,11 @@
       --prompts=dpg_bench/prompts --car=... --tokenizer=... --out=dpg_images
 
 GenEval: OUT/<index>/metadata.jsonl and OUT/<index>/samples/<n>.png;
-DPG-Bench: OUT/<id>.png, a 2 x 2 grid. Prompts are split over JAX processes;
-a second run skips the prompts already written.
+DPG-Bench: OUT/<id>.png, a 2 x 2 grid. The channel tokens go beside them
+(OUT/<index>/tokens.npy; OUT/tokens/<id>.npy). Sample n of prompt i
+depends on --seed, i and n alone: batch size and process count do not
+change it. Prompts are split over JAX processes; a second run skips the
+prompts already written.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from cvqcar import distributed, logs
-from cvqcar.car import benchmark
+from cvqcar.car import benchmark, sampling
 
 _BENCHMARK = flags.DEFINE_enum("benchmark", None, list(benchmark.BENCHMARKS),
                                "Which layout to write.")
@@ -31,6 +34,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1: off).")
 _CFG = flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance.")
+_SCHEDULE = flags.DEFINE_enum(
+    "cfg_schedule", "constant", list(sampling.CFG_SCHEDULES), "Guidance"
+    " over the C channel steps: cfg_scale at every step, or ramped from"
+    " cfg_scale (first channel) to 1 (last) linearly or as a half cosine.")
 _ALLOW = flags.DEFINE_bool(
     "allow_tokenizer_mismatch", False, "Sample with a tokenizer export other"
     " than the one CAR was trained with.")
@@ -46,6 +53,7 @@ def main(argv):
       _OUT.value, num_images=_NUM.value, batch_size=_BATCH.value,
       seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, cfg_scale=_CFG.value,
+      cfg_schedule=_SCHEDULE.value,
       allow_tokenizer_mismatch=_ALLOW.value)
   print(f"wrote {len(done)} prompts to {_OUT.value}")
   distributed.finish()

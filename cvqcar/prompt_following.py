@@ -27,6 +27,7 @@ from absl import app, flags
 from cvqcar import fingerprint, logs, visualize
 from cvqcar.car import export as car_export
 from cvqcar.car import figures as car_figures
+from cvqcar.car import sampling
 from cvqcar.car import trainer as car_trainer
 from cvqcar.data import fashion, text
 from cvqcar.data import images as image_data
@@ -147,6 +148,11 @@ def _define_flags() -> None:
                       " where Debian's package puts them.")
   flags.DEFINE_integer("per_class", 20, "Samples per prompt.")
   flags.DEFINE_float("cfg_scale", 3.0, "1 = no guidance.")
+  flags.DEFINE_enum("cfg_schedule", "constant",
+                    list(sampling.CFG_SCHEDULES), "Guidance over the C"
+                    " channel steps: cfg_scale at every step, or ramped from"
+                    " cfg_scale (first channel) to 1 (last) linearly or as"
+                    " a half cosine.")
   flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_bool("allow_tokenizer_mismatch", False, "Sample with a"
@@ -161,7 +167,8 @@ def main(argv):
   f = flags.FLAGS
   run(f.car, f.tokenizer, f.out, classifier_path=f.classifier,
       data_dir=f.data_dir, per_class=f.per_class, seed=f.seed,
-      cfg_scale=f.cfg_scale, temperature=f.temperature,
+      cfg_scale=f.cfg_scale, cfg_schedule=f.cfg_schedule,
+      temperature=f.temperature,
       allow_tokenizer_mismatch=f.allow_tokenizer_mismatch)
 
 

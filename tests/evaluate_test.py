@@ -14,7 +14,8 @@ from flax import nnx
 from PIL import Image
 
 from conftest import tiny_config
-from cvqcar import metrics
+from cvqcar import metrics, visualize
+from cvqcar.car import pipeline
 from cvqcar.data import images as image_data
 from cvqcar.tokenizer import eval_job, export, lpips
 
@@ -178,12 +179,43 @@ def test_generate_benchmark_layouts_and_resume(tokenizer_export,
     assert meta == json.loads(lines[i])
   with Image.open(out / "00003" / "samples" / "0001.png") as im:
     assert im.size == (16, 16)
-  # A second run skips what is written; a deleted prompt is redone.
+  # Each prompt's tokens lie beside its images and decode to them.
+  tokens = {i: np.load(out / f"{i:05d}" / "tokens.npy") for i in range(10)}
+  assert tokens[0].shape == (3, 8) and tokens[0].dtype == np.int32
+  decoded = visualize.to_uint8(np.asarray(export.load_tokenizer(
+      tokenizer_export).decode(tokens[3])))
+  for j in range(3):
+    png = np.asarray(Image.open(out / "00003" / "samples" / f"{j:04d}.png"))
+    np.testing.assert_allclose(png, decoded[j], atol=1)
+  # A second run skips what is written; a prompt missing an image or its
+  # tokens is redone, with the same samples.
   os.remove(out / "00004" / "samples" / "0002.png")
+  os.remove(out / "00006" / "tokens.npy")
   again = benchmark.generate_benchmark(
       "geneval", str(geneval_file), car_export_dir, tokenizer_export,
       str(out), num_images=3, batch_size=8)
-  assert again == ["00004"]
+  assert again == ["00004", "00006"]
+  for i in (4, 6):
+    np.testing.assert_array_equal(
+        np.load(out / f"{i:05d}" / "tokens.npy"), tokens[i])
+  # Another batch size (samples of a prompt split over other batches)
+  # draws the same samples.
+  first4 = tmp_path / "first4.jsonl"
+  first4.write_text("\n".join(lines[:4]) + "\n")
+  benchmark.generate_benchmark(
+      "geneval", str(first4), car_export_dir, tokenizer_export,
+      str(tmp_path / "batch5"), num_images=3, batch_size=5)
+  for i in range(4):
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "batch5" / f"{i:05d}" / "tokens.npy"), tokens[i])
+  # The sample command's seed s, prompt i is the benchmark's sample 0.
+  written = pipeline.sample_to_files(
+      car_export_dir, tokenizer_export, prompts[:2], str(tmp_path / "s"),
+      save_tokens=True)
+  saved = sorted(p for p in written if p.endswith("_tokens.npy"))
+  assert len(saved) == 2
+  for i, path in enumerate(saved):
+    np.testing.assert_array_equal(np.load(path), tokens[i][0])
   # DPG-Bench: <id>.txt prompts in, <id>.png 2 x 2 grids out.
   prompt_dir = tmp_path / "dpg_prompts"
   prompt_dir.mkdir()
@@ -192,9 +224,11 @@ def test_generate_benchmark_layouts_and_resume(tokenizer_export,
   dpg = tmp_path / "dpg"
   benchmark.generate_benchmark("dpg", str(prompt_dir), car_export_dir,
                                tokenizer_export, str(dpg), batch_size=8)
-  assert sorted(os.listdir(dpg)) == ["item0.png", "item1.png", "item2.png"]
+  assert sorted(os.listdir(dpg)) == ["item0.png", "item1.png", "item2.png",
+                                     "tokens"]
   with Image.open(dpg / "item1.png") as im:
     assert im.size == (32, 32)  # 2 x 2 samples of 16 px
+  assert np.load(dpg / "tokens" / "item1.npy").shape == (4, 8)
 
 
 @pytest.mark.slow
@@ -217,8 +251,17 @@ def test_two_processes_write_each_prompt_once(tokenizer_export,
     log, _ = p.communicate(timeout=600)
     assert p.returncode == 0, log[-3000:]
     logs.append(log)
-  assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(10)]
+  assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(10)] + [
+      "tokens"]
   assert all("wrote 5 prompts" in log for log in logs), logs
+  # One process draws the samples that two did.
+  from cvqcar.car import benchmark
+  one = tmp_path / "one"
+  benchmark.generate_benchmark("dpg", str(prompts), car_export_dir,
+                               tokenizer_export, str(one), batch_size=8)
+  for i in range(10):
+    np.testing.assert_array_equal(np.load(out / "tokens" / f"{i:05d}.npy"),
+                                  np.load(one / "tokens" / f"{i:05d}.npy"))
 
 
 def test_exports_load_from_safetensors_alone(tokenizer_export,

@@ -5,11 +5,17 @@ GenEval (`evaluation_metadata.jsonl`, one JSON object per prompt) reads
   OUT/00000/samples/0000.png ... one file per sample
 and DPG-Bench (prompts as DIR/<id>.txt, or a .jsonl of {"id", "prompt"}, or
 one prompt per line) reads OUT/<id>.png, a 2 x 2 grid of four samples.
+Beside the images, each prompt's sampled channel tokens, int32
+[num_images, C] in sample order: OUT/00000/tokens.npy (GenEval reads only
+samples/ and metadata.jsonl) and OUT/tokens/<id>.npy (DPG-Bench's scorer
+skips the one entry of OUT it cannot open as an image).
 
-Prompts are split over JAX processes (prompt i goes to process i mod P, and
-each process samples on its own first device), sampled in fixed-size
-batches, and written atomically; finished prompts are skipped, so a killed
-run resumes where it stopped.
+Sample j of prompt i (its 0-based line in the prompt file) is drawn with
+`sampling.sample_keys(seed, [i], [j])`: the same image for any batch size
+and any number of processes. Prompts are split over JAX processes (prompt
+i goes to process i mod P, and each process samples on its own first
+device), sampled in fixed-size batches, and written atomically; finished
+prompts are skipped, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -59,13 +65,17 @@ def read_prompts(path: str, benchmark: str) -> list[dict[str, Any]]:
 
 
 def _outputs(benchmark: str, out: str, index: int, item, num_images: int):
-  """The files a finished prompt has (the last one written last)."""
+  """The files a finished prompt has, in the order they are written: the
+  tokens, then the images (a run killed in between leaves the prompt
+  unfinished, and a resumed run redoes it)."""
   if benchmark == "geneval":
     folder = os.path.join(out, f"{index:05d}")
-    return [os.path.join(folder, "samples", f"{j:04d}.png")
-            for j in range(num_images)] + [
-                os.path.join(folder, "metadata.jsonl")]
-  return [os.path.join(out, f"{item['id']}.png")]
+    return [os.path.join(folder, "tokens.npy")] + [
+        os.path.join(folder, "samples", f"{j:04d}.png")
+        for j in range(num_images)] + [
+            os.path.join(folder, "metadata.jsonl")]
+  return [os.path.join(out, "tokens", f"{item['id']}.npy"),
+          os.path.join(out, f"{item['id']}.png")]
 
 
 def _write_atomic(path: str, write) -> None:
@@ -75,9 +85,18 @@ def _write_atomic(path: str, write) -> None:
   os.replace(tmp, path)
 
 
-def _save(benchmark, out, index, item, images) -> None:
-  """images: uint8 [num_images, H, W, 3] of one prompt."""
+def _save_npy(path: str, array) -> None:
+  with open(path, "wb") as f:  # a file object: np.save adds no ".npy"
+    np.save(f, array)
+
+
+def _save(benchmark, out, index, item, images, tokens) -> None:
+  """images: uint8 [num_images, H, W, 3] of one prompt, tokens: int32
+  [num_images, C]."""
   files = _outputs(benchmark, out, index, item, len(images))
+  tokens = np.asarray(tokens, np.int32)
+  _write_atomic(files[0], lambda p: _save_npy(p, tokens))
+  files = files[1:]
   if benchmark == "geneval":
     for path, image in zip(files[:-1], images, strict=True):
       _write_atomic(path, lambda p, im=image: visualize.save_png(im, p))
@@ -108,11 +127,11 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
                        num_images: int = 4, batch_size: int = 8,
                        seed: int = 0, temperature: float = 1.0,
                        top_k: int = 0, top_p: float = 1.0,
-                       cfg_scale: float = 3.0,
+                       cfg_scale: float = 3.0, cfg_schedule: str = "constant",
                        allow_tokenizer_mismatch: bool = False) -> list[str]:
-  """Writes the benchmark's images; returns the ids of prompts done now.
-  A tokenizer export other than the one CAR was trained with is refused
-  unless `allow_tokenizer_mismatch`."""
+  """Writes the benchmark's images and tokens; returns the ids of prompts
+  done now. A tokenizer export other than the one CAR was trained with is
+  refused unless `allow_tokenizer_mismatch`."""
   if benchmark not in BENCHMARKS:
     raise ValueError(f"--benchmark={benchmark!r}; expected one of"
                      f" {BENCHMARKS}")
@@ -137,27 +156,31 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
   state = _local(state)
   decode_graphdef, decode_state = nnx.split(tokenizer)
   decode_state = _local(decode_state)
-  rows = [(i, item) for i, item in todo for _ in range(num_images)]
+  rows = [(i, item, j) for i, item in todo for j in range(num_images)]
   done, partial = [], {}
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
-    prompts = [item["prompt"] for _, item in chunk]
-    prompts += [""] * (batch_size - len(chunk))  # one compiled shape
+    pad = batch_size - len(chunk)  # one compiled shape
+    prompts = [item["prompt"] for _, item, _ in chunk] + [""] * pad
     ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
                                   truncate=True)
-    key = jax.random.fold_in(jax.random.key(seed), chunk[0][0])
+    # Padding rows get any key: rows never see each other's.
+    keys = sampling.sample_keys(seed, [i for i, _, _ in chunk] + [0] * pad,
+                                [j for _, _, j in chunk] + [0] * pad)
     tokens = sampling.generate(
-        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask), key,
+        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask), keys,
         temperature=temperature, top_k=top_k, top_p=top_p,
-        cfg_scale=cfg_scale)
-    decoded = nnx.merge(decode_graphdef, decode_state).decode(
-        tokens[:len(chunk)])
+        cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)[:len(chunk)]
+    decoded = nnx.merge(decode_graphdef, decode_state).decode(tokens)
     images = visualize.to_uint8(np.asarray(decoded))
     # A prompt's samples may span two batches; save it once all are in.
-    for (i, item), image in zip(chunk, images, strict=True):
-      partial.setdefault(i, []).append(image)
+    for (i, item, _), image, row in zip(chunk, images, np.asarray(tokens),
+                                        strict=True):
+      partial.setdefault(i, []).append((image, row))
       if len(partial[i]) == num_images:
-        _save(benchmark, out, i, item, np.stack(partial.pop(i)))
+        samples = partial.pop(i)
+        _save(benchmark, out, i, item, np.stack([im for im, _ in samples]),
+              np.stack([r for _, r in samples]))
         done.append(item["id"])
     if jax.process_index() == 0:
       sys.stderr.write(f"\r{benchmark}: {min(start + batch_size, len(rows))}"

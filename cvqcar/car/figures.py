@@ -25,14 +25,18 @@ def car_samples(model, tokenizer, text_tok, prompts: Sequence[str], *,
                 per_prompt: int = 4, seed: int = 0, max_text_len: int = 64,
                 **settings) -> tuple[np.ndarray, np.ndarray]:
   """CAR channel tokens [P, n, C] and images [P, n, H, W, 3] for each
-  prompt (settings: temperature, top_k, top_p, cfg_scale)."""
+  prompt (settings: temperature, top_k, top_p, cfg_scale, cfg_schedule);
+  sample j of prompt i is drawn with `sampling.sample_keys(seed, [i],
+  [j])`."""
   repeated = [p for p in prompts for _ in range(per_prompt)]
   ids, mask = text.batch_encode(text_tok, repeated, max_text_len,
                                 truncate=True)
+  keys = sampling.sample_keys(
+      seed, np.repeat(np.arange(len(prompts)), per_prompt),
+      np.tile(np.arange(per_prompt), len(prompts)))
   graphdef, state = nnx.split(model)
   tokens = sampling.generate(graphdef, (state,), jnp.asarray(ids),
-                             jnp.asarray(mask), jax.random.key(seed),
-                             **settings)
+                             jnp.asarray(mask), keys, **settings)
   images = np.asarray(jax.jit(tokenizer.decode)(tokens))
   shape = (len(prompts), per_prompt)
   return (np.asarray(tokens).reshape(shape + tokens.shape[1:]),

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from cvqcar import fingerprint, metrics, visualize
@@ -25,10 +25,17 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
                     *, seed: int = 0, num_seeds: int = 1,
                     temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, cfg_scale: float = 3.0,
-                    truncate: bool = False, max_text_len: int = 0,
+                    cfg_schedule: str = "constant", truncate: bool = False,
+                    max_text_len: int = 0, save_tokens: bool = False,
                     allow_tokenizer_mismatch: bool = False) -> list[str]:
   """Samples every prompt (an empty one is unconditional) and writes
   PNGs and coarse-to-fine strips; returns the paths written.
+
+  Prompt i at seed s (files `<i>_<prompt>_s<s>*`) is drawn with
+  `sampling.sample_keys(s, [i], [0])`: the same image whatever the other
+  prompts or --num_seeds, and the same as generate_benchmark's sample 0 of
+  its prompt i at --seed=s. `save_tokens` also writes its C channel tokens
+  as `<i>_<prompt>_s<s>_tokens.npy` (int32 [C]).
 
   Prompts longer than the model's trained text length are refused unless
   `truncate` (keep their first ids) or a longer `max_text_len` is given
@@ -69,10 +76,11 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
   os.makedirs(out, exist_ok=True)
   written = []
   for s in range(seed, seed + num_seeds):
+    keys = sampling.sample_keys(s, range(len(prompts)), [0] * len(prompts))
     tokens = sampling.generate(
-        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask),
-        jax.random.key(s), temperature=temperature, top_k=top_k,
-        top_p=top_p, cfg_scale=cfg_scale)
+        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask), keys,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+        cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)
     strips = sampling.coarse_to_fine_strip(tokenizer, tokens)
     titles = visualize.prefix_titles(metrics.prefix_lengths(tokens.shape[1]))
     for i, prompt in enumerate(prompts):
@@ -82,5 +90,8 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
       visualize.save_png(visualize.strip_grid(
           strips[i][None], column_titles=titles), base + "_strip.png")
       written += [base + ".png", base + "_strip.png"]
+      if save_tokens:
+        np.save(base + "_tokens.npy", np.asarray(tokens[i]))
+        written.append(base + "_tokens.npy")
       print(f"wrote {base}.png and {base}_strip.png")
   return written

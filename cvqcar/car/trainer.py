@@ -189,7 +189,9 @@ def _sample_strips(config, graphdef, state, tokenizer, text_tok):
       graphdef, (state.params, state.backbone, state.frozen),
       jnp.asarray(ids), jnp.asarray(mask), jax.random.key(config.seed),
       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-      cfg_scale=s.cfg_scale)
+      cfg_scale=s.cfg_scale,
+      # Configs saved before schedules existed have no cfg_schedule.
+      cfg_schedule=s.get("cfg_schedule", "constant"))
   return sampling.coarse_to_fine_strip(tokenizer, tokens)
 
 
