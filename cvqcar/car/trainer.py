@@ -187,7 +187,10 @@ def _sample_strips(config, graphdef, state, tokenizer, text_tok):
   s = config.sample
   tokens = sampling.generate(
       graphdef, (state.params, state.backbone, state.frozen),
-      jnp.asarray(ids), jnp.asarray(mask), jax.random.key(config.seed),
+      jnp.asarray(ids), jnp.asarray(mask),
+      # Prompt i's strip is sample 0 of prompt i (what cvqcar.sample draws).
+      sampling.sample_keys(config.seed, np.arange(len(prompts)),
+                           np.zeros(len(prompts))),
       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
       cfg_scale=s.cfg_scale,
       # Configs saved before schedules existed have no cfg_schedule.
