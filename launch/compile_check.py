@@ -1,4 +1,4 @@
-"""Compiles the train step ahead of time to catch out-of-memory configs.
+"""Compiles the train step or the sampler ahead of time to catch OOM configs.
 
 Needs: the venv from the README quick start; nothing is run or allocated
 beyond the compile. Lower and compile the sharded train step of a config
@@ -14,6 +14,16 @@ estimate does not fit in --device_memory_gib, all before a pod is reserved:
       --num_devices=8 --config.mesh.fsdp=8 --config.batch_size=64 \
       --device_memory_gib=80
 
+--job=sample compiles CAR's sampler instead (`sampling.generate`: prefill
+and all C decoding steps, conditional and unconditional rows of
+classifier-free guidance in one batch) for config.batch_size prompts, on
+weights cast to --param_dtype and a KV cache in the compute dtype, split
+over the batch (data, fsdp) and kv heads (model) axes:
+
+  python launch/compile_check.py --job=sample \
+      --config=configs/car_stage2.py:llm=8b --num_devices=8 \
+      --config.mesh.fsdp=8 --config.batch_size=64 --device_memory_gib=16
+
 With --num_devices=N the devices are N fake CPU devices, so XLA's CPU
 compiler stands in for the target's: buffer sizes (parameters, optimizer
 state, batch shards) are exact, temporaries an estimate of the TPU/GPU ones.
@@ -24,6 +34,7 @@ host of the target type for the target compiler's own numbers).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -73,6 +84,13 @@ _DEVICE_MEMORY_GIB = flags.DEFINE_float(
     "device_memory_gib", 16.0, "Memory of one target device in GiB (TPU v5e"
     " 16, v4 / v6e 32, v5p 95, H100 80); a larger peak estimate fails.")
 
+_JOB = flags.DEFINE_enum(
+    "job", "train", ["train", "sample"], "What to compile: the train step,"
+    " or CAR's sampler (prefill and C decoding steps) at config.batch_size"
+    " prompts.")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype", "bfloat16", ["bfloat16", "float32"], "--job=sample: the"
+    " dtype the weights are cast to for sampling.")
 _JSON_OUT = flags.DEFINE_string(
     "json_out", None, "Also write the memory figures (bytes), the compile"
     " time and the verdict to this JSON file.")
@@ -158,6 +176,76 @@ def _compile_car(config):
   return compiled, mesh, summary
 
 
+def _compile_car_sampler(config):
+  """CAR's sampler on abstract weights and prompts; refuses a mesh that
+  the devices or the kv heads do not fit before anything compiles."""
+  import dataclasses
+
+  import ml_collections
+
+  from cvqcar.car import sampling
+  from cvqcar.car import state as car_state
+
+  if config.get("trainer") != "car":
+    sys.exit("compile_check: --job=sample needs a CAR config"
+             f" (config.trainer 'car'), got {config.get('trainer')!r}")
+  config = ml_collections.ConfigDict(config.to_dict())
+  llm_cfg = car_state.resolve_llm_config(config)
+  config.llm_config = dataclasses.asdict(llm_cfg)
+  try:
+    mesh = sharding.make_mesh(config)
+  except ValueError as e:
+    sys.exit(f"compile_check: {e}")
+  model_ways = mesh.shape["model"]
+  if llm_cfg.num_key_value_heads % model_ways:
+    sys.exit(f"compile_check: the backbone's num_key_value_heads="
+             f"{llm_cfg.num_key_value_heads} is not divisible by"
+             f" config.mesh.model={model_ways}: the KV cache splits its kv"
+             " heads over the model axis")
+  graphdef, abstract = car_state.abstract_state(config)
+  # The optimizer state stays behind: sampling reads only the weights.
+  states = (abstract.params, abstract.backbone, abstract.frozen)
+  shardings = sharding.state_shardings(states, mesh, config)
+  # A sampling copy of the weights, the codebook and head included, is the
+  # trained tree cast once.
+  dtype = jnp.dtype(_PARAM_DTYPE.value)
+  cast = lambda x, s: jax.ShapeDtypeStruct(
+      x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+      sharding=s)
+  states = jax.tree.map(cast, states, shardings)
+  b, length = config.batch_size, config.max_text_len
+  data = sharding.batch_sharded(mesh)
+  text = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=data)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                             sharding=sharding.replicated(mesh))
+  s = config.sample
+  with jax.set_mesh(mesh):
+    compiled = sampling.generate.lower(
+        graphdef, states, text, text, key, temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale).compile()
+  _, channels, _ = car_state.tokenizer_shape(config.tokenizer)
+  rows = b if s.cfg_scale == 1.0 else 2 * b
+  slots = length + 1 + channels
+  cache = (2 * llm_cfg.num_hidden_layers * rows * slots *
+           llm_cfg.num_key_value_heads * llm_cfg.head_dim *
+           jnp.dtype(llm_cfg.dtype).itemsize)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_device = cache // (batch_ways * model_ways)
+  summary = (
+      f"CAR sampler (stage {config.stage}): {_count(states):.1f}M"
+      f" parameters in {dtype.name} ({llm_cfg.num_hidden_layers} layers,"
+      f" compute {llm_cfg.dtype}); {b} prompts x {rows // b} rows (cfg_scale"
+      f" {s.cfg_scale:g}) x ({length} text + 1 + {channels} channel tokens);"
+      f" KV cache {cache / _MIB:.1f} MiB in {llm_cfg.dtype}, split"
+      f" {batch_ways} ways over the batch and {model_ways} over kv heads"
+      f" ({per_device / _MIB:.1f} MiB per device)")
+  held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves((states, text, text)))
+  return compiled, mesh, summary, {"kv_cache": cache,
+                                   "kv_cache_per_device": per_device,
+                                   "held_argument": held}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -167,7 +255,10 @@ def main(argv):
              f" {jax.device_count()} devices; is another"
              " --xla_force_host_platform_device_count in XLA_FLAGS?")
   t0 = time.perf_counter()
-  if config.get("trainer") == "car":
+  extra = {}
+  if _JOB.value == "sample":
+    compiled, mesh, summary, extra = _compile_car_sampler(config)
+  elif config.get("trainer") == "car":
     compiled, mesh, summary = _compile_car(config)
   else:
     compiled, mesh, summary = _compile_tokenizer(config)
@@ -193,21 +284,33 @@ def main(argv):
   # The donated state is both argument and output; alias counts it once.
   peak = (sizes["argument"] + sizes["output"] + sizes["temp"] -
           sizes["alias"])
+  # jit drops the arguments a program never reads (the sampler: an untied
+  # lm_head), yet the device still holds them.
+  unread = max(0, extra.get("held_argument", 0) - sizes["argument"])
+  formula = "argument + output + temp - alias"
+  if unread:
+    sizes["unread argument"] = unread
+    print(f"  {'unread argument':<15}{unread / _MIB:12.2f}  (held, not read"
+          " by the program)")
+    peak += unread
+    formula += " + unread"
   limit = _DEVICE_MEMORY_GIB.value * 2**30
-  print(f"  {'peak estimate':<15}{peak / _MIB:12.2f}  (argument + output +"
-        f" temp - alias; limit {limit / _MIB:g})")
+  print(f"  {'peak estimate':<15}{peak / _MIB:12.2f}  ({formula}; limit"
+        f" {limit / _MIB:g})")
   print(f"  lowered and compiled in {compile_s:.1f}s")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump({**sizes, "peak": peak, "limit": limit, "fits": peak <= limit,
                  "compile_s": compile_s, "mesh": dict(mesh.shape),
-                 "summary": summary}, f, indent=2)
+                 "job": _JOB.value, "summary": summary, **extra}, f,
+                indent=2)
+  what = "weights and KV cache" if _JOB.value == "sample" else "state"
   if peak > limit:
     sys.exit(f"compile_check: estimated peak {peak / _MIB:.2f} MiB per device"
              f" exceeds --device_memory_gib={_DEVICE_MEMORY_GIB.value:g}"
              f" ({limit / _MIB:g} MiB): lower config.batch_size, shard"
-             " the state (config.mesh.fsdp / config.mesh.model) or use more"
-             " devices")
+             f" the {what} (config.mesh.fsdp / config.mesh.model) or use"
+             " more devices")
   print(f"compile_check: OK, {100 * peak / limit:.1f}% of"
         f" {_DEVICE_MEMORY_GIB.value:g} GiB per device")
 
