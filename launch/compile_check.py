@@ -216,13 +216,14 @@ def _compile_car_sampler(config):
   b, length = config.batch_size, config.max_text_len
   data = sharding.batch_sharded(mesh)
   text = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=data)
-  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                             sharding=sharding.replicated(mesh))
+  # One key per prompt, as the sampling commands pass (sampling.sample_keys).
+  keys = jax.ShapeDtypeStruct((b,), jax.random.key(0).dtype, sharding=data)
   s = config.sample
   with jax.set_mesh(mesh):
     compiled = sampling.generate.lower(
-        graphdef, states, text, text, key, temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale).compile()
+        graphdef, states, text, text, keys, temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
+        cfg_schedule=s.get("cfg_schedule", "constant")).compile()
   _, channels, _ = car_state.tokenizer_shape(config.tokenizer)
   rows = b if s.cfg_scale == 1.0 else 2 * b
   slots = length + 1 + channels
