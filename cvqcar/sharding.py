@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+if TYPE_CHECKING:  # annotations only: the steps run without it
+  import ml_collections
 
 MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every data-parallel axis (FSDP is data parallel).

@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import checkpoint, optim, sharding
+from cvqcar import optim, sharding
 from cvqcar.car import hf_io, qwen3
 from cvqcar.car import model as car_lib
 
@@ -210,6 +210,9 @@ def check_backbone(workdir: str, record: dict[str, str], what: str) -> None:
 
 
 def write_backbone_record(workdir: str, record: dict[str, str]) -> None:
+  # Orbax and grain load here: the train step imports without them.
+  from cvqcar import checkpoint  # noqa: PLC0415
+
   if jax.process_index() == 0:
     checkpoint.write_text(workdir, BACKBONE_FILE,
                           json.dumps(record, indent=2))

@@ -18,11 +18,10 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -30,6 +29,9 @@ from jax.experimental import multihost_utils
 from cvqcar import metrics, sharding
 from cvqcar.evaluation import fid, inception
 from cvqcar.tokenizer import lpips
+
+if TYPE_CHECKING:  # annotations only
+  import ml_collections
 
 METRICS = ("rfid", "psnr", "ssim", "lpips", "usage")
 # The flag that provides the weights a metric needs.

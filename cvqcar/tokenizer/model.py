@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from cvqcar.tokenizer import dynamic, quantize, vqgan
+
+if TYPE_CHECKING:  # annotations only: the model builds from any mapping
+  import ml_collections
 
 QUANTIZERS = ("channel", "patch", "dynamic")
 

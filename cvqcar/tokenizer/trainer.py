@@ -6,22 +6,25 @@ import functools
 import logging
 import os
 import time
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import loop, metrics, optim, sharding, visualize
-from cvqcar.data import images as image_data
+from cvqcar import metrics, optim, sharding
 from cvqcar.tokenizer import evaluate as evaluate_lib
 from cvqcar.tokenizer import losses, lpips, vqgan
 from cvqcar.tokenizer import model as tokenizer_lib
+
+if TYPE_CHECKING:  # annotations only
+  import ml_collections
+
+  from cvqcar import loop
 
 
 @flax.struct.dataclass
@@ -270,6 +273,12 @@ class Trainer:
 def task(config: ml_collections.ConfigDict, workdir: str,
          trainer: Trainer | None = None) -> loop.Task:
   """The tokenizer's part of the shared training loop (cvqcar.loop)."""
+  # The loop (clu), the data (grain) and the image grid (PIL) load here, so
+  # the steps above import where only jax and flax are installed
+  # (bench/accelerator.py on a GPU image).
+  from cvqcar import loop, visualize  # noqa: PLC0415
+  from cvqcar.data import images as image_data  # noqa: PLC0415
+
   trainer = Trainer(config) if trainer is None else trainer
 
   def init():
@@ -301,11 +310,8 @@ def task(config: ml_collections.ConfigDict, workdir: str,
       finish_keys=("eval/psnr", "eval/ssim", "eval/codebook_usage"))
 
 
-Summary = loop.Summary
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       on_log=None) -> Summary:
+                       on_log=None) -> loop.Summary:
   """Trains the tokenizer, evaluating, logging and checkpointing in workdir.
 
   Resumes from the latest checkpoint in `workdir` (model, optimizer, EMA and
@@ -316,6 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   given, sees every logged set of train or eval scalars (e.g.
   cvqcar.figures.LiveProgress).
   """
+  from cvqcar import loop  # noqa: PLC0415 (see task)
+
   return loop.run(config, workdir, task(config, workdir), on_log=on_log)
 
 
