@@ -44,20 +44,20 @@ def _path(impl, block_k):
 
 
 def measure(fn, x, codebook, reps):
-  """(median seconds, compiled peak bytes) of jit(fn)(x, codebook)."""
+  """(median seconds, compiled peak bytes, output) of jit(fn)(x, codebook)."""
   compiled = jax.jit(fn).lower(x, codebook).compile()
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
             + mem.temp_size_in_bytes - getattr(mem, "alias_size_in_bytes", 0))
-  jax.block_until_ready(compiled(x, codebook))  # warm-up
+  out = jax.block_until_ready(compiled(x, codebook))  # warm-up
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(x, codebook))
     times.append(time.perf_counter() - t0)
-  return float(np.median(times)), peak
+  return float(np.median(times)), peak, out
 
 
 def main():
@@ -86,8 +86,8 @@ def main():
     flops = 2.0 * n * d * k
     results = {}
     for impl in ["matmul"] + args.impls.split(","):
-      seconds, peak = measure(_path(impl, args.block_k), x, codebook,
-                              args.reps)
+      seconds, peak, _ = measure(_path(impl, args.block_k), x, codebook,
+                                 args.reps)
       results[impl] = (seconds, peak)
       print(f"{shape} {impl:10s} {seconds * 1e3:10.1f} ms"
             f" {flops / seconds / 1e12:8.3f} TFLOP/s"

@@ -30,7 +30,6 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import report  # noqa: E402
-from configs import car_stage2  # noqa: E402
 from cvqcar import optim  # noqa: E402
 from cvqcar.car import model as car_lib  # noqa: E402
 from cvqcar.car import qwen3  # noqa: E402
@@ -69,9 +68,17 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def build_step(args):
-  """(jitted step, state, batch, key) for one stage-II CAR update."""
-  config = car_stage2.get_config(f"llm={args.llm}")
+def stage2_config(llm: str):
+  """configs/car_stage2.py at backbone preset `llm`."""
+  from configs import car_stage2  # noqa: PLC0415 (ml_collections)
+
+  return car_stage2.get_config(f"llm={llm}")
+
+
+def build_step(args, config=None):
+  """(jitted step, state, batch, key) for one stage-II CAR update; `config`
+  (stage2_config(args.llm) when None) is updated by args."""
+  config = stage2_config(args.llm) if config is None else config
   config.max_text_len = args.text_len
   config.llm.remat = args.remat
   llm_cfg = car_state.resolve_llm_config(config)

@@ -18,16 +18,17 @@ refresh a section; other sections are left as they are.
 """
 
 
-def write_section(name: str, body: str) -> None:
-  """Replaces (or appends) the section `name` in docs/benchmarks.md."""
+def write_section(name: str, body: str, doc: str = DOC) -> None:
+  """Replaces (or appends) the section `name` in `doc` (docs/benchmarks.md
+  unless another file is given)."""
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   stamp = datetime.datetime.now(datetime.UTC).strftime(
       "%Y-%m-%d %H:%M UTC")
   section = (f"## {name}\n\n- command: `{command}`\n- machine: {machine()}\n"
              f"- date: {stamp}\n\n{body.strip()}")
-  text = open(DOC).read() if os.path.exists(DOC) else _HEADER
+  text = open(doc).read() if os.path.exists(doc) else _HEADER
   text = replace_block(text, "bench", name, section)
-  os.makedirs(os.path.dirname(DOC), exist_ok=True)
-  with open(DOC, "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
+  with open(doc, "w") as f:
     f.write(text)
-  print(f"wrote section '{name}' of {os.path.normpath(DOC)}")
+  print(f"wrote section '{name}' of {os.path.normpath(doc)}")
