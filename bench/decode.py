@@ -92,8 +92,9 @@ def time_hf(backbone, config, prompt_bp, args):
   device = "cuda" if torch.cuda.is_available() else "cpu"
   with tempfile.TemporaryDirectory() as tmp:
     hf_io.to_hf(backbone, config, tmp)
+    # Ours computes in config.dtype (bfloat16 from 0.6b up): HF too.
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp, dtype=torch.float32)  # `torch_dtype` before 4.56
+        tmp, dtype=getattr(torch, config.dtype))  # `torch_dtype` before 4.56
   model = model.to(device).eval()
   input_ids = torch.as_tensor(np.array(prompt_bp), device=device)
   p = input_ids.shape[1]
@@ -112,7 +113,7 @@ def time_hf(backbone, config, prompt_bp, args):
   return seconds, tokens, device, torch.get_num_threads()
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--backbone", default="tiny", choices=list(qwen3.PRESETS))
   parser.add_argument("--batch", type=int, default=8)
@@ -126,11 +127,17 @@ def main():
                       help="CAR rows only; 1 = no guidance")
   parser.add_argument("--temperature", type=float, default=0.0,
                       help="CAR rows only; 0 = greedy")
+  parser.add_argument("--recompute", action=argparse.BooleanOptionalAction,
+                      default=True, help="time CAR with full recompute too")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-write", dest="write", action="store_false")
-  args = parser.parse_args()
+  return parser.parse_args(argv)
 
+
+def measure(args) -> dict:
+  """Times every decoder of args: {'seconds': {row: s}, 'agree': fraction
+  of greedy ids ours and HF share, 'distinct', 'device', 'threads'}."""
   config = qwen3.PRESETS[args.backbone]
   if args.prompt_len + args.channels + 1 > config.max_position_embeddings:
     raise ValueError(
@@ -151,10 +158,11 @@ def main():
   seconds = {}
   seconds["CAR, KV cache"] = time_car(model, prompt_bp, mask_bp, args, True)
   print(f"CAR KV cache        {seconds['CAR, KV cache']:8.3f} s", flush=True)
-  seconds["CAR, full recompute"] = time_car(model, prompt_bp, mask_bp, args,
-                                            False)
-  print(f"CAR full recompute  {seconds['CAR, full recompute']:8.3f} s",
-        flush=True)
+  if args.recompute:
+    seconds["CAR, full recompute"] = time_car(model, prompt_bp, mask_bp,
+                                              args, False)
+    print(f"CAR full recompute  {seconds['CAR, full recompute']:8.3f} s",
+          flush=True)
   seconds["Qwen3, KV cache (ours)"], ours = time_qwen3(backbone, prompt_bp,
                                                        args)
   print(f"Qwen3 KV cache      {seconds['Qwen3, KV cache (ours)']:8.3f} s",
@@ -164,13 +172,21 @@ def main():
   print(f"HF generate         {seconds['HF generate']:8.3f} s", flush=True)
   # Greedy on identical weights: the two decodes should pick the same ids
   # (float noise can flip a near-tie and everything after it).
+  return {"seconds": seconds, "agree": float(np.mean(ours == theirs)),
+          "distinct": len(np.unique(ours)), "device": device,
+          "threads": threads, "dtype": config.dtype}
+
+
+def table_and_note(args, result: dict) -> tuple[str, str]:
+  """(markdown table, the note above it) of measure(args)'s result."""
+  import torch
+  import transformers
+
+  seconds = result["seconds"]
   # A small random tied model tends to repeat one id: count the distinct ids
   # so a trivial agreement reads as such.
-  agree = float(np.mean(ours == theirs))
-  check = (f"greedy tokens of ours and HF agree on {agree:.1%}"
-           f" ({len(np.unique(ours))} distinct ids)")
-  print(check)
-
+  check = (f"greedy tokens of ours and HF agree on {result['agree']:.1%}"
+           f" ({result['distinct']} distinct ids)")
   header = ["decoder", "tokens/s", "images/s", "ms per image", "batch", "C"]
   rows = []
   for name, s in seconds.items():
@@ -178,36 +194,41 @@ def main():
                  f"{args.batch / s:.2f}", f"{s * 1e3 / args.batch:.1f}",
                  args.batch, args.channels])
   table = report.markdown_table(header, rows)
-  print(table)
   speedup = seconds["HF generate"] / seconds["Qwen3, KV cache (ours)"]
-  speedup_line = f"speedup vs HF generate: {speedup:.2f}x"
-  if args.write:
-    import torch
-    import transformers
+  decoding = ("greedy" if args.temperature == 0.0 else
+              f"temperature {args.temperature}")
+  cfg = ("no CFG" if args.cfg_scale == 1.0 else
+         f"CFG scale {args.cfg_scale} (doubles the decoded batch)")
+  note = (
+      f"`{args.backbone}` Qwen3 backbone, batch {args.batch}, prompts of"
+      f" {args.prompt_len} ids, C = {args.channels} tokens per image;"
+      f" median of {args.reps} runs after a compile warm-up. CAR rows:"
+      f" `sampling.generate` ({decoding}, {cfg}) over K = {args.codes} codes"
+      f" of dimension {args.code_dim}. The Qwen3 and HF rows decode C"
+      " greedy tokens over the text vocabulary with the same weights (ours"
+      " written out by `hf_io.to_hf`): ours is one jitted prefill +"
+      " `lax.scan` with the KV cache; HF is transformers"
+      f" {transformers.__version__} `generate(do_sample=False,"
+      f" use_cache=True)` under `torch.inference_mode()` in {result['dtype']}"
+      f" (the backbone's compute dtype), torch {torch.__version__} on"
+      f" {result['device']} with"
+      f" `torch.set_num_threads({result['threads']})` (os.cpu_count()). An"
+      " image is C generated tokens. JAX rows run on JAX's default device"
+      " (the GPU on a GPU host); HF runs on CUDA when torch sees it, else"
+      f" CPU. Check: {check}.\n\n"
+      f"speedup vs HF generate: {speedup:.2f}x (Qwen3 KV cache, ours, over"
+      " HF generate)")
+  return table, note
 
-    decoding = ("greedy" if args.temperature == 0.0 else
-                f"temperature {args.temperature}")
-    cfg = ("no CFG" if args.cfg_scale == 1.0 else
-           f"CFG scale {args.cfg_scale} (doubles the decoded batch)")
-    note = (
-        f"`{args.backbone}` Qwen3 backbone, batch {args.batch}, prompts of"
-        f" {args.prompt_len} ids, C = {args.channels} tokens per image;"
-        f" median of {args.reps} runs after a compile warm-up. CAR rows:"
-        f" `sampling.generate` ({decoding}, {cfg}) over K = {args.codes} codes"
-        f" of dimension {args.code_dim}. The Qwen3 and HF rows decode C"
-        " greedy tokens over the text vocabulary with the same weights (ours"
-        " written out by `hf_io.to_hf`): ours is one jitted prefill +"
-        " `lax.scan` with the KV cache; HF is transformers"
-        f" {transformers.__version__} `generate(do_sample=False,"
-        " use_cache=True)` under `torch.inference_mode()`, float32, torch"
-        f" {torch.__version__} on {device} with"
-        f" `torch.set_num_threads({threads})` (os.cpu_count()). An image is"
-        " C generated tokens. JAX rows run on JAX's default device (the GPU"
-        " on a GPU host); HF runs on CUDA when torch sees it, else CPU."
-        f" Check: {check}.\n\n"
-        f"{speedup_line} (Qwen3 KV cache, ours, over HF generate)")
+
+def main(argv=None):
+  args = parse_args(argv)
+  result = measure(args)
+  table, note = table_and_note(args, result)
+  print(note.split("Check: ")[-1])
+  print(table)
+  if args.write:
     report.write_section("decode", f"{note}\n\n{table}")
-  print(speedup_line)
 
 
 if __name__ == "__main__":
