@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices and a tiny tokenizer config."""
 
+import json
 import os
+import re
 import tempfile
 
 # Must run before JAX initialises its backends.
@@ -53,6 +55,19 @@ def tiny_config(arg: str = "tiny"):
   config.checkpoint_every = 2
   config.num_grid_images = 2
   return config
+
+
+def printed(text, line) -> bool:
+  """Whether `line` ends a line of `text`: another writer to the same file
+  (C++ logging on stderr) may have left a partial line before it."""
+  return re.search(f"{re.escape(line)}$", text, re.M) is not None
+
+
+def result_of(text) -> dict:
+  """The worker's last 'RESULT {...}' ({step: loss}), wherever it starts."""
+  found = re.findall(r"RESULT (\{.*\})$", text, re.M)
+  assert found, text[-3000:]
+  return {int(k): v for k, v in json.loads(found[-1]).items()}
 
 
 @pytest.fixture

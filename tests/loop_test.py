@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import printed, result_of, tiny_config
 from cvqcar import exit_codes, loop, perf
 from cvqcar import workdir_lock as lock_lib
 from cvqcar.tokenizer import trainer as tokenizer_trainer
@@ -138,7 +138,7 @@ def _worker(workdir, log, *flags):
 def _wait_for(log, line, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if line in open(log).read().splitlines():
+    if printed(open(log).read(), line):
       return
     assert proc.poll() is None, open(log).read()[-3000:]
     time.sleep(0.05)
@@ -171,13 +171,11 @@ def test_a_live_workdir_refuses_a_second_trainer_until_its_holder_dies(
   assert third.wait(timeout=300) == 0, open(tmp_path / "third.log").read()
   out = open(tmp_path / "third.log").read()
   assert "taking over the stale lock" in out
-  result = json.loads([x for x in out.splitlines()
-                       if x.startswith("RESULT ")][-1][7:])
+  result = result_of(out)
   # Resumed after a checkpoint the killed run committed (every 2 steps;
   # it had logged step 5 well before the kill).
-  first_step = min(map(int, result))
-  assert first_step >= 5 and first_step % 2 == 1, sorted(result)
-  assert max(map(int, result)) == 60
+  assert min(result) >= 5 and min(result) % 2 == 1, sorted(result)
+  assert max(result) == 60
 
 
 @pytest.mark.slow

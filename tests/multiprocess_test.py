@@ -7,7 +7,6 @@ status 75, and a relaunch on the other process count must continue with the
 losses of an uninterrupted run.
 """
 
-import json
 import os
 import pathlib
 import re
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import printed, result_of, tiny_config
 from cvqcar import checkpoint, exit_codes
 from cvqcar.tokenizer import model as tokenizer_lib
 
@@ -61,7 +60,7 @@ class Job:
   def wait_for(self, line, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
-      if line in self.output().splitlines():
+      if printed(self.output(), line):
         return
       if any(p.poll() is not None for p in self.procs):
         break
@@ -79,8 +78,7 @@ class Job:
       p.wait(timeout=timeout)
       out = self.output(i)
       assert p.returncode == expect, (p.returncode, out[-3000:])
-      line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
-      results.append({int(k): v for k, v in json.loads(line[7:]).items()})
+      results.append(result_of(out))
     assert all(r == results[0] for r in results), results
     return results[0]
 
