@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jax
@@ -74,17 +75,13 @@ class Meter:
   def step(self) -> None:
     self._steps += 1
 
+  @contextlib.contextmanager
   def pause(self):
-    meter = self
-
-    class _Pause:
-      def __enter__(self):
-        self.t0 = time.perf_counter()
-
-      def __exit__(self, *exc):
-        meter._paused += time.perf_counter() - self.t0
-
-    return _Pause()
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - t0
 
   def read(self) -> dict[str, float]:
     """perf/* scalars of the steps since the last read; restarts the
