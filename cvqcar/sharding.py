@@ -116,6 +116,33 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(axes))
 
 
+def constrain_axes(x: jax.Array, *dims) -> jax.Array:
+  """Pins x's sharding in the mesh in context, one entry per dim: None
+  (unsharded), a mesh axis name, or a tuple of them ("batch" stands for
+  BATCH_AXES). An axis absent from the mesh, of size 1, taken by an earlier
+  dim, or not dividing its dim is left out; a no-op without a mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  if len(dims) != x.ndim:
+    raise ValueError(f"{len(dims)} dims {dims} for an array of shape"
+                     f" {x.shape}")
+  used, spec = set(), []
+  for dim, names in zip(x.shape, dims, strict=True):
+    names = BATCH_AXES if names == "batch" else (
+        () if names is None else (names,) if isinstance(names, str)
+        else tuple(names))
+    names = tuple(a for a in names if a in mesh.axis_names
+                  and mesh.shape[a] > 1 and a not in used)
+    if names and dim % math.prod(mesh.shape[a] for a in names) == 0:
+      used.update(names)
+      spec.append(names)
+    else:
+      spec.append(None)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def rules_from_config(config) -> dict[str, tuple[str, ...]]:
   rules = config.get("logical_axis_rules", DEFAULT_RULES)
   out = {}

@@ -34,8 +34,10 @@ class CAR(nnx.Module):
     # A copy: the tokenizer keeps its own buffer (donation must not alias).
     self.codebook_kd = FrozenCodebook(jnp.array(codebook_kd, copy=True),
                                       logical_axes=("codes", "code_dim"))
+    # The projector and head compute in float32 whatever their weights'
+    # dtype (bf16 sampling copies too): K-way logits keep their ranking.
     dense = lambda i, o, names: nnx.Linear(
-        i, o, rngs=rngs,
+        i, o, rngs=rngs, dtype=jnp.float32,
         kernel_init=sharding.axes(nnx.initializers.lecun_normal(), *names),
         bias_init=sharding.axes(nnx.initializers.zeros_init(), names[1]))
     self.proj_in = dense(code_dim, width, ("code_dim", "embed"))
@@ -45,7 +47,7 @@ class CAR(nnx.Module):
         logical_axes=("embed",))
     # The backbone's final norm already normalises the hidden states.
     self.head = nnx.Linear(
-        width, num_codes, use_bias=False, rngs=rngs,
+        width, num_codes, use_bias=False, rngs=rngs, dtype=jnp.float32,
         kernel_init=sharding.axes(nnx.initializers.lecun_normal(), "embed",
                                   "codes"))
 

@@ -214,9 +214,20 @@ def init_cache(config: Qwen3Config, batch: int, max_len: int,
   shape = (config.num_hidden_layers, batch, max_len,
            config.num_key_value_heads, config.head_dim)
   dtype = dtype or config.dtype
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                 mask=jnp.zeros((batch, max_len), bool),
-                 index=jnp.zeros((), jnp.int32))
+  return _constrain_cache(KVCache(
+      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+      mask=jnp.zeros((batch, max_len), bool),
+      index=jnp.zeros((), jnp.int32)))
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+  """On a mesh (jax.set_mesh), rows split over the batch axes and kv heads
+  over 'model', as the attention that reads them; a no-op without one."""
+  kv = lambda x: sharding.constrain_axes(x, None, "batch", None, "model",
+                                         None)
+  return KVCache(k=kv(cache.k), v=kv(cache.v),
+                 mask=sharding.constrain_axes(cache.mask, "batch", None),
+                 index=cache.index)
 
 
 def rope(x, positions, theta: float):
@@ -489,7 +500,8 @@ class Qwen3(nnx.Module):
     h, kv = self._trunk(x.astype(self.config.dtype), positions, mask, kv,
                         index)
     if cache is not None:
-      cache = KVCache(k=kv[0], v=kv[1], mask=key_valid, index=index + t)
+      cache = _constrain_cache(
+          KVCache(k=kv[0], v=kv[1], mask=key_valid, index=index + t))
     return self.norm(h), cache
 
   def _trunk(self, h, positions, mask, kv, index):
