@@ -10,8 +10,9 @@ GenEval: OUT/<index>/metadata.jsonl and OUT/<index>/samples/<n>.png;
 DPG-Bench: OUT/<id>.png, a 2 x 2 grid. The channel tokens go beside them
 (OUT/<index>/tokens.npy; OUT/tokens/<id>.npy). Sample n of prompt i
 depends on --seed, i and n alone: batch size and process count do not
-change it. Prompts are split over JAX processes; a second run skips the
-prompts already written.
+change it. --mesh spreads the model and each batch over devices (default:
+each process's own, with the prompts split over processes); a second run
+skips the prompts already written.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ _SCHEDULE = flags.DEFINE_enum(
     "cfg_schedule", "constant", list(sampling.CFG_SCHEDULES), "Guidance"
     " over the C channel steps: cfg_scale at every step, or ramped from"
     " cfg_scale (first channel) to 1 (last) linearly or as a half cosine.")
+_MESH = flags.DEFINE_string(
+    "mesh", "", "Sampling mesh, e.g. 'fsdp=4,model=2' (axes data, fsdp,"
+    " model; data takes the devices left over): this process's devices, or"
+    " all the job's when it needs more; default: this process's devices"
+    " over data.")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype", "bfloat16", ["bfloat16", "float32"], "The dtype the"
+    " weights are read in for sampling.")
 _ALLOW = flags.DEFINE_bool(
     "allow_tokenizer_mismatch", False, "Sample with a tokenizer export other"
     " than the one CAR was trained with.")
@@ -54,7 +63,8 @@ def main(argv):
       seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, cfg_scale=_CFG.value,
       cfg_schedule=_SCHEDULE.value,
-      allow_tokenizer_mismatch=_ALLOW.value)
+      allow_tokenizer_mismatch=_ALLOW.value, mesh=_MESH.value,
+      param_dtype=_PARAM_DTYPE.value)
   print(f"wrote {len(done)} prompts to {_OUT.value}")
   distributed.finish()
 

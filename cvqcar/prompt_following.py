@@ -25,8 +25,8 @@ import numpy as np
 from absl import app, flags
 
 from cvqcar import fingerprint, logs, visualize
-from cvqcar.car import export as car_export
 from cvqcar.car import figures as car_figures
+from cvqcar.car import sampler as car_sampler
 from cvqcar.car import sampling
 from cvqcar.car import trainer as car_trainer
 from cvqcar.data import fashion, text
@@ -62,10 +62,13 @@ def load_classifier(path: str, data_dir: str, resolution: int,
   return classifier_lib.load(path)
 
 
-def load_car(path: str):
+def load_car(path: str, mesh: str = "", param_dtype: str = "bfloat16"
+             ) -> car_sampler.Sampler:
+  """A CAR export or training workdir on --mesh=`mesh` in `param_dtype`."""
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    return car_trainer.load_from_workdir(path)
-  return car_export.load_car(path)
+    model, config = car_trainer.load_from_workdir(path)
+    return car_sampler.Sampler.from_model(model, config, mesh, param_dtype)
+  return car_sampler.Sampler.load(path, mesh, param_dtype)
 
 
 def score_prompts(sample, classify, template: str, per_class: int
@@ -93,7 +96,7 @@ def score_prompts(sample, classify, template: str, per_class: int
 def run(car_path: str, tokenizer_path: str, out: str, *,
         classifier_path: str, data_dir: str = "", per_class: int = 20,
         seed: int = 0, allow_tokenizer_mismatch: bool = False,
-        **settings) -> dict:
+        mesh: str = "", param_dtype: str = "bfloat16", **settings) -> dict:
   """Samples, scores and writes OUT/prompt_following.json and the grid;
   returns the results. A tokenizer export other than the one CAR was
   trained with is refused unless `allow_tokenizer_mismatch`."""
@@ -101,7 +104,8 @@ def run(car_path: str, tokenizer_path: str, out: str, *,
       car_path, export.tokenizer_record(tokenizer_path), "the CAR model",
       allow=allow_tokenizer_mismatch, opt_out=fingerprint.FLAG_OPT_OUT,
       warn_if_missing=True)
-  model, config = load_car(car_path)
+  model = load_car(car_path, mesh, param_dtype)
+  config = model.config
   tokenizer = export.load_tokenizer(tokenizer_path, expect=(
       ml_collections.ConfigDict({"model": config.tokenizer})))
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
@@ -155,6 +159,10 @@ def _define_flags() -> None:
                     " a half cosine.")
   flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("mesh", "", "Sampling mesh, e.g. 'fsdp=4,model=2';"
+                      " default: this process's devices over data.")
+  flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"],
+                    "The dtype the weights are read in for sampling.")
   flags.DEFINE_bool("allow_tokenizer_mismatch", False, "Sample with a"
                     " tokenizer export other than the one CAR was trained"
                     " with.")
@@ -169,7 +177,8 @@ def main(argv):
       data_dir=f.data_dir, per_class=f.per_class, seed=f.seed,
       cfg_scale=f.cfg_scale, cfg_schedule=f.cfg_schedule,
       temperature=f.temperature,
-      allow_tokenizer_mismatch=f.allow_tokenizer_mismatch)
+      allow_tokenizer_mismatch=f.allow_tokenizer_mismatch, mesh=f.mesh,
+      param_dtype=f.param_dtype)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ flags.DEFINE_bool("truncate", False, "Cut prompts longer than the text"
                   " length to their first ids (else they are refused).")
 flags.DEFINE_integer("max_text_len", 0, "Text length; 0: the one the model"
                      " was trained with.")
+flags.DEFINE_string("mesh", "", "Sampling mesh, e.g. 'fsdp=4,model=2' (axes"
+                    " data, fsdp, model; data takes the devices left over);"
+                    " default: this process's devices over data.")
+flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"],
+                  "The dtype the weights are read in for sampling.")
 flags.DEFINE_bool("allow_tokenizer_mismatch", False, "Sample with a tokenizer"
                   " export other than the one CAR was trained with.")
 
@@ -50,7 +55,7 @@ def main(argv):
       num_seeds=f.num_seeds, temperature=f.temperature, top_k=f.top_k,
       top_p=f.top_p, cfg_scale=f.cfg_scale, cfg_schedule=f.cfg_schedule,
       truncate=f.truncate, max_text_len=f.max_text_len,
-      save_tokens=f.save_tokens,
+      save_tokens=f.save_tokens, mesh=f.mesh, param_dtype=f.param_dtype,
       allow_tokenizer_mismatch=f.allow_tokenizer_mismatch)
 
 

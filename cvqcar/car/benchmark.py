@@ -12,10 +12,12 @@ skips the one entry of OUT it cannot open as an image).
 
 Sample j of prompt i (its 0-based line in the prompt file) is drawn with
 `sampling.sample_keys(seed, [i], [j])`: the same image for any batch size
-and any number of processes. Prompts are split over JAX processes (prompt
-i goes to process i mod P, and each process samples on its own first
-device), sampled in fixed-size batches, and written atomically; finished
-prompts are skipped, so a killed run resumes where it stopped.
+and any number of processes. The model is read onto a mesh
+(`sampler.Sampler`): by default each process's devices, and prompt i goes
+to process i mod P; a mesh across processes (a model too large for one
+host) samples every prompt with all of them. Samples go in fixed-size
+batches split over the mesh and are written atomically; finished prompts
+are skipped, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cvqcar import fingerprint, visualize
-from cvqcar.car import export as car_export
+from cvqcar.car import sampler as sampler_lib
 from cvqcar.car import sampling
 from cvqcar.data import text
 from cvqcar.tokenizer import export
@@ -117,9 +119,20 @@ def _save(benchmark, out, index, item, images, tokens) -> None:
 
 def _local(tree):
   """A replicated multi-process tree as arrays on this process's first
-  device, so each process samples on its own."""
+  device, so each process decodes on its own."""
   return jax.tree.map(lambda x: x if x.is_fully_addressable
                       else x.addressable_data(0), tree)
+
+
+def _finished(benchmark: str, out: str, items, num_images: int,
+              spans_processes: bool) -> np.ndarray:
+  """bool [len(items)]: the prompt's files are all written. A mesh across
+  processes samples as one: process 0's view decides for all."""
+  done = np.array([all(os.path.exists(p) for p in _outputs(
+      benchmark, out, i, item, num_images)) for i, item in enumerate(items)])
+  if spans_processes and jax.process_count() > 1:
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return done
 
 
 def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
@@ -128,10 +141,19 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
                        seed: int = 0, temperature: float = 1.0,
                        top_k: int = 0, top_p: float = 1.0,
                        cfg_scale: float = 3.0, cfg_schedule: str = "constant",
-                       allow_tokenizer_mismatch: bool = False) -> list[str]:
+                       allow_tokenizer_mismatch: bool = False, mesh: str = "",
+                       param_dtype: str = "bfloat16") -> list[str]:
   """Writes the benchmark's images and tokens; returns the ids of prompts
   done now. A tokenizer export other than the one CAR was trained with is
-  refused unless `allow_tokenizer_mismatch`."""
+  refused unless `allow_tokenizer_mismatch`.
+
+  The model is read onto --mesh=`mesh` (`sampler.sampling_mesh`) in
+  `param_dtype`. A mesh of this process's devices (the default: all of
+  them) samples prompt i when i mod P is this process's index; a mesh
+  across processes samples every prompt with all of them, and process 0
+  writes. A batch of `batch_size` samples is split over the mesh's batch
+  axes (rounded up to a multiple of them).
+  """
   if benchmark not in BENCHMARKS:
     raise ValueError(f"--benchmark={benchmark!r}; expected one of"
                      f" {BENCHMARKS}")
@@ -140,20 +162,27 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
       car_path, export.tokenizer_record(tokenizer_path), "the CAR export",
       allow=allow_tokenizer_mismatch, opt_out=fingerprint.FLAG_OPT_OUT,
       warn_if_missing=True)
-  model, config = car_export.load_car(car_path)
+  car = sampler_lib.Sampler.load(car_path, mesh, param_dtype)
+  config = car.config
   tokenizer = export.load_tokenizer(
       tokenizer_path,
       expect=ml_collections.ConfigDict({"model": config.tokenizer}))
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
-  mine = [(i, item) for i, item in enumerate(items)
-          if i % jax.process_count() == jax.process_index()]
-  todo = [(i, item) for i, item in mine if not all(
-      os.path.exists(p) for p in _outputs(benchmark, out, i, item,
-                                          num_images))]
-  logging.info("%s: %d prompts, %d on this process, %d to do", benchmark,
-               len(items), len(mine), len(todo))
-  graphdef, state = nnx.split(model)
-  state = _local(state)
+  spans = car.spans_processes
+  groups, group = ((1, 0) if spans else
+                   (jax.process_count(), jax.process_index()))
+  writes = not spans or jax.process_index() == 0
+  finished = _finished(benchmark, out, items, num_images, spans)
+  mine = [(i, item) for i, item in enumerate(items) if i % groups == group]
+  todo = [(i, item) for i, item in mine if not finished[i]]
+  if car.padded(batch_size) != batch_size:
+    logging.info("batch of %d samples rounded up to %d: a multiple of the"
+                 " mesh's %d batch ways", batch_size,
+                 car.padded(batch_size), car.batch_ways)
+    batch_size = car.padded(batch_size)
+  logging.info("%s: %d prompts, %d %s, %d to do", benchmark, len(items),
+               len(mine), "on this mesh" if spans else "on this process",
+               len(todo))
   decode_graphdef, decode_state = nnx.split(tokenizer)
   decode_state = _local(decode_state)
   rows = [(i, item, j) for i, item in todo for j in range(num_images)]
@@ -167,20 +196,23 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
     # Padding rows get any key: rows never see each other's.
     keys = sampling.sample_keys(seed, [i for i, _, _ in chunk] + [0] * pad,
                                 [j for _, _, j in chunk] + [0] * pad)
-    tokens = sampling.generate(
-        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask), keys,
-        temperature=temperature, top_k=top_k, top_p=top_p,
+    tokens = car.tokens(
+        ids, mask, keys, temperature=temperature, top_k=top_k, top_p=top_p,
         cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)[:len(chunk)]
-    decoded = nnx.merge(decode_graphdef, decode_state).decode(tokens)
-    images = visualize.to_uint8(np.asarray(decoded))
+    images = [None] * len(chunk)
+    if writes:  # on a mesh across processes, process 0 alone
+      images = visualize.to_uint8(np.asarray(nnx.merge(
+          decode_graphdef, decode_state).decode(tokens)))
     # A prompt's samples may span two batches; save it once all are in.
-    for (i, item, _), image, row in zip(chunk, images, np.asarray(tokens),
+    for (i, item, _), image, row in zip(chunk, images, tokens,
                                         strict=True):
       partial.setdefault(i, []).append((image, row))
       if len(partial[i]) == num_images:
         samples = partial.pop(i)
-        _save(benchmark, out, i, item, np.stack([im for im, _ in samples]),
-              np.stack([r for _, r in samples]))
+        if writes:
+          _save(benchmark, out, i, item,
+                np.stack([im for im, _ in samples]),
+                np.stack([r for _, r in samples]))
         done.append(item["id"])
     if jax.process_index() == 0:
       sys.stderr.write(f"\r{benchmark}: {min(start + batch_size, len(rows))}"

@@ -17,6 +17,7 @@ from flax import nnx
 from PIL import Image
 
 from cvqcar import figures, visualize
+from cvqcar.car import sampler as sampler_lib
 from cvqcar.car import sampling
 from cvqcar.data import text
 
@@ -27,16 +28,19 @@ def car_samples(model, tokenizer, text_tok, prompts: Sequence[str], *,
   """CAR channel tokens [P, n, C] and images [P, n, H, W, 3] for each
   prompt (settings: temperature, top_k, top_p, cfg_scale, cfg_schedule);
   sample j of prompt i is drawn with `sampling.sample_keys(seed, [i],
-  [j])`."""
+  [j])`. `model` is a CAR model or a `sampler.Sampler` (on a mesh)."""
   repeated = [p for p in prompts for _ in range(per_prompt)]
   ids, mask = text.batch_encode(text_tok, repeated, max_text_len,
                                 truncate=True)
   keys = sampling.sample_keys(
       seed, np.repeat(np.arange(len(prompts)), per_prompt),
       np.tile(np.arange(per_prompt), len(prompts)))
-  graphdef, state = nnx.split(model)
-  tokens = sampling.generate(graphdef, (state,), jnp.asarray(ids),
-                             jnp.asarray(mask), keys, **settings)
+  if isinstance(model, sampler_lib.Sampler):
+    tokens = model.tokens(ids, mask, keys, **settings)
+  else:
+    graphdef, state = nnx.split(model)
+    tokens = sampling.generate(graphdef, (state,), jnp.asarray(ids),
+                               jnp.asarray(mask), keys, **settings)
   images = np.asarray(jax.jit(tokenizer.decode)(tokens))
   shape = (len(prompts), per_prompt)
   return (np.asarray(tokens).reshape(shape + tokens.shape[1:]),

@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 import os
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from cvqcar import fingerprint, metrics, visualize
-from cvqcar.car import export as car_export
+from cvqcar.car import sampler as sampler_lib
 from cvqcar.car import sampling
 from cvqcar.data import text
 from cvqcar.tokenizer import export
@@ -27,7 +25,8 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
                     top_p: float = 1.0, cfg_scale: float = 3.0,
                     cfg_schedule: str = "constant", truncate: bool = False,
                     max_text_len: int = 0, save_tokens: bool = False,
-                    allow_tokenizer_mismatch: bool = False) -> list[str]:
+                    allow_tokenizer_mismatch: bool = False, mesh: str = "",
+                    param_dtype: str = "bfloat16") -> list[str]:
   """Samples every prompt (an empty one is unconditional) and writes
   PNGs and coarse-to-fine strips; returns the paths written.
 
@@ -42,12 +41,17 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
   (positions the model never saw in training: a warning says so). A
   tokenizer export other than the one CAR was trained with is refused
   unless `allow_tokenizer_mismatch`.
+
+  The model is read onto --mesh=`mesh` (`sampler.sampling_mesh`; default
+  this process's devices over 'data') in `param_dtype`, and the prompts
+  are split over its batch axes.
   """
   fingerprint.check_record(
       car_path, export.tokenizer_record(tokenizer_path), "the CAR export",
       allow=allow_tokenizer_mismatch, opt_out=fingerprint.FLAG_OPT_OUT,
       warn_if_missing=True)
-  model, config = car_export.load_car(car_path)
+  car = sampler_lib.Sampler.load(car_path, mesh, param_dtype)
+  config = car.config
   # The tokenizer must have the shape the CAR model was trained on.
   tokenizer = export.load_tokenizer(
       tokenizer_path,
@@ -56,11 +60,11 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
   prompts = list(prompts) or [""]
   limit = max_text_len or config.max_text_len
   longest = config.llm_config["max_position_embeddings"] - (
-      model.num_channels + 1)
+      car.num_channels + 1)
   if limit > longest:
     raise ValueError(f"--max_text_len={limit}: the backbone has"
                      f" {config.llm_config['max_position_embeddings']}"
-                     f" positions, of which {model.num_channels + 1} are the"
+                     f" positions, of which {car.num_channels + 1} are the"
                      f" image's; at most {longest}")
   if limit > config.max_text_len:
     logging.warning("text length %d beyond the %d the model was trained"
@@ -72,14 +76,12 @@ def sample_to_files(car_path: str, tokenizer_path: str, prompts, out: str,
   except ValueError as e:
     raise ValueError(f"{e}; or sample with --truncate (keep the first"
                      f" {limit} ids) or --max_text_len=N") from None
-  graphdef, state = nnx.split(model)
   os.makedirs(out, exist_ok=True)
   written = []
   for s in range(seed, seed + num_seeds):
     keys = sampling.sample_keys(s, range(len(prompts)), [0] * len(prompts))
-    tokens = sampling.generate(
-        graphdef, (state,), jnp.asarray(ids), jnp.asarray(mask), keys,
-        temperature=temperature, top_k=top_k, top_p=top_p,
+    tokens = car.tokens(
+        ids, mask, keys, temperature=temperature, top_k=top_k, top_p=top_p,
         cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)
     strips = sampling.coarse_to_fine_strip(tokenizer, tokens)
     titles = visualize.prefix_titles(metrics.prefix_lengths(tokens.shape[1]))
