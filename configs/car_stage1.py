@@ -13,9 +13,24 @@ model config (imported, so its shape cannot drift); the export named in
 Arguments: `tiny` (CPU-sized LLM and the tiny tokenizer), `llm=PRESET`
 (0.6b, 1.7b, 4b, 8b, tiny), `fashion` (Fashion-MNIST with class-name
 captions and the tokenizer `cvq_tokenizer.py:tiny,fashion`; eval and sample
-prompts use a phrasing never seen in training). Sharding: `config.mesh`
+prompts use a phrasing never seen in training), `c2i` (class-conditional:
+ImageNet 256 from TFDS in config.data.data_dir, or with `fashion` the ten
+Fashion-MNIST classes; the prompt is a class index, see below). Sharding:
+`config.mesh`
 sizes the data, fsdp and model axes; the rules shard the embedding width
 over fsdp and heads, kv heads, MLP width, vocabulary and codes over model.
+
+Class-conditional (`c2i`): the condition is a learned class embedding
+(`config.num_classes` rows) in the prompt's one slot before the
+begin-of-image embedding, as LlamaGen, RAR and VAR condition on ImageNet,
+so the numbers compare like for like; TFDS's ImageNet labels are WordNet
+ids with no names offline, so a class-name prompt has nothing to read.
+Classifier-free guidance drops the class as it drops a prompt (the slot
+masked out), and every command that takes prompts takes class indices
+("207").
+
+  python -m cvqcar.train --config=configs/car_stage1.py:tiny,c2i,fashion \
+      --workdir=runs/car1_c2i_fashion
 """
 
 import ml_collections
@@ -25,8 +40,8 @@ from cvqcar.data import fashion as fashion_data
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = cvq_tokenizer.parse_args(arg, {"tiny", "llm", "fashion"})
-  tiny, fashion = "tiny" in args, "fashion" in args
+  args = cvq_tokenizer.parse_args(arg, {"tiny", "llm", "fashion", "c2i"})
+  tiny, fashion, c2i = "tiny" in args, "fashion" in args, "c2i" in args
   config = ml_collections.ConfigDict()
   config.trainer = "car"  # what `python -m cvqcar.train` runs
   config.stage = 1
@@ -61,6 +76,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.text_tokenizer = "auto"
   config.max_text_len = 64 if tiny else 256
   config.cfg_drop_prob = 0.1  # prompt dropped -> unconditional training
+  # > 0: class-conditional, the prompt a class index (see the docstring).
+  config.num_classes = 0
 
   config.data = ml_collections.ConfigDict()
   # 'embedded' (captioned photos), 'shards' (ArrayRecord pairs) or
@@ -119,6 +136,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.sample.prompts = tuple(
         fashion_data.caption(c, fashion_data.HELD_OUT_TEMPLATE)
         for c in (0, 1, 5, 7, 8, 9))
+  if c2i:
+    config.num_classes = len(fashion_data.CLASSES) if fashion else 1000
+    config.data.name = "fashion_mnist" if fashion else "imagenet2012"
+    config.data.train_split, config.data.eval_split = "train", "validation"
+    config.max_text_len = 1  # the class
+    # LlamaGen's demo classes (ImageNet), or every Fashion-MNIST class.
+    config.sample.prompts = tuple(str(c) for c in (
+        range(config.num_classes) if fashion else
+        (207, 360, 387, 974, 88, 979)))
   if tiny:
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 20

@@ -20,8 +20,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 2e-5
   config.init_from = ""
   if "tiny" in arg:
-    config.init_from = ("runs/car1_fashion" if "fashion" in arg
-                        else "runs/car1_tiny")
+    config.init_from = "runs/car1_" + (
+        "c2i_fashion" if "c2i" in arg and "fashion" in arg else
+        "fashion" if "fashion" in arg else "tiny")
   if "tiny" in arg:
     config.optimizer.learning_rate = 2e-4
     config.num_train_steps = 100

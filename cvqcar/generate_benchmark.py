@@ -4,10 +4,16 @@
       --prompts=evaluation_metadata.jsonl --car=exports/car2 \
       --tokenizer=exports/cvq --out=geneval_images
   python -m cvqcar.generate_benchmark --benchmark=dpg \
-      --prompts=dpg_bench/prompts --car=... --tokenizer=... --out=dpg_images
+      --prompts=dpg_bench/prompts --car=... --tokenizer=... --out=dpg_images \
+      --mesh=fsdp=4,model=2
+  python -m cvqcar.generate_benchmark --benchmark=imagenet_c2i \
+      --num_images=50 --car=exports/car2_c2i --tokenizer=... --out=c2i
 
 GenEval: OUT/<index>/metadata.jsonl and OUT/<index>/samples/<n>.png;
-DPG-Bench: OUT/<id>.png, a 2 x 2 grid. The channel tokens go beside them
+DPG-Bench: OUT/<id>.png, a 2 x 2 grid; imagenet_c2i (a class-conditional
+CAR; --prompts optional: class indices, one a line, default all classes):
+OUT/<class>/<n>.png, then OUT/samples_NxHxWx3.npz for the ADM evaluator
+and cvqcar.evaluate_samples. The channel tokens go beside them
 (OUT/<index>/tokens.npy; OUT/tokens/<id>.npy). Sample n of prompt i
 depends on --seed, i and n alone: batch size and process count do not
 change it. --mesh spreads the model and each batch over devices (default:
@@ -24,7 +30,9 @@ from cvqcar.car import benchmark, sampling
 
 _BENCHMARK = flags.DEFINE_enum("benchmark", None, list(benchmark.BENCHMARKS),
                                "Which layout to write.")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file or directory.")
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "Prompt file or directory (imagenet_c2i: class indices,"
+    " one a line; default every class).")
 _CAR = flags.DEFINE_string("car", None, "CAR export.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer export.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -56,9 +64,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.setup()
+  if _BENCHMARK.value != "imagenet_c2i" and not _PROMPTS.value:
+    raise app.UsageError(f"--benchmark={_BENCHMARK.value} needs --prompts")
   distributed.initialize()
   done = benchmark.generate_benchmark(
-      _BENCHMARK.value, _PROMPTS.value, _CAR.value, _TOKENIZER.value,
+      _BENCHMARK.value, _PROMPTS.value or "", _CAR.value, _TOKENIZER.value,
       _OUT.value, num_images=_NUM.value, batch_size=_BATCH.value,
       seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, cfg_scale=_CFG.value,
@@ -70,6 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["benchmark", "prompts", "car", "tokenizer",
-                                "out"])
+  flags.mark_flags_as_required(["benchmark", "car", "tokenizer", "out"])
   app.run(main)

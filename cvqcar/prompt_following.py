@@ -12,6 +12,8 @@ the prompt's class is the prompt-following accuracy, printed beside chance
 (1 / 10) and the classifier's own accuracy on the real test images. OUT
 gets prompt_following.json and prompt_grid.png (a row of samples per
 class, held-out phrasing). --car takes a CAR export or a training workdir.
+A class-conditional CAR (car_stage1.py:tiny,c2i,fashion) is prompted with
+each class index instead, and its grid is titled with the class names.
 """
 
 from __future__ import annotations
@@ -76,9 +78,11 @@ def score_prompts(sample, classify, template: str, per_class: int
   """Prompts every class through `template`, samples `per_class` images
   each (`sample(prompts, per_class)` -> [P, N, R, R, 3]) and labels them
   (`classify(images [M, R, R, 3])` -> class ids [M]): returns
-  ({'template', 'accuracy', 'per_class'}, the prompts, the images)."""
+  ({'template', 'accuracy', 'per_class'}, the prompts, the images).
+  template None prompts a class-conditional CAR with the class index."""
   classes = range(len(fashion.CLASSES))
-  prompts = [fashion.caption(c, template) for c in classes]
+  prompts = [str(c) if template is None else fashion.caption(c, template)
+             for c in classes]
   images = np.asarray(sample(prompts, per_class))
   if images.shape[:2] != (len(prompts), per_class):
     raise ValueError(f"sample gave {images.shape[:2]} images, not"
@@ -120,17 +124,22 @@ def run(car_path: str, tokenizer_path: str, out: str, *,
         model, tokenizer, text_tok, prompts, per_prompt=n, seed=seed,
         max_text_len=config.max_text_len, **settings)[1]
 
-  for name, template in (("held_out", fashion.HELD_OUT_TEMPLATE),
-                         ("train", fashion.TRAIN_TEMPLATES[0])):
+  phrasings = ((("class", None),) if config.get("num_classes", 0) else
+               (("held_out", fashion.HELD_OUT_TEMPLATE),
+                ("train", fashion.TRAIN_TEMPLATES[0])))
+  for name, template in phrasings:
     results[name], prompts, images = score_prompts(
         sample, lambda x: classifier_lib.predict(clf, x), template,
         per_class)
-    print(f"{name} prompts ('{template}'): {results[name]['accuracy']:.1%}"
+    what = "class indices" if template is None else f"'{template}'"
+    print(f"{name} prompts ({what}): {results[name]['accuracy']:.1%}"
           f" of {images.shape[0] * images.shape[1]} samples show the"
           f" prompt's class (chance {results['chance']:.0%})", flush=True)
-    if name == "held_out":
+    if name != "train":
+      titles = ([f"{c}: {fashion.CLASSES[c]}" for c in range(len(prompts))]
+                if template is None else [f'"{p}"' for p in prompts])
       grid = visualize.strip_grid(images[:, :min(per_class, 8)], min_tile=64,
-                                  row_titles=[f'"{p}"' for p in prompts])
+                                  row_titles=titles)
       results["grid"] = visualize.save_png(
           grid, os.path.join(out, "prompt_grid.png"))
   os.makedirs(out, exist_ok=True)

@@ -5,10 +5,17 @@ GenEval (`evaluation_metadata.jsonl`, one JSON object per prompt) reads
   OUT/00000/samples/0000.png ... one file per sample
 and DPG-Bench (prompts as DIR/<id>.txt, or a .jsonl of {"id", "prompt"}, or
 one prompt per line) reads OUT/<id>.png, a 2 x 2 grid of four samples.
+Class-conditional ImageNet (imagenet_c2i, a class-conditional CAR: every
+class, or the class indices listed one a line) writes OUT/<class>/<n>.png
+and, once every class is done, OUT/samples_NxHxWx3.npz (arr_0 uint8
+images, arr_1 classes: the ADM evaluator's sample batch, which
+`cvqcar.evaluate_samples` scores); sample n of class c is drawn with
+`sampling.sample_keys(seed, [c], [n])`.
 Beside the images, each prompt's sampled channel tokens, int32
 [num_images, C] in sample order: OUT/00000/tokens.npy (GenEval reads only
-samples/ and metadata.jsonl) and OUT/tokens/<id>.npy (DPG-Bench's scorer
-skips the one entry of OUT it cannot open as an image).
+samples/ and metadata.jsonl), OUT/<class>/tokens.npy and
+OUT/tokens/<id>.npy (DPG-Bench's scorer skips the one entry of OUT it
+cannot open as an image).
 
 Sample j of prompt i (its 0-based line in the prompt file) is drawn with
 `sampling.sample_keys(seed, [i], [j])`: the same image for any batch size
@@ -26,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from typing import Any
 
 import jax
@@ -33,6 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from PIL import Image
 
 from cvqcar import fingerprint, visualize
 from cvqcar.car import sampler as sampler_lib
@@ -40,7 +49,24 @@ from cvqcar.car import sampling
 from cvqcar.data import text
 from cvqcar.tokenizer import export
 
-BENCHMARKS = ("geneval", "dpg")
+BENCHMARKS = ("geneval", "dpg", "imagenet_c2i")
+
+
+def class_prompts(path: str, num_classes: int) -> list[dict[str, Any]]:
+  """imagenet_c2i's prompts: every class 0..num_classes-1, or the class
+  indices listed in `path` (one a line); a class's index is its id."""
+  if num_classes < 1:
+    raise ValueError("--benchmark=imagenet_c2i needs a class-conditional CAR"
+                     " (config.num_classes > 0, e.g. car_stage2.py:c2i)")
+  classes = range(num_classes)
+  if path:
+    with open(path) as f:
+      classes = [int(line) for line in f if line.strip()]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+      raise ValueError(f"{path}: classes {bad[:5]} outside 0.."
+                       f"{num_classes - 1}")
+  return [{"id": f"{c:04d}", "prompt": str(c), "index": c} for c in classes]
 
 
 def read_prompts(path: str, benchmark: str) -> list[dict[str, Any]]:
@@ -70,6 +96,10 @@ def _outputs(benchmark: str, out: str, index: int, item, num_images: int):
   """The files a finished prompt has, in the order they are written: the
   tokens, then the images (a run killed in between leaves the prompt
   unfinished, and a resumed run redoes it)."""
+  if benchmark == "imagenet_c2i":
+    folder = os.path.join(out, item["id"])
+    return [os.path.join(folder, "tokens.npy")] + [
+        os.path.join(folder, f"{j:04d}.png") for j in range(num_images)]
   if benchmark == "geneval":
     folder = os.path.join(out, f"{index:05d}")
     return [os.path.join(folder, "tokens.npy")] + [
@@ -99,6 +129,10 @@ def _save(benchmark, out, index, item, images, tokens) -> None:
   tokens = np.asarray(tokens, np.int32)
   _write_atomic(files[0], lambda p: _save_npy(p, tokens))
   files = files[1:]
+  if benchmark == "imagenet_c2i":
+    for path, image in zip(files, images, strict=True):
+      _write_atomic(path, lambda p, im=image: visualize.save_png(im, p))
+    return
   if benchmark == "geneval":
     for path, image in zip(files[:-1], images, strict=True):
       _write_atomic(path, lambda p, im=image: visualize.save_png(im, p))
@@ -129,7 +163,7 @@ def _finished(benchmark: str, out: str, items, num_images: int,
   """bool [len(items)]: the prompt's files are all written. A mesh across
   processes samples as one: process 0's view decides for all."""
   done = np.array([all(os.path.exists(p) for p in _outputs(
-      benchmark, out, i, item, num_images)) for i, item in enumerate(items)])
+      benchmark, out, i, item, num_images)) for i, item in items])
   if spans_processes and jax.process_count() > 1:
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
   return done
@@ -157,7 +191,6 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
   if benchmark not in BENCHMARKS:
     raise ValueError(f"--benchmark={benchmark!r}; expected one of"
                      f" {BENCHMARKS}")
-  items = read_prompts(prompts_path, benchmark)
   fingerprint.check_record(
       car_path, export.tokenizer_record(tokenizer_path), "the CAR export",
       allow=allow_tokenizer_mismatch, opt_out=fingerprint.FLAG_OPT_OUT,
@@ -168,13 +201,20 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
       tokenizer_path,
       expect=ml_collections.ConfigDict({"model": config.tokenizer}))
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
+  if benchmark == "imagenet_c2i":
+    items = class_prompts(prompts_path, config.get("num_classes", 0))
+  else:
+    items = read_prompts(prompts_path, benchmark)
+  # A prompt's index names its samples' keys: its line, or its class.
+  items = [(item.get("index", i), item) for i, item in enumerate(items)]
   spans = car.spans_processes
   groups, group = ((1, 0) if spans else
                    (jax.process_count(), jax.process_index()))
   writes = not spans or jax.process_index() == 0
   finished = _finished(benchmark, out, items, num_images, spans)
-  mine = [(i, item) for i, item in enumerate(items) if i % groups == group]
-  todo = [(i, item) for i, item in mine if not finished[i]]
+  mine = [(k, i, item) for k, (i, item) in enumerate(items)
+          if k % groups == group]
+  todo = [(i, item) for k, i, item in mine if not finished[k]]
   if car.padded(batch_size) != batch_size:
     logging.info("batch of %d samples rounded up to %d: a multiple of the"
                  " mesh's %d batch ways", batch_size,
@@ -219,4 +259,43 @@ def generate_benchmark(benchmark: str, prompts_path: str, car_path: str,
                        f"/{len(rows)} samples")
   if jax.process_index() == 0 and rows:
     sys.stderr.write("\n")
+  if benchmark == "imagenet_c2i":
+    if jax.process_count() > 1:  # every process's classes are written
+      multihost_utils.sync_global_devices("cvqcar imagenet_c2i npz")
+    if jax.process_index() == 0:
+      write_sample_batch(out, [item for _, item in items], num_images)
   return done
+
+
+def write_sample_batch(out: str, items, num_images: int) -> str | None:
+  """OUT/samples_NxHxWx3.npz, the ADM evaluator's sample batch: arr_0 the
+  uint8 images [N, H, W, 3] class by class, arr_1 their classes [N]. Read
+  from the PNGs and streamed into the file, so 50,000 images at 256 px
+  (9.8 GB) never sit in memory. None (and a warning) while classes are
+  missing."""
+  files = [(int(item["index"]), p) for item in items
+           for p in _outputs("imagenet_c2i", out, 0, item, num_images)[1:]]
+  missing = [p for _, p in files if not os.path.exists(p)]
+  if missing:
+    logging.warning("%d of %d images missing (e.g. %s): no sample batch"
+                    " yet; run again to finish", len(missing), len(files),
+                    missing[0])
+    return None
+  h, w = np.asarray(Image.open(files[0][1])).shape[:2]
+  path = os.path.join(out, f"samples_{len(files)}x{h}x{w}x3.npz")
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+      np.lib.format.write_array_header_1_0(f, {
+          "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+          "fortran_order": False, "shape": (len(files), h, w, 3)})
+      for _, png in files:
+        image = np.asarray(Image.open(png).convert("RGB"), np.uint8)
+        if image.shape != (h, w, 3):
+          raise ValueError(f"{png} is {image.shape}, the others {(h, w, 3)}")
+        f.write(image.tobytes())
+    with zf.open("arr_1.npy", "w") as f:
+      np.lib.format.write_array(f, np.array([c for c, _ in files], np.int64))
+  os.replace(tmp, path)
+  print(f"wrote {path} ({len(files)} samples, {len(items)} classes)")
+  return path

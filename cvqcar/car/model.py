@@ -26,9 +26,13 @@ class CAR(nnx.Module):
   """Text-conditioned autoregression over C channel tokens."""
 
   def __init__(self, backbone: qwen3.Qwen3, codebook_kd: jax.Array,
-               num_channels: int, *, rngs: nnx.Rngs):
+               num_channels: int, *, num_classes: int = 0,
+               rngs: nnx.Rngs):
     self.backbone = backbone
     self.num_channels = num_channels
+    # Class-conditional: the prompt is one class index, embedded here, not
+    # by the LLM's vocabulary (data.text.ClassTokenizer).
+    self.num_classes = num_classes
     num_codes, code_dim = codebook_kd.shape
     width = backbone.config.hidden_size
     # A copy: the tokenizer keeps its own buffer (donation must not alias).
@@ -45,6 +49,10 @@ class CAR(nnx.Module):
     self.begin_image = nnx.Param(
         jax.random.normal(rngs.params(), (width,)) * 0.02,
         logical_axes=("embed",))
+    if num_classes:
+      self.class_embed = nnx.Embed(
+          num_classes, width, rngs=rngs, embedding_init=sharding.axes(
+              nnx.initializers.normal(0.02), None, "embed"))
     # The backbone's final norm already normalises the hidden states.
     self.head = nnx.Linear(
         width, num_codes, use_bias=False, rngs=rngs, dtype=jnp.float32,
@@ -65,7 +73,8 @@ class CAR(nnx.Module):
   def prefix(self, text_bl: jax.Array, text_mask_bl: jax.Array):
     """Embeddings, positions and mask of [prompt][begin-of-image]."""
     b = text_bl.shape[0]
-    text = self.backbone.embed(text_bl)
+    text = (self.class_embed(text_bl) if self.num_classes
+            else self.backbone.embed(text_bl))
     boi = jnp.broadcast_to(self.begin_image[...].astype(text.dtype),
                            (b, 1, text.shape[-1]))
     mask = jnp.concatenate([text_mask_bl.astype(bool),

@@ -88,7 +88,8 @@ def build_car(config, llm_cfg: qwen3.Qwen3Config, key,
   backbone = qwen3.Qwen3(llm_cfg, rngs=rngs)
   if codebook_kd is None:
     codebook_kd = jnp.zeros((num_codes, code_dim), jnp.float32)
-  return car_lib.CAR(backbone, codebook_kd, channels, rngs=rngs)
+  return car_lib.CAR(backbone, codebook_kd, channels,
+                     num_classes=config.get("num_classes", 0), rngs=rngs)
 
 
 def split(model: car_lib.CAR, stage: int):

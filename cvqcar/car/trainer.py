@@ -34,9 +34,12 @@ def resolve_text_tokenizer(config) -> str:
   'auto' is the tokenizer.json beside a pretrained backbone's weights
   (config.llm.hf_dir), else byte-level for a randomly initialised one.
   Byte ids fed to a pretrained backbone would index embeddings trained for
-  other tokens, so that combination is refused.
+  other tokens, so that combination is refused. A class-conditional config
+  (config.num_classes > 0) reads class indices ('classes:N').
   """
   spec, hf_dir = config.text_tokenizer, config.llm.hf_dir
+  if config.get("num_classes", 0):  # class-conditional: the prompt a class
+    return f"{text.CLASSES_PREFIX}{config.num_classes}"
   if spec == "auto":
     return hf_dir or "bytes"
   if spec == "bytes" and hf_dir:

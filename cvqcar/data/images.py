@@ -282,7 +282,9 @@ def image_pipeline(records: Sequence[dict[str, Any]], *,
   return records_pipeline(records, preprocess, **kwargs)
 
 
-def _imagenet_records(cfg: ml_collections.ConfigDict, split: str):
+def imagenet_records(cfg: ml_collections.ConfigDict, split: str):
+  """TFDS imagenet2012 `split` in cfg.data_dir as a random-access source of
+  {'image': encoded bytes, 'label', ...}; nothing is downloaded."""
   import tensorflow_datasets as tfds  # Heavy import; only ImageNet needs it.
 
   if not cfg.data_dir:
@@ -303,7 +305,7 @@ def train_dataset(config: ml_collections.ConfigDict,
     preprocess = Preprocess(r, crop="random_scale", flip=True,
                             min_scale=d.min_scale)
   elif d.name == "imagenet2012":
-    records = _imagenet_records(d, d.train_split)
+    records = imagenet_records(d, d.train_split)
     preprocess = Preprocess(r, crop=d.train_crop, flip=True)
   elif d.name == "fashion_mnist":
     records = fashion.records(d.data_dir, "train")
@@ -332,7 +334,7 @@ def eval_records(config: ml_collections.ConfigDict):
   elif d.name == "fashion_mnist":
     records = fashion.records(d.data_dir, "test")
   else:
-    records = _imagenet_records(d, d.eval_split)
+    records = imagenet_records(d, d.eval_split)
   num = min(d.num_eval_images or len(records), len(records))
   return records, Preprocess(r, crop="center"), num
 
@@ -357,7 +359,7 @@ def eval_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
   else:
     records = (fashion.records(d.data_dir, "test")
                if d.name == "fashion_mnist"
-               else _imagenet_records(d, d.eval_split))
+               else imagenet_records(d, d.eval_split))
     preprocess = Preprocess(r, crop="center")
     num = min(d.num_eval_images or len(records), len(records))
   return image_pipeline(records, preprocess=preprocess,

@@ -337,8 +337,54 @@ def check_shard_tokenizer(pattern: str, tokenizer_export: str,
                              allow=allow, warn_if_missing=True)
 
 
+class ClassPrompts(Sequence):
+  """Labelled image records as pairs whose prompt is the class index (the
+  'caption' "207" of class 207; data.text.ClassTokenizer reads it)."""
+
+  def __init__(self, records: Sequence[dict[str, Any]]):
+    self.records = records
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i):
+    record = self.records[i]
+    return {**record, "caption": str(int(record["label"]))}
+
+
+CLASS_SOURCES = ("fashion_mnist", "imagenet2012")
+
+
+def _class_source(config: ml_collections.ConfigDict, split: str):
+  """Class-conditional CAR's pairs: Fashion-MNIST (IDX files) or TFDS
+  imagenet2012 (config.data.train_split / eval_split)."""
+  d = config.data
+  if d.name not in CLASS_SOURCES:
+    raise ValueError(f"class-conditional CAR (config.num_classes="
+                     f"{config.num_classes}) reads config.data.name in"
+                     f" {CLASS_SOURCES}, got {d.name!r}")
+  if d.get("pretokenized"):
+    raise ValueError("config.data.pretokenized needs config.data.name="
+                     "'shards'; class-conditional CAR reads labelled images")
+  if d.name == "fashion_mnist":
+    records = fashion.records(d.data_dir, "train" if split == "train" else
+                              "test")
+    want = len(fashion.CLASSES)
+  else:
+    records = image_data.imagenet_records(
+        d, d.get("train_split", "train") if split == "train" else
+        d.get("eval_split", "validation"))
+    want = 1000
+  if config.num_classes != want:
+    raise ValueError(f"config.num_classes={config.num_classes}, but"
+                     f" {d.name} has {want} classes")
+  return ClassPrompts(records)
+
+
 def _config_source(config: ml_collections.ConfigDict, split: str):
   d = config.data
+  if config.get("num_classes", 0):
+    return _class_source(config, split)
   if d.name == "embedded":
     if d.get("pretokenized"):
       raise ValueError("config.data.pretokenized needs config.data.name="

@@ -1,4 +1,5 @@
-"""Text tokenizers for prompts: UTF-8 bytes, or an HF tokenizer.json."""
+"""Text tokenizers for prompts: UTF-8 bytes, an HF tokenizer.json, or
+class indices (class-conditional CAR: the prompt "207" is class 207)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,42 @@ class ByteTokenizer:
   def __repr__(self):
     return "ByteTokenizer()"
 
+
+class ClassTokenizer:
+  """A class index as the one-id prompt of class-conditional CAR.
+
+  encode("207") is [207]: the condition is a class, embedded by CAR's own
+  class table rather than the LLM's vocabulary; the empty prompt (no ids)
+  is unconditional, as a dropped text prompt is.
+  """
+
+  pad_id = 0  # masked out: any valid id
+  bos_id = None
+  eos_id = None
+
+  def __init__(self, num_classes: int):
+    if num_classes < 1:
+      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    self.vocab_size = num_classes
+
+  def encode(self, text: str) -> list[int]:
+    if not isinstance(text, str):
+      raise TypeError(f"expected a str to encode, got {type(text).__name__}")
+    if not text.strip():
+      return []
+    if not text.strip().isdigit() or int(text) >= self.vocab_size:
+      raise ValueError(f"class-conditional prompt {text!r}: expected a class"
+                       f" index in 0..{self.vocab_size - 1}")
+    return [int(text)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return " ".join(str(int(i)) for i in ids)
+
+  def __repr__(self):
+    return f"ClassTokenizer({self.vocab_size})"
+
+
+CLASSES_PREFIX = "classes:"
 
 # Looked up in order when a tokenizer.json names no padding token.
 _PAD_TOKENS = ("<|endoftext|>", "<pad>", "[PAD]", "<|pad|>")
@@ -112,10 +149,16 @@ class HFTokenizer:
 
 
 def load_text_tokenizer(spec: str) -> TextTokenizer:
-  """'bytes' -> ByteTokenizer; a tokenizer.json (or its directory) ->
-  HFTokenizer."""
+  """'bytes' -> ByteTokenizer; 'classes:N' -> ClassTokenizer(N); a
+  tokenizer.json (or its directory) -> HFTokenizer."""
   if spec == "bytes":
     return ByteTokenizer()
+  if spec.startswith(CLASSES_PREFIX):
+    n = spec[len(CLASSES_PREFIX):]
+    if not n.isdigit():
+      raise ValueError(f"text tokenizer {spec!r}: expected 'classes:N' with"
+                       " N the number of classes")
+    return ClassTokenizer(int(n))
   if not spec:
     raise ValueError("text tokenizer spec is empty: expected 'bytes' or the"
                      " path of an HF tokenizer.json")

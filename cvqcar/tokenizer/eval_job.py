@@ -29,7 +29,7 @@ def eval_source(data: str, config: ml_collections.ConfigDict,
     records = image_data.FolderImages(arg)
   elif kind == "imagenet2012" and arg:
     cfg = ml_collections.ConfigDict({"data_dir": data_dir})
-    records = image_data._imagenet_records(cfg, arg)  # noqa: SLF001
+    records = image_data.imagenet_records(cfg, arg)
   else:
     raise ValueError(f"--data={data!r}; expected 'embedded',"
                      " 'folder:DIRECTORY' or 'imagenet2012:SPLIT'")
