@@ -323,13 +323,13 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(hd, c, rngs=rngs)
     self.config = c
 
-  def __call__(self, x, positions, mask, kv=None, index=0):
+  def __call__(self, x, positions, mask, kv=None, index=0, layer=0):
     """x [B, T, D], mask [B, 1, T or 1, S] -> ([B, T, D], kv).
 
     Without kv the T tokens attend causally among themselves (mask: key
-    padding). kv, when given, is this layer's cache (k, v) [B, S, K, hd]:
-    the new keys and values are written at slot `index`, and `mask` holds
-    causality and padding over all S slots.
+    padding). kv, when given, is every layer's cache (k, v) [L, B, S, K,
+    hd]: this layer's (row `layer`) new keys and values are written at slot
+    `index`, and `mask` holds causality and padding over all S slots.
     """
     c = self.config
     b, t, _ = x.shape
@@ -340,13 +340,17 @@ class Attention(nnx.Module):
     k = rope(k, positions, c.rope_theta)  # [B, T, K, hd]
     impl = c.attention
     if kv is not None:
+      # Only the new slots are written, in place: the whole cache rides in
+      # the layer scan's carry rather than in and out as a scanned row.
       k_all, v_all = kv
-      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype),
-                                           (0, index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype),
-                                           (0, index, 0, 0))
+      k_all = jax.lax.dynamic_update_slice(
+          k_all, k.astype(k_all.dtype)[None], (layer, 0, index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(
+          v_all, v.astype(v_all.dtype)[None], (layer, 0, index, 0, 0))
       kv = (k_all, v_all)
-      k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
       # Decoding steps are tiny; the fused kernels want T == S.
       impl = "plain" if impl == "plain" else "xla"
     elif impl == "auto" and jax.default_backend() == "tpu":
@@ -378,9 +382,9 @@ class DecoderLayer(nnx.Module):
                                             rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, kv=None, index=0):
+  def __call__(self, x, positions, mask, kv=None, index=0, layer=0):
     h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv,
-                           index)
+                           index, layer)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -493,27 +497,29 @@ class Qwen3(nnx.Module):
     return self.norm(h), cache
 
   def _trunk(self, h, positions, mask, kv, index):
-    """The decoder layers, scanned (or looped) over the stacked weights."""
+    """The decoder layers, scanned (or looped) over the stacked weights.
+    kv, the whole cache, rides in the carry: each layer updates its row in
+    place (as scanned-over input and output, every step copied it)."""
     graphdef, stacked = nnx.split(self.layers)
 
-    def body(h, xs):
-      state, kv_i = xs
+    def body(carry, xs):
+      h, kv = carry
+      state, layer = xs
       h = sharding.constrain_batch(h)
-      h, kv_i = nnx.merge(graphdef, state)(h, positions, mask, kv_i, index)
-      return sharding.constrain_batch(h), kv_i
+      h, kv = nnx.merge(graphdef, state)(h, positions, mask, kv, index,
+                                         layer)
+      return (sharding.constrain_batch(h), kv), None
 
     policy = self.config.remat
     if policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                             prevent_cse=not self.config.scan_layers)
+    layers = jnp.arange(self.config.num_hidden_layers)
     if self.config.scan_layers:
-      return jax.lax.scan(body, h, (stacked, kv))
-    outs = []
+      return jax.lax.scan(body, (h, kv), (stacked, layers))[0]
     for i in range(self.config.num_hidden_layers):
-      h, kv_i = body(h, jax.tree.map(lambda x: x[i], (stacked, kv)))
-      outs.append(kv_i)
-    return h, (None if kv is None else jax.tree.map(
-        lambda *xs: jnp.stack(xs), *outs))
+      (h, kv), _ = body((h, kv), (jax.tree.map(lambda x: x[i], stacked), i))
+    return h, kv
 
   def __call__(self, token_ids, positions=None, cache=None,
                attention_mask=None):
