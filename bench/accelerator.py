@@ -268,14 +268,14 @@ def run_car_step(smoke: bool, deadline: Deadline) -> dict:
 
 def run_decode(smoke: bool, deadline: Deadline) -> dict:
   del deadline  # three reps of each decoder fit the default budget
-  flags = (["--backbone=tiny", "--batch=2", "--channels=8", "--codes=64",
+  flags = (["--backbone=tiny", "--batches=2", "--channels=8", "--codes=64",
             "--code_dim=16", "--prompt_len=4", "--reps=1"] if smoke else
-           ["--backbone=0.6b", "--batch=8", "--channels=256",
+           ["--backbone=0.6b", "--batches=8,32,128", "--channels=256",
             "--codes=16384", "--code_dim=256", "--prompt_len=16", "--reps=3"])
   args = decode.parse_args(flags + ["--no-write"])
   result = decode.measure(args)
   table, note = decode.table_and_note(args, result)
-  return {"rows": len(result["seconds"]), "ok": True,
+  return {"rows": len(result["rows"]), "ok": True,
           "name": f"accelerator: decode ({args.backbone})",
           "body": f"{note}\n\n{table}"}
 

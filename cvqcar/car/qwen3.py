@@ -295,6 +295,35 @@ def attention(q, k, v, mask, causal: bool, implementation: str):
   return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
 
 
+def _cached_attention_cpu(q, k, v, mask):
+  """attention() over a cache, as two dots batched over B alone.
+
+  XLA:CPU lays a dot batched over (B, kv heads) out with those axes major,
+  so it copies and transposes the whole [B, S, K, hd] cache of a layer at
+  every decoding step. Here the queries are spread block-diagonally over
+  the K * hd columns (zero where a query head does not read that kv head)
+  and the cache is read as [B, S, K * hd], as stored: K times the (tiny)
+  flops of a decoding step for a fraction of its memory traffic.
+  """
+  b, t, h, hd = q.shape
+  kv_heads = k.shape[2]
+  groups = h // kv_heads
+  eye_kk = jnp.eye(kv_heads, dtype=q.dtype)
+  q = q.reshape(b, t, kv_heads, groups, 1, hd) * eye_kk[:, None, :, None]
+  q = q.reshape(b, t * h, kv_heads * hd)  # [B, T*H, K*hd]
+  scores = jnp.einsum("bmc,bsc->bms", q, k.reshape(b, -1, kv_heads * hd),
+                      preferred_element_type=jnp.float32) * hd ** -0.5
+  scores = scores.reshape(b, t, h, -1)  # [B, T, H, S]
+  # A finite floor keeps rows with no visible key (padding) free of NaN.
+  scores = jnp.where(mask[:, 0, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bms,bsc->bmc", probs.reshape(b, t * h, -1),
+                   v.reshape(b, -1, kv_heads * hd))
+  # Each query head keeps the columns of its own kv head.
+  out = out.reshape(b, t, kv_heads, groups, kv_heads, hd)
+  return jnp.einsum("btkgjd,kj->btkgd", out, eye_kk).reshape(b, t, h, hd)
+
+
 def _splash_attention(q, k, v, key_valid):
   """The splash kernel per device: batch over the data-parallel axes and
   heads over 'model' of the mesh in context (pallas_call is not
@@ -334,13 +363,13 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(hd, c, rngs=rngs)
     self.config = c
 
-  def __call__(self, x, positions, mask, kv=None, index=0):
+  def __call__(self, x, positions, mask, kv=None, index=0, layer=0):
     """x [B, T, D], mask [B, 1, T or 1, S] -> ([B, T, D], kv).
 
     Without kv the T tokens attend causally among themselves (mask: key
-    padding). kv, when given, is this layer's cache (k, v) [B, S, K, hd]:
-    the new keys and values are written at slot `index`, and `mask` holds
-    causality and padding over all S slots.
+    padding). kv, when given, is every layer's cache (k, v) [L, B, S, K,
+    hd]: this layer's (row `layer`) new keys and values are written at slot
+    `index`, and `mask` holds causality and padding over all S slots.
     """
     c = self.config
     b, t, _ = x.shape
@@ -351,18 +380,25 @@ class Attention(nnx.Module):
     k = rope(k, positions, c.rope_theta)  # [B, T, K, hd]
     impl = c.attention
     if kv is not None:
+      # Only the new slots are written, in place: the whole cache rides in
+      # the layer scan's carry rather than in and out as a scanned row.
       k_all, v_all = kv
-      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype),
-                                           (0, index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype),
-                                           (0, index, 0, 0))
+      k_all = jax.lax.dynamic_update_slice(
+          k_all, k.astype(k_all.dtype)[None], (layer, 0, index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(
+          v_all, v.astype(v_all.dtype)[None], (layer, 0, index, 0, 0))
       kv = (k_all, v_all)
-      k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
       # Decoding steps are tiny; the fused kernels want T == S.
       impl = "plain" if impl == "plain" else "xla"
     elif impl == "auto" and jax.default_backend() == "tpu":
       impl = "splash"
-    out = attention(q, k, v, mask, kv is None, impl)
+    if kv is not None and impl == "xla" and jax.default_backend() == "cpu":
+      out = _cached_attention_cpu(q, k, v, mask)
+    else:
+      out = attention(q, k, v, mask, kv is None, impl)
     return self.o_proj(out.reshape(b, t, -1)), kv
 
 
@@ -389,9 +425,9 @@ class DecoderLayer(nnx.Module):
                                             rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, kv=None, index=0):
+  def __call__(self, x, positions, mask, kv=None, index=0, layer=0):
     h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv,
-                           index)
+                           index, layer)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -505,27 +541,29 @@ class Qwen3(nnx.Module):
     return self.norm(h), cache
 
   def _trunk(self, h, positions, mask, kv, index):
-    """The decoder layers, scanned (or looped) over the stacked weights."""
+    """The decoder layers, scanned (or looped) over the stacked weights.
+    kv, the whole cache, rides in the carry: each layer updates its row in
+    place (as scanned-over input and output, every step copied it)."""
     graphdef, stacked = nnx.split(self.layers)
 
-    def body(h, xs):
-      state, kv_i = xs
+    def body(carry, xs):
+      h, kv = carry
+      state, layer = xs
       h = sharding.constrain_batch(h)
-      h, kv_i = nnx.merge(graphdef, state)(h, positions, mask, kv_i, index)
-      return sharding.constrain_batch(h), kv_i
+      h, kv = nnx.merge(graphdef, state)(h, positions, mask, kv, index,
+                                         layer)
+      return (sharding.constrain_batch(h), kv), None
 
     policy = self.config.remat
     if policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy],
                             prevent_cse=not self.config.scan_layers)
+    layers = jnp.arange(self.config.num_hidden_layers)
     if self.config.scan_layers:
-      return jax.lax.scan(body, h, (stacked, kv))
-    outs = []
+      return jax.lax.scan(body, (h, kv), (stacked, layers))[0]
     for i in range(self.config.num_hidden_layers):
-      h, kv_i = body(h, jax.tree.map(lambda x: x[i], (stacked, kv)))
-      outs.append(kv_i)
-    return h, (None if kv is None else jax.tree.map(
-        lambda *xs: jnp.stack(xs), *outs))
+      (h, kv), _ = body((h, kv), (jax.tree.map(lambda x: x[i], stacked), i))
+    return h, kv
 
   def __call__(self, token_ids, positions=None, cache=None,
                attention_mask=None):
