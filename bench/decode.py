@@ -74,15 +74,19 @@ def greedy_decode(graphdef, state, prompt_bp, steps: int):
   logits, cache = model(prompt_bp, cache=cache)
   first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
 
-  def step(carry, _):
+  def step(carry, _, window):
     token, cache = carry
-    logits, cache = model(token[:, None], cache=cache)
+    logits, cache = model(token[:, None], cache=cache, window=window)
     return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), token
 
-  # steps - 1 forwards after the prefill, as HF: the last token is not fed.
-  (last, _), tokens_tb = jax.lax.scan(step, (first, cache), None,
-                                      length=steps - 1)
-  return jnp.concatenate([tokens_tb.T, last[:, None]], axis=1)
+  # steps - 1 forwards after the prefill, as HF: the last token is not fed;
+  # in chunks, each reading the cache slots filled by its end.
+  carry, tokens = (first, cache), []
+  for n, window in qwen3.decode_windows(p, steps - 1):
+    carry, tokens_nb = jax.lax.scan(
+        functools.partial(step, window=window), carry, None, length=n)
+    tokens.append(tokens_nb)
+  return jnp.concatenate(tokens + [carry[0][None]]).T
 
 
 def car_runner(model, text_bl, mask_bl, args, use_cache: bool):

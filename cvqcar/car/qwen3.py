@@ -230,6 +230,22 @@ def _constrain_cache(cache: KVCache) -> KVCache:
                  index=cache.index)
 
 
+def decode_windows(filled: int, steps: int, chunks: int = 4
+                   ) -> list[tuple[int, int]]:
+  """[(n, window)]: `steps` one-token decoding steps after `filled` cache
+  slots, in up to `chunks` runs of n steps whose tokens attend to the first
+  `window` slots (all that are filled by the run's end). Each run is one
+  compiled loop; later runs read more of the cache, none reads all of it
+  before it is full."""
+  chunks = max(1, min(chunks, steps))
+  out, done = [], 0
+  for i in range(chunks):
+    n = steps // chunks + (i < steps % chunks)
+    done += n
+    out.append((n, filled + done))
+  return [(n, w) for n, w in out if n]
+
+
 def rope(x, positions, theta: float):
   """Rotates [B, T, N, hd] by positions [B, T], rotate-half layout as HF."""
   hd = x.shape[-1]
@@ -391,6 +407,9 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
+      window = mask.shape[-1]  # the first slots, all a decoding chunk reads
+      if window < k.shape[1]:
+        k, v = k[:, :window], v[:, :window]
       # Decoding steps are tiny; the fused kernels want T == S.
       impl = "plain" if impl == "plain" else "xla"
     elif impl == "auto" and jax.default_backend() == "tpu":
@@ -492,7 +511,7 @@ class Qwen3(nnx.Module):
     return self.lm_head(hidden)
 
   def forward_embeddings(self, x, positions=None, cache=None,
-                         attention_mask=None):
+                         attention_mask=None, window: int | None = None):
     """Runs the trunk on embeddings x [B, T, D].
 
     Returns (hidden [B, T, D] after the final norm, the updated cache or
@@ -501,6 +520,9 @@ class Qwen3(nnx.Module):
     slot. positions [B, T] default to the slot numbers. attention_mask
     [B, T] (true for real tokens) marks padding among the new tokens; the
     cache remembers it, so later tokens never attend to those slots either.
+    `window` (static; with a cache) reads only the cache's first `window`
+    slots, which must hold every filled one (index + T <= window): decoding
+    in chunks (`decode_windows`) then reads what is filled, not max_len.
     """
     b, t, d = x.shape
     if d != self.config.hidden_size:
@@ -528,10 +550,14 @@ class Qwen3(nnx.Module):
                          f" {cache.max_len}")
       key_valid = jax.lax.dynamic_update_slice(
           cache.mask, attention_mask.astype(bool), (0, index))
-      k_slots = jnp.arange(key_valid.shape[1])  # [S]
+      slots = cache.max_len if window is None else window
+      if not 0 < slots <= cache.max_len:
+        raise ValueError(f"window {window} outside 1..{cache.max_len}, the"
+                         " cache's slots")
+      k_slots = jnp.arange(slots)  # [S]
       # Causal over slots, not positions: callers may pass any positions.
       causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-      mask = (causal[None] & key_valid[:, None])[:, None]  # [B, 1, T, S]
+      mask = (causal[None] & key_valid[:, None, :slots])[:, None]
       kv = (cache.k, cache.v)
     h, kv = self._trunk(x.astype(self.config.dtype), positions, mask, kv,
                         index)
@@ -566,10 +592,11 @@ class Qwen3(nnx.Module):
     return h, kv
 
   def __call__(self, token_ids, positions=None, cache=None,
-               attention_mask=None):
-    """Logits [B, T, vocab], or (logits, cache) when a cache is given."""
+               attention_mask=None, window: int | None = None):
+    """Logits [B, T, vocab], or (logits, cache) when a cache is given
+    (`window`: see forward_embeddings)."""
     hidden, new_cache = self.forward_embeddings(
-        self.embed(token_ids), positions, cache, attention_mask)
+        self.embed(token_ids), positions, cache, attention_mask, window)
     logits = self.logits(hidden)
     return logits if cache is None else (logits, new_cache)
 
