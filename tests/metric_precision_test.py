@@ -4,13 +4,19 @@ float32, and a TPU-like bf16 rounding of default-precision operands leaves
 the scores unchanged."""
 
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch_references
+from flax import nnx
 from jax.extend import core as jex_core
 
 from cvqcar import metrics
+from cvqcar.evaluation import fid, inception
+from cvqcar.tokenizer import evaluate, lpips
 
 HIGHEST = jax.lax.Precision.HIGHEST
 _MATMULS = ("conv_general_dilated", "dot_general")
@@ -176,3 +182,63 @@ def test_check_pinned_catches_a_default_conv(monkeypatch):
   with pytest.raises(AssertionError, match="DEFAULT"):
     check_pinned(metrics.ssim, x, x)
 
+
+
+@pytest.fixture(scope="module")
+def inception_weights():
+  _, state = torch_references.fid_inception()
+  return inception.fold_batch_norms(state)
+
+
+def test_lpips_pinned():
+  graphdef, state = nnx.split(lpips.LPIPS(rngs=nnx.Rngs(0)))
+  x = jnp.zeros((2, 16, 16, 3), jnp.bfloat16)
+  check_pinned(lambda s, a, b: nnx.merge(graphdef, s)(a, b), state, x, x)
+
+
+def test_inception_features_pinned(inception_weights):
+  x = jnp.zeros((1, 16, 16, 3), jnp.bfloat16)
+  check_pinned(inception.features, inception_weights, x)
+
+
+def test_feature_sums_pinned_and_equal_feature_stats():
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(6, 5)).astype(np.float32)
+  w = np.r_[np.ones(4), np.zeros(2)].astype(np.float32)
+  check_pinned(fid.feature_sums, f, w)
+  want = fid.FeatureStats(5)
+  want.add(f, w)
+  got = fid.FeatureStats(5)
+  got.add_sums(w.sum(), fid.feature_sums(f, w))
+  assert got.count == want.count == 4
+  np.testing.assert_allclose(got.sum, want.sum, rtol=1e-6)
+  np.testing.assert_allclose(got.outer, want.outer, rtol=1e-5)
+
+
+class _StubTokenizer:
+  """Stands in for a tokenizer (bf16 outputs, as a bf16 model's): the only
+  convolutions and matmuls left in batch_metrics are the metrics'."""
+
+  def __call__(self, images, train):
+    b = images.shape[0]
+    return types.SimpleNamespace(
+        reconstructions=(0.9 * images).astype(jnp.bfloat16),
+        indices=jnp.zeros((b, 4), jnp.int32),
+        index_weight=jnp.ones((b, 4), jnp.float32),
+        code_counts=jnp.zeros((16,), jnp.int32))
+
+  def decode(self, indices):
+    return jnp.full((indices.shape[0], 16, 16, 3), 0.1, jnp.bfloat16)
+
+
+def test_tokenizer_batch_metrics_pinned(inception_weights):
+  graphdef, state = nnx.split(lpips.LPIPS(rngs=nnx.Rngs(0)))
+  weights = evaluate.Weights(inception=inception_weights, lpips=state)
+  images = jnp.zeros((2, 16, 16, 3))
+  mask = jnp.ones((2,))
+
+  def sums_and_stats(weights, images, mask):
+    return evaluate.batch_metrics(_StubTokenizer(), images, mask, weights,
+                                  graphdef, prefixes=(2,))[:3]
+
+  check_pinned(sums_and_stats, weights, images, mask)

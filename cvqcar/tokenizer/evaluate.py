@@ -8,6 +8,7 @@ the same numbers whatever the process count. rFID compares the Inception
 statistics of the reconstructions with those of the same real images (or
 with reference statistics from an .npz). Channel tokenizers also get the
 coarse-to-fine curve: PSNR (and LPIPS) decoding only the first k channels.
+All metrics compute in float32 at `Precision.HIGHEST`.
 """
 
 from __future__ import annotations
@@ -74,9 +75,8 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
   stats = {}
   if weights.inception is not None:
     for name, x in (("real", images), ("recon", recon)):
-      f = inception.features(weights.inception, x)
-      stats[name] = {"sum": mask @ f, "outer": jnp.einsum(
-          "b,bi,bj->ij", mask, f, f, precision=jax.lax.Precision.HIGHEST)}
+      stats[name] = fid.feature_sums(inception.features(weights.inception, x),
+                                     mask)
   return sums, counts, stats, decoded
 
 
@@ -147,10 +147,8 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
       sums[k] = sums.get(k, 0.0) + float(v)
     counts = counts + np.asarray(c, np.float64)
     for name, d in st.items():
-      acc = stats.setdefault(name, fid.FeatureStats(inception.FEATURES))
-      acc.count += float(s["images"])
-      acc.sum += np.float64(d["sum"])
-      acc.outer += np.float64(d["outer"])
+      stats.setdefault(name, fid.FeatureStats(inception.FEATURES)).add_sums(
+          s["images"], d)
     progress(i + 1, sums["images"])
   if jax.process_count() > 1:
     corrupt = int(np.sum(multihost_utils.process_allgather(
