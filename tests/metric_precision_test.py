@@ -3,7 +3,6 @@ of the metric code asks for Precision.HIGHEST, each reduction runs in
 float32, and a TPU-like bf16 rounding of default-precision operands leaves
 the scores unchanged."""
 
-
 import types
 
 import jax
@@ -121,8 +120,7 @@ def tpu_default(fn):
   ask for HIGHEST rounded to bf16 (products exact, sums in float32). On
   CPU, jax.default_matmul_precision('bfloat16') changes nothing."""
   def emulated(*args):
-    closed, shape = jax.make_jaxpr(_fresh(fn), return_shape=True)(
-        *args)
+    closed, shape = jax.make_jaxpr(_fresh(fn), return_shape=True)(*args)
     out = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(shape), out)
   return emulated
@@ -181,7 +179,6 @@ def test_check_pinned_catches_a_default_conv(monkeypatch):
                       _default(jax.lax.conv_general_dilated))
   with pytest.raises(AssertionError, match="DEFAULT"):
     check_pinned(metrics.ssim, x, x)
-
 
 
 @pytest.fixture(scope="module")
