@@ -12,6 +12,11 @@ TFDS). Writes DIR/metrics.json and DIR/metrics.md (one markdown row). A
 metric whose weights are not given is skipped, naming the flag that enables
 it; undecodable images are skipped and counted. Multi-process jobs
 (jax.distributed) split the images and report the same numbers.
+
+rFID rounds real and reconstructed images to 8 bits before Inception, as
+pytorch-fid scores image files and papers report it; --noquantize_uint8
+scores the float reconstructions. metrics.json's rfid_protocol and the
+table's rFID column name which ('uint8' or 'float').
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ _LPIPS = flags.DEFINE_string("lpips", "", "LPIPS VGG weights (.npz).")
 _REF = flags.DEFINE_string("ref_stats", "", "rFID reference statistics"
                            " (.npz with mu, sigma); default: the real"
                            " images evaluated.")
+_QUANTIZE = flags.DEFINE_bool(
+    "quantize_uint8", True, "rFID of images rounded to 8 bits (the published"
+    " protocol: pytorch-fid on image files); false: of float"
+    " reconstructions.")
 
 
 def main(argv):
@@ -49,7 +58,8 @@ def main(argv):
       _TOKENIZER.value, data=_DATA.value, names=_METRICS.value,
       out=_OUT.value, batch_size=_BATCH.value, num_images=_NUM.value,
       data_dir=_DATA_DIR.value, inception_path=_INCEPTION.value,
-      lpips_path=_LPIPS.value, ref_stats=_REF.value)
+      lpips_path=_LPIPS.value, ref_stats=_REF.value,
+      quantize_uint8=_QUANTIZE.value)
   distributed.finish()
 
 

@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,7 +19,8 @@ from conftest import tiny_config
 from cvqcar import metrics, visualize
 from cvqcar.car import pipeline
 from cvqcar.data import images as image_data
-from cvqcar.tokenizer import eval_job, export, lpips
+from cvqcar.evaluation import fid, inception
+from cvqcar.tokenizer import eval_job, evaluate, export, lpips
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -93,9 +96,60 @@ def test_rfid_on_the_embedded_set(tokenizer_export, tmp_path):
   # can leave sqrtm a hair below zero); parity is evaluation_test's job.
   assert np.isfinite(result["rfid"]) and result["rfid"] > -1e-3
   assert result["rfid_reference"] == "the same real images"
+  assert result["rfid_protocol"] == "uint8"  # the default, as published
+  header = (tmp_path / "out" / "metrics.md").read_text().splitlines()[0]
+  assert "| rFID (uint8) |" in header
   for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
     assert key in result
   assert "lpips" not in result and result["skipped_metrics"] == {}
+
+
+class _Fixed:
+  """A stand-in tokenizer with a given reconstruction."""
+
+  def __init__(self, reconstructions):
+    self.reconstructions = reconstructions
+
+  def __call__(self, images, train):
+    b = images.shape[0]
+    return types.SimpleNamespace(
+        reconstructions=self.reconstructions,
+        indices=jnp.zeros((b, 1), jnp.int32),
+        index_weight=jnp.ones((b, 1)), code_counts=jnp.zeros((4,)))
+
+
+def test_quantize_uint8_rounds_images_before_inception(tmp_path,
+                                                       monkeypatch):
+  # Inception's "features" here are the pixels it is given.
+  monkeypatch.setattr(inception, "features",
+                      lambda weights, x: x.reshape(x.shape[0], -1))
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)  # off-grid
+  levels = visualize.to_uint8(images).astype(np.float32)
+  on_grid = levels / 127.5 - 1  # the images as uint8 files hold them
+  # Reconstructions less than half a level off the real images' levels.
+  recon = (levels + rng.uniform(-0.4, 0.4, images.shape)) / 127.5 - 1
+  mask = np.ones(3, np.float32)
+  model = _Fixed(jnp.asarray(recon, jnp.float32))
+  seen = {q: jax.jit(lambda x, m, q=q: evaluate.batch_metrics(
+      model, x, m, evaluate.Weights(inception={}), None,
+      quantize_uint8=q)[2])(images, mask) for q in (True, False)}
+  want = fid.feature_sums(on_grid.reshape(3, -1), mask)
+  for name in ("real", "recon"):
+    # Rounded: Inception sees the 8-bit images, real and reconstructed the
+    # same (rFID 0).
+    for key in ("sum", "outer"):
+      np.testing.assert_allclose(seen[True][name][key], want[key],
+                                 atol=1e-6, err_msg=(name, key))
+    # Unrounded: the off-grid real images and the sub-level noise show.
+    assert np.max(np.abs(seen[False][name]["sum"] - want["sum"])) > 1e-3
+  np.testing.assert_allclose(
+      seen[False]["real"]["sum"], images.reshape(3, -1).sum(0), atol=1e-6)
+  # The markdown row names the protocol.
+  for protocol in ("uint8", "float"):
+    result = {"images": 3, "rfid": 1.0, "rfid_protocol": protocol}
+    table = evaluate.write_results(str(tmp_path), result, "x")
+    assert f"| rFID ({protocol}) |" in table
 
 
 def _free_port():

@@ -4,13 +4,17 @@ Statistics are {mu [2048], sigma [2048, 2048]}, saved and loaded as .npz
 with exactly those keys: the format of pytorch-fid's `--save-stats` and of
 the published reference files (e.g. ImageNet 256 validation statistics).
 `FeatureStats` accumulates them batch by batch with a per-row weight (0 for
-padding) and merges across processes.
+padding) and merges across processes; `feature_sums` gives a batch's sums on
+device, in float32 at `Precision.HIGHEST` (the default is one bf16 pass on
+TPU, TF32 on recent NVIDIA GPUs), and the host adds them up in float64.
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
@@ -39,6 +43,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
                2 * np.trace(covmean))
 
 
+def feature_sums(features_bd, weights_b) -> dict[str, jax.Array]:
+  """On-device {sum [D], outer [D, D]} of one batch's weighted features,
+  the sums `FeatureStats.add` keeps."""
+  f = features_bd.astype(jnp.float32)
+  w = weights_b.astype(jnp.float32)
+  highest = jax.lax.Precision.HIGHEST
+  return {"sum": jnp.einsum("b,bi->i", w, f, precision=highest),
+          "outer": jnp.einsum("b,bi,bj->ij", w, f, f, precision=highest)}
+
+
 class FeatureStats:
   """Running sums for mu and sigma; rows with weight 0 are left out."""
 
@@ -54,6 +68,12 @@ class FeatureStats:
     self.count += float(w.sum())
     self.sum += w @ x
     self.outer += (x * w[:, None]).T @ x
+
+  def add_sums(self, count, sums) -> None:
+    """Adds a batch's `feature_sums` over `count` (weighted) rows."""
+    self.count += float(count)
+    self.sum += np.asarray(sums["sum"], np.float64)
+    self.outer += np.asarray(sums["outer"], np.float64)
 
   def merge(self, other: FeatureStats) -> None:
     self.count += other.count

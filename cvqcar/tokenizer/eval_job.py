@@ -41,7 +41,8 @@ def evaluate_export(path: str, *, data: str = "embedded",
                     names=evaluate.METRICS, out: str, batch_size: int = 32,
                     num_images: int = 0, data_dir: str = "",
                     inception_path: str = "", lpips_path: str = "",
-                    ref_stats: str = "") -> dict[str, Any]:
+                    ref_stats: str = "", quantize_uint8: bool = True
+                    ) -> dict[str, Any]:
   """The `python -m cvqcar.evaluate` job: metrics of a tokenizer export."""
   unknown = sorted(set(names) - set(evaluate.METRICS))
   if unknown:
@@ -64,7 +65,8 @@ def evaluate_export(path: str, *, data: str = "embedded",
   logging.info("evaluating %s on %s: %d images, batch %d", path, data, num,
                batch_size)
   result = evaluate.evaluate(tokenizer, config, batches, num_batches, weights,
-                    graphdef, ref_stats=ref_stats)
+                    graphdef, ref_stats=ref_stats,
+                    quantize_uint8=quantize_uint8)
   for name in ("psnr", "ssim", "usage"):
     if name not in names:
       result.pop(name, None)

@@ -8,6 +8,12 @@ the same numbers whatever the process count. rFID compares the Inception
 statistics of the reconstructions with those of the same real images (or
 with reference statistics from an .npz). Channel tokenizers also get the
 coarse-to-fine curve: PSNR (and LPIPS) decoding only the first k channels.
+
+rFID follows the published protocol by default (`quantize_uint8`): real and
+reconstructed images are rounded to 8 bits, as the image files pytorch-fid
+reads hold them, before Inception; off, it scores the float
+reconstructions. PSNR, SSIM and LPIPS always score the float images. All
+metrics compute in float32 at `Precision.HIGHEST`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ METRICS = ("rfid", "psnr", "ssim", "lpips", "usage")
 NEEDS = {"rfid": "--inception", "lpips": "--lpips"}
 
 
+def to_8bit(images):
+  """Images in [-1, 1] rounded as an 8-bit file holds them (the rounding
+  of visualize.to_uint8), back in [-1, 1]."""
+  levels = jnp.floor((jnp.clip(images.astype(jnp.float32), -1, 1) + 1) *
+                     127.5 + 0.5)
+  return levels / 127.5 - 1
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Weights:
@@ -48,10 +62,11 @@ class Weights:
 
 
 def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
-                  prefixes=()):
+                  prefixes=(), quantize_uint8: bool = True):
   """Masked sums over one batch: metric sums, the code histogram, the
-  Inception statistics sums of real and reconstructed images, and the
-  decoded images (reconstructions, prefix_k: from the first k channels)."""
+  Inception statistics sums of real and reconstructed images (rounded to 8
+  bits first with `quantize_uint8`), and the decoded images
+  (reconstructions, prefix_k: from the first k channels)."""
   out = model(images, train=False)
   recon = out.reconstructions
   perceptual = (None if weights.lpips is None
@@ -74,9 +89,9 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
   stats = {}
   if weights.inception is not None:
     for name, x in (("real", images), ("recon", recon)):
-      f = inception.features(weights.inception, x)
-      stats[name] = {"sum": mask @ f, "outer": jnp.einsum(
-          "b,bi,bj->ij", mask, f, f, precision=jax.lax.Precision.HIGHEST)}
+      x = to_8bit(x) if quantize_uint8 else x
+      stats[name] = fid.feature_sums(inception.features(weights.inception, x),
+                                     mask)
   return sums, counts, stats, decoded
 
 
@@ -119,9 +134,12 @@ class Progress:
 
 def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
              num_batches: int, weights: Weights, lpips_graphdef=None,
-             mesh=None, ref_stats: str = "") -> dict[str, Any]:
+             mesh=None, ref_stats: str = "", quantize_uint8: bool = True
+             ) -> dict[str, Any]:
   """Metrics of `tokenizer` over padded, masked `batches` (see
-  data.images.padded_eval_batches); config is the export's."""
+  data.images.padded_eval_batches); config is the export's. rFID scores
+  8-bit images with `quantize_uint8` (the published protocol), else the
+  float reconstructions."""
   mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   channel = config.model.quantize == "channel"
   prefixes = (tuple(metrics.prefix_lengths(config.model.latent_channels))
@@ -133,7 +151,8 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
   @jax.jit
   def step(state, weights, images, mask):
     return batch_metrics(nnx.merge(graphdef, state), images, mask, weights,
-                         lpips_graphdef, prefixes)[:3]  # images dropped
+                         lpips_graphdef, prefixes,
+                         quantize_uint8)[:3]  # images dropped
 
   sums, counts, stats, corrupt = {}, 0.0, {}, 0
   progress = Progress(num_batches, "evaluate")
@@ -147,10 +166,8 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
       sums[k] = sums.get(k, 0.0) + float(v)
     counts = counts + np.asarray(c, np.float64)
     for name, d in st.items():
-      acc = stats.setdefault(name, fid.FeatureStats(inception.FEATURES))
-      acc.count += float(s["images"])
-      acc.sum += np.float64(d["sum"])
-      acc.outer += np.float64(d["outer"])
+      stats.setdefault(name, fid.FeatureStats(inception.FEATURES)).add_sums(
+          s["images"], d)
     progress(i + 1, sums["images"])
   if jax.process_count() > 1:
     corrupt = int(np.sum(multihost_utils.process_allgather(
@@ -171,12 +188,16 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
     result["rfid"] = fid.frechet_distance(*stats["recon"].mu_sigma(),
                                           *reference)
     result["rfid_reference"] = ref_stats or "the same real images"
+    result["rfid_protocol"] = "uint8" if quantize_uint8 else "float"
   return result
 
 
 def write_results(out: str, result: dict[str, Any], name: str) -> str:
-  """OUT/metrics.json and OUT/metrics.md (one markdown row); process 0."""
-  cols = [("rFID", "rfid", "{:.2f}"), ("PSNR", "psnr", "{:.2f}"),
+  """OUT/metrics.json and OUT/metrics.md (one markdown row, its rFID column
+  naming the protocol: 'rFID (uint8)' or 'rFID (float)'); process 0."""
+  rfid = (f"rFID ({result['rfid_protocol']})" if "rfid_protocol" in result
+          else "rFID")
+  cols = [(rfid, "rfid", "{:.2f}"), ("PSNR", "psnr", "{:.2f}"),
           ("SSIM", "ssim", "{:.4f}"), ("LPIPS", "lpips", "{:.4f}"),
           ("usage %", "codebook_usage", "{:.1%}"),
           ("perplexity", "codebook_perplexity", "{:.1f}")]

@@ -5,6 +5,10 @@ File layout (float32 arrays): `conv{i}/kernel` [3, 3, in, out] (HWIO) and
 the 5 non-negative channel weights of LPIPS v0.1. Nothing is downloaded: the
 file is converted once from the published PyTorch weights (`from_torch`,
 `python -m cvqcar.convert_weights --lpips=...`) and passed by path.
+
+It computes in float32 with every convolution at `Precision.HIGHEST` (the
+default is one bf16 pass on TPU, TF32 on recent NVIDIA GPUs), so a score
+reads the same on every machine; the perceptual loss shares it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 _TAPS = (1, 3, 6, 9, 12)  # conv indices whose ReLU output is compared
 _SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 _SCALE = np.array([0.458, 0.448, 0.450], np.float32)
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _unit(f):
@@ -39,7 +44,8 @@ class LPIPS(nnx.Module):
     convs, cin = [], 3
     for width in _VGG16:
       if width != "M":
-        convs.append(nnx.Conv(cin, width, (3, 3), padding="SAME", rngs=rngs))
+        convs.append(nnx.Conv(cin, width, (3, 3), padding="SAME",
+                              precision=_HIGHEST, rngs=rngs))
         cin = width
     self.convs = nnx.List(convs)
     tap_widths = [convs[i].out_features for i in _TAPS]
@@ -48,7 +54,7 @@ class LPIPS(nnx.Module):
         for c in tap_widths])
 
   def _features(self, x):
-    h = (x - _SHIFT) / _SCALE
+    h = (x.astype(jnp.float32) - _SHIFT) / _SCALE
     feats, conv_index = [], 0
     for width in _VGG16:
       if width == "M":
