@@ -40,12 +40,14 @@ def _unit(f):
 class LPIPS(nnx.Module):
   """d(x, y) per image for x, y in [-1, 1], [B, H, W, 3] -> [B]."""
 
-  def __init__(self, *, rngs: nnx.Rngs):
+  def __init__(self, *, precision=_HIGHEST, rngs: nnx.Rngs):
+    """precision: HIGHEST for the metric; None (the backend's default) is
+    enough for a training loss, where a pass of bf16 costs nothing."""
     convs, cin = [], 3
     for width in _VGG16:
       if width != "M":
         convs.append(nnx.Conv(cin, width, (3, 3), padding="SAME",
-                              precision=_HIGHEST, rngs=rngs))
+                              precision=precision, rngs=rngs))
         cin = width
     self.convs = nnx.List(convs)
     tap_widths = [convs[i].out_features for i in _TAPS]
@@ -89,12 +91,13 @@ class LPIPS(nnx.Module):
       np.savez(f, **self.weights())
 
 
-def load(path: str) -> LPIPS:
-  """Builds LPIPS and fills it from `path`; errors name missing/odd arrays."""
+def load(path: str, precision=_HIGHEST) -> LPIPS:
+  """Builds LPIPS (convolutions at `precision`, see LPIPS) and fills it
+  from `path`; errors name missing/odd arrays."""
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"LPIPS weights {path!r} not found (config.loss.perceptual_weights)")
-  model = LPIPS(rngs=nnx.Rngs(0))
+  model = LPIPS(precision=precision, rngs=nnx.Rngs(0))
   expected = model.weights()
   with np.load(path) as f:
     stored = dict(f)

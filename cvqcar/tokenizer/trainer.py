@@ -78,7 +78,8 @@ def make_setup(config) -> tuple[Setup, nnx.State | None]:
   perceptual_graphdef = perceptual = None
   if config.loss.perceptual_weight > 0 and config.loss.perceptual_weights:
     perceptual_graphdef, perceptual = nnx.split(
-        lpips.load(config.loss.perceptual_weights))
+        # A loss, not the metric: the backend's default precision.
+        lpips.load(config.loss.perceptual_weights, precision=None))
   return Setup(gen_graphdef, disc_graphdef, make_optimizer(config), disc_tx,
                perceptual_graphdef), perceptual
 
