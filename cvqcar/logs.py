@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import os
+import sys
+import time
 
 from absl import logging
 
@@ -100,3 +102,24 @@ def read_metrics(path: str) -> dict[int, dict[str, float]]:
                          f" {line.strip()[:80]!r}") from None
       out.setdefault(step, {}).update(row)
   return out
+
+
+class Progress:
+  """A one-line progress bar on process 0's stderr: batches done, images,
+  images per second."""
+
+  def __init__(self, total: int, what: str):
+    import jax  # noqa: PLC0415 (logs is imported before backends start)
+
+    self.total, self.what, self.t0 = total, what, time.time()
+    self.show = jax.process_index() == 0
+
+  def __call__(self, done: int, images: float) -> None:
+    if not self.show:
+      return
+    rate = images / max(time.time() - self.t0, 1e-9)
+    bar = "#" * (30 * done // max(self.total, 1))
+    end = "\n" if done == self.total else ""
+    sys.stderr.write(f"\r{self.what} [{bar:<30}] {done}/{self.total}"
+                     f" batches, {images:.0f} images, {rate:.1f} img/s{end}")
+    sys.stderr.flush()

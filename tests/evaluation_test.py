@@ -52,6 +52,26 @@ def test_frechet_distance_matches_pytorch_fid():
   assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
 
 
+def test_frechet_distance_of_singular_covariances():
+  """Fewer images than features: the covariances are singular, where the
+  sqrtm of their product (pytorch-fid) drifts; ours stays exact."""
+  torch_references.pytorch_fid()
+  from pytorch_fid.fid_score import calculate_frechet_distance
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(14, 512)) * rng.uniform(0.01, 3, 512)
+  sigma, mu = np.cov(x, rowvar=False), x.mean(0)
+  assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    drift = calculate_frechet_distance(mu, sigma, mu, sigma)
+  assert abs(drift) > 1e-6  # the sqrtm route, on the same statistics
+  # A scaled copy: Tr sqrt(s (c^2 s)) = c Tr s exactly.
+  want = (1 - 1.5) ** 2 * np.trace(sigma)
+  got = fid.frechet_distance(mu, sigma, mu, 1.5 ** 2 * sigma)
+  assert got == pytest.approx(want, rel=1e-9)
+
+
 def test_feature_stats_equal_numpy_and_ignore_padding(tmp_path):
   rng = np.random.default_rng(1)
   x = rng.normal(size=(37, 8))

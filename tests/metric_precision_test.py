@@ -14,7 +14,7 @@ from flax import nnx
 from jax.extend import core as jex_core
 
 from cvqcar import metrics
-from cvqcar.evaluation import fid, inception
+from cvqcar.evaluation import fid, generative, inception
 from cvqcar.tokenizer import evaluate, lpips
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -239,3 +239,20 @@ def test_tokenizer_batch_metrics_pinned(inception_weights):
                                   graphdef, prefixes=(2,))[:3]
 
   check_pinned(sums_and_stats, weights, images, mask)
+
+
+def test_sample_scores_pinned(inception_weights):
+  """evaluate_samples' Inception outputs (pool, spatial, logits), its batch
+  step and the precision/recall distances."""
+  rng = np.random.default_rng(0)
+  weights = dict(inception_weights, fc=(
+      rng.normal(size=(inception.FEATURES, inception.LOGITS)).astype(
+          np.float32), np.zeros(inception.LOGITS, np.float32)))
+  x = jnp.zeros((1, 16, 16, 3), jnp.bfloat16)
+  check_pinned(inception.outputs, weights, x)
+  images = jnp.zeros((2, 16, 16, 3), jnp.uint8)
+  check_pinned(lambda w, i, m, s: generative._batch_outputs(w, i, m, s,
+                                                            splits=2),
+               weights, images, jnp.ones((2,)), jnp.zeros((2,), jnp.int32))
+  a = rng.normal(size=(4, 8)).astype(np.float32)
+  check_pinned(generative._squared_distances, a, a, np.sum(a * a, 1))

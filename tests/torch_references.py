@@ -8,6 +8,7 @@ models used here are pure PyTorch modules, so the import runs with that
 registration skipped; no reference computation is altered.
 """
 
+import numpy as np
 import pytest
 
 
@@ -64,9 +65,16 @@ def _randomise_batch_norms(net, torch):
         m.running_var.copy_(0.5 + torch.rand(n, generator=g))
 
 
-def fid_inception():
+def fid_inception(calibrate_on=None):
   """pytorch-fid's InceptionV3 (pool features) with random weights, and
-  its state dict under the published file's names."""
+  its state dict under the published file's names.
+
+  Random batch-norm statistics wash the image out of the pool features
+  (their spread across images is ~1e-7 of their size). With calibrate_on
+  (uint8 images [N, H, W, 3]) each batch norm instead takes the mean and
+  variance its input has on those images, so every layer passes on a
+  normalised, image-dependent signal, as the trained network does.
+  """
   pi = pytorch_fid()
   import torch
 
@@ -87,5 +95,17 @@ def fid_inception():
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(pi, "fid_inception_v3", build)
     model = pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+  if calibrate_on is not None:
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+      m.reset_running_stats()
+      m.momentum = None  # a plain average over the calibration batch
+      m.train()
+    with torch.no_grad():
+      x = torch.as_tensor(np.asarray(calibrate_on) / 255.0,
+                          dtype=torch.float32)
+      model(x.permute(0, 3, 1, 2))
+    model.eval()
   state = {k: v.numpy() for k, v in built["net"].state_dict().items()}
   return model, state

@@ -1,4 +1,5 @@
-"""The FID InceptionV3 (2048-d pool features) in JAX, from local weights.
+"""The FID InceptionV3 (pool, spatial and logit features) in JAX, from
+local weights.
 
 This is the network every FID number in the literature comes from: the
 TF-ported 2015-12-05 Inception weights (`pt_inception-2015-12-05-6726825d
@@ -12,6 +13,14 @@ Weights are a flat dict keyed by the PyTorch state-dict names
 the .pth (needs torch) or from an .npz written by `convert` (does not).
 Batch norms are folded into the convolutions at load time. Nothing is ever
 downloaded.
+
+Besides the 2048-d pool features (FID, precision/recall), `outputs` gives
+the two others the ADM evaluator (guided-diffusion's evaluations/) uses:
+'spatial', the first 7 channels of Mixed_6d's 1x1 branch at 17 x 17
+(flattened h, w, c: 2023 values; the TF graph's `mixed_6/conv`), for sFID;
+and 'logits', pool features times the 1008-way classifier's weight without
+its bias (the graph's `softmax/logits/MatMul`, torch-fidelity's
+`logits_unbiased`), for the Inception Score.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 FEATURES = 2048
+SPATIAL_FEATURES = 17 * 17 * 7
+LOGITS = 1008
 _BN_EPS = 1e-3
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -54,7 +65,9 @@ def fold_batch_norms(state: Mapping[str, np.ndarray]) -> dict:
 
 
 def load(path: str) -> dict:
-  """Folded weights from the pytorch-fid .pth or a converted .npz."""
+  """Folded weights from the pytorch-fid .pth or a converted .npz, {name:
+  (kernel, bias)}, with 'fc': the classifier's (kernel [2048, 1008], bias)
+  where the file has it."""
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"Inception weights {path!r} not found; pass the local copy of"
@@ -76,6 +89,12 @@ def load(path: str) -> dict:
   if len(weights) != 94:
     raise ValueError(f"{path} holds {len(weights)} conv + batch-norm layers;"
                      " the FID InceptionV3 has 94")
+  if "fc.weight" in state:
+    fc = np.asarray(state["fc.weight"], np.float32)
+    if fc.shape != (LOGITS, FEATURES):
+      raise ValueError(f"{path}: fc.weight is {fc.shape}, expected"
+                       f" {(LOGITS, FEATURES)}")
+    weights["fc"] = (fc.T, np.asarray(state["fc.bias"], np.float32))
   return weights
 
 
@@ -160,8 +179,9 @@ def _block_e(w, n, x, pool):
       _conv(w, f"{n}.branch_pool", pooled)], -1)
 
 
-def features(weights: dict, images: jax.Array) -> jax.Array:
-  """Pool features [B, 2048] of images [B, H, W, 3] in [-1, 1].
+def outputs(weights: dict, images: jax.Array) -> dict[str, jax.Array]:
+  """{'pool' [B, 2048], 'spatial' [B, 2023], and 'logits' [B, 1008] where
+  the weights have 'fc'} of images [B, H, W, 3] in [-1, 1].
 
   Pure: jit it with the weights as an argument (never as a constant).
   """
@@ -178,9 +198,26 @@ def features(weights: dict, images: jax.Array) -> jax.Array:
   for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
     x = _block_a(weights, name, x)
   x = _block_b(weights, "Mixed_6a", x)
+  out = {}
   for name in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
+    if name == "Mixed_6d":  # its 1x1 branch again: XLA computes it once
+      spatial = _conv(weights, f"{name}.branch1x1", x)[..., :7]
+      out["spatial"] = spatial.reshape(spatial.shape[0], -1)
     x = _block_c(weights, name, x)
   x = _block_d(weights, "Mixed_7a", x)
   x = _block_e(weights, "Mixed_7b", x, "avg")
   x = _block_e(weights, "Mixed_7c", x, "max")
-  return jnp.mean(x, axis=(1, 2))
+  out["pool"] = jnp.mean(x, axis=(1, 2))
+  if "fc" in weights:
+    # The bias is left out, as the ADM evaluator and torch-fidelity do.
+    out["logits"] = jnp.dot(out["pool"], weights["fc"][0],
+                            precision=_HIGHEST)
+  return out
+
+
+def features(weights: dict, images: jax.Array) -> jax.Array:
+  """Pool features [B, 2048] of images [B, H, W, 3] in [-1, 1].
+
+  Pure: jit it with the weights as an argument (never as a constant).
+  """
+  return outputs(weights, images)["pool"]

@@ -22,8 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -32,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvqcar import metrics, sharding
+from cvqcar import logs, metrics, sharding
 from cvqcar.evaluation import fid, inception
 from cvqcar.tokenizer import lpips
 
@@ -114,24 +112,6 @@ def load_weights(names, inception_path: str = "", lpips_path: str = ""
   return weights, graphdef, skipped
 
 
-class Progress:
-  """A one-line progress bar on process 0's stderr."""
-
-  def __init__(self, total: int, what: str):
-    self.total, self.what, self.t0 = total, what, time.time()
-    self.show = jax.process_index() == 0
-
-  def __call__(self, done: int, images: float) -> None:
-    if not self.show:
-      return
-    rate = images / max(time.time() - self.t0, 1e-9)
-    bar = "#" * (30 * done // self.total)
-    end = "\n" if done == self.total else ""
-    sys.stderr.write(f"\r{self.what} [{bar:<30}] {done}/{self.total}"
-                     f" batches, {images:.0f} images, {rate:.1f} img/s{end}")
-    sys.stderr.flush()
-
-
 def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
              num_batches: int, weights: Weights, lpips_graphdef=None,
              mesh=None, ref_stats: str = "", quantize_uint8: bool = True
@@ -155,7 +135,7 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
                          quantize_uint8)[:3]  # images dropped
 
   sums, counts, stats, corrupt = {}, 0.0, {}, 0
-  progress = Progress(num_batches, "evaluate")
+  progress = logs.Progress(num_batches, "evaluate")
   for i, local in enumerate(batches):
     corrupt += int(local.pop("corrupt", 0))
     batch = sharding.global_batch(local, mesh)

@@ -1,0 +1,232 @@
+"""Score generated images: FID, sFID, Inception Score, precision/recall.
+
+  python -m cvqcar.evaluate_samples \
+      --samples=samples/c2i/samples_50000x256x256x3.npz \
+      --ref=VIRTUAL_imagenet256_labeled.npz --inception=inception.npz \
+      --out=eval/c2i
+  python -m cvqcar.evaluate_samples --make_ref --samples=fashion_mnist:test \
+      --inception=inception.npz --ref=refs/fashion_test.npz
+
+--samples is an image set: a folder (recursively, e.g. generate_benchmark's
+OUT/<class>/<n>.png), an ADM-style .npz batch (uint8 arr_0), or
+'fashion_mnist:SPLIT' / 'tfds:NAME:SPLIT' (local, --data_dir). --ref is a
+reference .npz (the ADM evaluator's reference batches with their images and
+statistics, pytorch-fid's mu/sigma files, or one this command wrote with
+--make_ref) or an image set, whose features are computed on the spot.
+--make_ref writes the --samples set's reference .npz to --ref instead of
+scoring.
+
+Writes OUT/metrics.json and OUT/metrics.md (a markdown row and the
+protocol: network weights, resize, sample count, reference). Scores the
+reference cannot support are skipped and named (pytorch-fid's files have no
+spatial statistics or features: FID only). Undecodable images are skipped
+and counted. Multi-process jobs (jax.distributed) split the reading and
+report the same numbers as one process. The Inception weights are a local
+file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .npz from
+`python -m cvqcar.convert_weights`); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from cvqcar import distributed, logs
+from cvqcar.evaluation import fid, generative, image_sets, inception
+
+_SAMPLES = flags.DEFINE_string("samples", None, "Image set to score (folder,"
+                               " .npz batch, fashion_mnist:SPLIT or"
+                               " tfds:NAME:SPLIT).")
+_REF = flags.DEFINE_string("ref", None, "Reference: .npz (ADM batch,"
+                           " pytorch-fid statistics, or --make_ref's) or an"
+                           " image set; with --make_ref, the .npz to write.")
+_OUT = flags.DEFINE_string("out", "", "Output directory (metrics.json,"
+                           " metrics.md).")
+_MAKE_REF = flags.DEFINE_bool("make_ref", False, "Write --samples' reference"
+                              " .npz to --ref instead of scoring.")
+_INCEPTION = flags.DEFINE_string(
+    "inception", None, "FID Inception weights: pt_inception-2015-12-05-"
+    "6726825d.pth or its .npz (python -m cvqcar.convert_weights).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "For fashion_mnist: and"
+                                " tfds: sets.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+_NUM = flags.DEFINE_integer("num_images", 0, "Score only the first N images"
+                            " of --samples (0: all).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Resize every image to"
+                                   " this square size first (0: the first"
+                                   " image's size).")
+_SPLITS = flags.DEFINE_integer("splits", 10, "Inception Score splits.")
+_K = flags.DEFINE_integer("k", 3, "Neighbourhood size of precision/recall.")
+
+METRICS = (("FID", "fid", "{:.3f}"), ("sFID", "sfid", "{:.3f}"),
+           ("IS", "inception_score", "{:.2f}"),
+           ("Precision", "precision", "{:.4f}"),
+           ("Recall", "recall", "{:.4f}"))
+
+
+def protocol(features: generative.SetFeatures, inception_path: str,
+             splits: int, k: int) -> dict[str, Any]:
+  """How a set's features were computed, in words and numbers."""
+  h, w = features.image_size
+  return {
+      "network": "FID InceptionV3 (pytorch-fid's pt_inception-2015-12-05"
+                 f" weights), read from {os.path.basename(inception_path)}",
+      "input": f"8-bit RGB images at {h} x {w}; {features.resized} of"
+               " another size resized to it first (bicubic)",
+      "resize": "bilinear to 299 x 299, half-pixel centres, no antialiasing"
+                " (pytorch-fid's; the ADM evaluator's TF graph resizes with"
+                " its own bilinear op)",
+      "images": features.count,
+      "skipped_corrupt": features.skipped_corrupt,
+      "fid": "pool_3 features (2048), Frechet distance in float64",
+      "sfid": "Mixed_6d 1x1 branch, first 7 channels at 17 x 17 (2023),"
+              " the ADM evaluator's mixed_6/conv",
+      "inception_score": f"{splits} contiguous splits in set order (no"
+                         " shuffle), softmax of the bias-free logits",
+      "precision_recall": f"k = {k} nearest neighbours on pool features,"
+                          " squared Euclidean distances in float32 at"
+                          " Precision.HIGHEST",
+  }
+
+
+def load_reference(spec: str, features_of, data_dir: str = ""
+                   ) -> generative.Reference:
+  """A Reference from an .npz or an image set; `features_of(image_set,
+  what)` extracts a set's features."""
+  if not spec.endswith(".npz"):
+    features = features_of(image_sets.open_set(spec, data_dir), "reference")
+    return generative.Reference.from_features(features, spec, {})
+  arrays, has_images = generative.read_reference_npz(spec)
+  if has_images:
+    features = features_of(image_sets.NpzSet(spec), "reference")
+    ref = generative.Reference.from_features(features, spec, {})
+  else:
+    ref = generative.Reference(arrays["mu"], arrays["sigma"], source=spec)
+  # The file's own statistics win: ADM's reference batches hold them over
+  # the whole dataset, beside only 10,000 of its images.
+  for name in ("mu", "sigma", "mu_s", "sigma_s"):
+    if name in arrays:
+      setattr(ref, name, np.float64(arrays[name]))
+  if "pool_features" in arrays:
+    ref.pool_features = np.asarray(arrays["pool_features"], np.float32)
+  if "count" in arrays:
+    ref.count = int(arrays["count"])
+  if "protocol" in arrays:
+    ref.protocol = json.loads(str(arrays["protocol"]))
+  return ref
+
+
+def score(features: generative.SetFeatures, ref: generative.Reference, *,
+          k: int = 3) -> tuple[dict[str, float], dict[str, str]]:
+  """({metric: value}, {skipped metric: why}) of a sample set against a
+  reference."""
+  values, skipped = {}, {}
+  values["fid"] = fid.frechet_distance(*features.pool.mu_sigma(), ref.mu,
+                                       ref.sigma)
+  if ref.mu_s is not None:
+    values["sfid"] = fid.frechet_distance(*features.spatial.mu_sigma(),
+                                          ref.mu_s, ref.sigma_s)
+  else:
+    skipped["sfid"] = "the reference has no spatial statistics (mu_s)"
+  if features.is_sums:
+    values["inception_score"], values["inception_score_std"] = (
+        generative.inception_score(features.is_sums))
+  else:
+    skipped["inception_score"] = "the Inception weights have no fc layer"
+  if ref.pool_features is not None:
+    values["precision"], values["recall"] = generative.precision_recall(
+        ref.pool_features, features.pool_features, k)
+  else:
+    skipped["precision"] = skipped["recall"] = (
+        "the reference has no images or pool features")
+  return values, skipped
+
+
+def write_results(out: str, result: dict[str, Any], name: str) -> str:
+  """OUT/metrics.json and OUT/metrics.md (a row and the protocol) on
+  process 0; returns the markdown."""
+  header = ["samples", "images"] + [m[0] for m in METRICS]
+  row = [name, str(result["images"])] + [
+      fmt.format(result[key]) if key in result else "n/a"
+      for _, key, fmt in METRICS]
+  text = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) +
+          "\n| " + " | ".join(row) + " |\n\nProtocol:\n" +
+          "".join(f"- {k}: {v}\n" for k, v in result["protocol"].items()) +
+          "".join(f"- {k} skipped: {v}\n"
+                  for k, v in result["skipped_metrics"].items()))
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+    with open(os.path.join(out, "metrics.md"), "w") as f:
+      f.write(text)
+  return text
+
+
+def evaluate_samples(samples: str, ref: str, out: str, inception_path: str,
+                     *, make_ref: bool = False, batch_size: int = 64,
+                     num_images: int = 0, image_size: int = 0,
+                     splits: int = 10, k: int = 3, data_dir: str = ""
+                     ) -> dict[str, Any]:
+  """The command: scores `samples` against `ref` into `out`, or with
+  make_ref writes `samples`' reference .npz to `ref`."""
+  weights = inception.load(inception_path)
+  size = (image_size, image_size) if image_size else None
+
+  def features_of(image_set, what, num=0):
+    t0 = time.time()
+    result = generative.extract(image_set, weights, batch_size=batch_size,
+                                splits=splits, num_images=num,
+                                image_size=size, what=what)
+    logging.info("%s: %d images in %.1f s (%d undecodable, %d resized)",
+                 what, result.count, time.time() - t0,
+                 result.skipped_corrupt, result.resized)
+    return result
+
+  sample_set = image_sets.open_set(samples, data_dir)
+  features = features_of(sample_set, "samples", num_images)
+  proto = protocol(features, inception_path, splits, k)
+  if make_ref:
+    reference = generative.Reference.from_features(features, samples, proto)
+    if jax.process_index() == 0:
+      reference.save(ref)
+      print(f"wrote {ref}: statistics and pool features of"
+            f" {features.count} images of {samples}")
+    return {"reference": ref, "images": features.count}
+  reference = load_reference(ref, features_of, data_dir)
+  values, skipped = score(features, reference, k=k)
+  proto["reference"] = (f"{ref} ({reference.count} images)" if reference.count
+                        else ref)
+  result = {"samples": samples, "images": features.count, **values,
+            "skipped_corrupt": features.skipped_corrupt,
+            "skipped_metrics": skipped, "protocol": proto,
+            "reference_protocol": reference.protocol}
+  name = os.path.basename(samples.rstrip("/")) or samples
+  print(write_results(out, result, name))
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _MAKE_REF.value and not _OUT.value:
+    raise app.UsageError("--out is required unless --make_ref")
+  logs.setup()
+  distributed.initialize()
+  evaluate_samples(_SAMPLES.value, _REF.value, _OUT.value, _INCEPTION.value,
+                   make_ref=_MAKE_REF.value, batch_size=_BATCH.value,
+                   num_images=_NUM.value, image_size=_IMAGE_SIZE.value,
+                   splits=_SPLITS.value, k=_K.value, data_dir=_DATA_DIR.value)
+  distributed.finish()
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["samples", "ref", "inception"])
+  app.run(main)

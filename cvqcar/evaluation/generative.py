@@ -1,0 +1,298 @@
+"""Scores of generated images as the field reports them: FID, sFID,
+Inception Score and improved precision/recall, the ADM evaluator's four.
+
+`extract` streams an image set through the FID Inception on a mesh of every
+device of every process: global batches of `batch_size` rows, process p
+reading its contiguous share of each, a short last batch padded and masked.
+Every matmul runs in float32 at `Precision.HIGHEST`. Each batch's pool and
+spatial features are gathered on every process in set order and added to
+the Frechet statistics in float64 on the host (float32 sums of x x^T lose
+the covariance's small eigenvalues to cancellation: a set against itself
+would score -1e-3); the Inception Score's per-split sums are reduced on
+device. Only the pool features are kept (precision/recall compares every
+sample with every reference image). So one process or many, on any
+backend, score the same numbers.
+
+The formulas are the ADM evaluator's (guided-diffusion, evaluations/):
+- FID / sFID: Frechet distance of pool / spatial feature statistics;
+- Inception Score: exp(E_x KL(p(y|x) || p(y))) over `splits` contiguous
+  splits of the set in its order (no shuffle), p from the bias-free logits,
+  averaged (and the standard deviation over splits, as torch-fidelity);
+- precision / recall (Kynkaanniemi et al. 2019): the share of samples
+  within the k-th nearest-neighbour ball of some reference image, and of
+  reference images within that of some sample (k = 3, pool features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cvqcar import logs, sharding
+from cvqcar.evaluation import fid, image_sets, inception
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass
+class SetFeatures:
+  """What the scores need of one image set."""
+
+  pool: fid.FeatureStats  # Frechet statistics sums, pool features
+  spatial: fid.FeatureStats  # and spatial features
+  pool_features: np.ndarray  # [N, 2048] float32, set order
+  is_sums: dict[str, np.ndarray]  # per split: 'p' [S, 1008], 'entropy', 'n'
+  image_size: tuple[int, int]
+  skipped_corrupt: int
+  resized: int
+
+  @property
+  def count(self) -> int:
+    return len(self.pool_features)
+
+
+def _split_of(rows: np.ndarray, n: int, splits: int) -> np.ndarray:
+  """The Inception Score split of each row: split s holds rows
+  [s * n // splits, (s + 1) * n // splits), as torch-fidelity chunks."""
+  bounds = np.array([s * n // splits for s in range(splits + 1)])
+  return np.clip(np.searchsorted(bounds, rows, side="right") - 1, 0,
+                 splits - 1).astype(np.int32)
+
+
+def _batch_outputs(weights, images_u8, mask, split, *, splits: int):
+  """One global batch: its pool and spatial features, and the masked
+  Inception Score sums of each split."""
+  x = images_u8.astype(jnp.float32) / 127.5 - 1
+  out = inception.outputs(weights, x)
+  features = {"pool": out["pool"], "spatial": out["spatial"]}
+  sums = {}
+  if "logits" in out:
+    log_p = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
+    p = jnp.exp(log_p)
+    zeros = jnp.zeros((splits,), jnp.float32)
+    sums["is"] = {
+        # a scatter-add over rows: a reduction, no matmul to pin
+        "p": jnp.zeros((splits, p.shape[1]), jnp.float32).at[split].add(
+            mask[:, None] * p),
+        "entropy": zeros.at[split].add(mask * jnp.sum(p * log_p, axis=-1)),
+        "n": zeros.at[split].add(mask)}
+  return features, sums
+
+
+def _first_size(image_set, limit: int = 64) -> tuple[int, int]:
+  for start in range(0, min(len(image_set), limit), 8):
+    for image in image_set.read(start, start + 8):
+      if image is not None:
+        return image.shape[:2]
+  raise ValueError(f"none of the first {limit} images decodes")
+
+
+def extract(image_set, weights: dict, *, batch_size: int = 64,
+            splits: int = 10, num_images: int = 0,
+            image_size: tuple[int, int] | None = None, what: str = "features",
+            mesh: jax.sharding.Mesh | None = None) -> SetFeatures:
+  """Streams `image_set` (see image_sets) through the Inception: every
+  process opens the same set and reads only its rows. Images of another
+  size than `image_size` (default: the first image's) are resized to it."""
+  mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  processes = jax.process_count()
+  if batch_size % mesh.devices.size:
+    raise ValueError(f"--batch_size={batch_size} is not divisible by the"
+                     f" {mesh.devices.size} devices")
+  n = min(num_images or len(image_set), len(image_set))
+  if n == 0:
+    raise ValueError("the image set is empty")
+  size = tuple(image_size or _first_size(image_set))
+  local = batch_size // processes
+  num_batches = -(-n // batch_size)
+  rep, rows_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  weights = jax.device_put(weights, rep)
+  step = jax.jit(functools.partial(_batch_outputs, splits=splits),
+                 out_shardings=(rows_sharded, rep))
+  stats = {k: fid.FeatureStats(d) for k, d in
+           (("pool", inception.FEATURES),
+            ("spatial", inception.SPATIAL_FEATURES))}
+  is_sums: dict[str, np.ndarray] = {}
+  kept, corrupt, resized, real = [], 0, 0, 0.0
+  progress = logs.Progress(num_batches, what)
+  for b in range(num_batches):
+    start = b * batch_size + jax.process_index() * local
+    stop = max(start, min(start + local, n))
+    images = np.zeros((local,) + size + (3,), np.uint8)
+    mask = np.zeros((local,), np.float32)
+    for i, image in enumerate(image_set.read(start, stop)):
+      if image is None:
+        corrupt += 1
+        continue
+      images[i], was_resized = image_sets.fit(image, size)
+      resized += was_resized
+      mask[i] = 1
+    split = _split_of(np.arange(start, start + local), n, splits)
+    batch = sharding.global_batch(
+        {"images": images, "mask": mask, "split": split}, mesh)
+    with jax.set_mesh(mesh):
+      features, sums = step(weights, batch["images"], batch["mask"],
+                            batch["split"])
+    sums = jax.device_get(sums)
+    if processes > 1:
+      features, global_mask = multihost_utils.process_allgather(
+          (features, batch["mask"]), tiled=True)
+    else:
+      features, global_mask = jax.device_get((features, batch["mask"]))
+    real_rows = np.asarray(global_mask) > 0
+    for name, stat in stats.items():
+      stat.add(np.asarray(features[name])[real_rows])
+    for k, v in sums.get("is", {}).items():
+      is_sums[k] = is_sums.get(k, 0) + np.asarray(v, np.float64)
+    kept.append(np.asarray(features["pool"], np.float32)[real_rows])
+    real += float(real_rows.sum())
+    progress(b + 1, real)
+  if processes > 1:
+    corrupt, resized = (int(x) for x in np.sum(
+        multihost_utils.process_allgather(np.array([corrupt, resized])),
+        axis=0))
+  if real == 0:
+    raise ValueError("no image of the set could be decoded")
+  return SetFeatures(stats["pool"], stats["spatial"], np.concatenate(kept),
+                     is_sums, size, corrupt, resized)
+
+
+def inception_score(is_sums: dict[str, np.ndarray]) -> tuple[float, float]:
+  """(mean, std) over splits of exp(mean_x sum_y p log p - sum_y q log q),
+  q the split's mean p: KL(p(y|x) || q) averaged over the split."""
+  n = np.asarray(is_sums["n"], np.float64)
+  if np.any(n < 1):
+    raise ValueError(f"an Inception Score split is empty ({n.astype(int)}"
+                     " images per split): score more images or fewer splits")
+  q = is_sums["p"] / n[:, None]
+  kl = is_sums["entropy"] / n - np.sum(q * np.log(np.maximum(q, 1e-300)), 1)
+  scores = np.exp(kl)
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _kth_distances(block, points, points_sq, *, k: int):
+  """Squared distance of each block row to its k-th nearest point (the
+  row itself, when among the points, is the 0-th)."""
+  d = _squared_distances(block, points, points_sq)
+  return -jax.lax.top_k(-d, k + 1)[0][:, k]
+
+
+@jax.jit
+def _inside_any(block, centres, centres_sq, radii):
+  d = _squared_distances(block, centres, centres_sq)
+  return jnp.any(d <= radii[None, :], axis=1)
+
+
+def _squared_distances(a, b, b_sq):
+  a_sq = jnp.sum(a * a, axis=1)
+  ab = jnp.dot(a, b.T, precision=_HIGHEST)
+  return jnp.maximum(a_sq[:, None] - 2 * ab + b_sq[None, :], 0.0)
+
+
+def _blocks(x: np.ndarray, block: int):
+  """(start, padded block) over the rows of x; the last block zero-padded
+  so every call has one shape."""
+  for start in range(0, len(x), block):
+    part = x[start:start + block]
+    if len(part) < block:
+      part = np.concatenate([part, np.zeros((block - len(part),) +
+                                            x.shape[1:], x.dtype)])
+    yield start, part
+
+
+def manifold_radii(features: np.ndarray, k: int = 3,
+                   block: int = 1024) -> np.ndarray:
+  """Squared k-NN radius of every row of features [N, D] within the set."""
+  if len(features) <= k:
+    raise ValueError(f"precision/recall with k = {k} needs more than {k}"
+                     f" images per set, got {len(features)}")
+  points = jnp.asarray(features, jnp.float32)
+  points_sq = jnp.sum(points * points, axis=1)
+  block = min(block, len(features))
+  out = [np.asarray(_kth_distances(part, points, points_sq, k=k))
+         for _, part in _blocks(features, block)]
+  return np.concatenate(out)[:len(features)]
+
+
+def inside_manifold(queries: np.ndarray, centres: np.ndarray,
+                    radii: np.ndarray, block: int = 1024) -> np.ndarray:
+  """Whether each query row lies within the ball of some centre."""
+  centres_j = jnp.asarray(centres, jnp.float32)
+  centres_sq = jnp.sum(centres_j * centres_j, axis=1)
+  radii_j = jnp.asarray(radii, jnp.float32)
+  block = min(block, len(queries))
+  out = [np.asarray(_inside_any(part, centres_j, centres_sq, radii_j))
+         for _, part in _blocks(queries, block)]
+  return np.concatenate(out)[:len(queries)]
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3
+                     ) -> tuple[float, float]:
+  """Improved precision and recall of fake features against real ones."""
+  precision = inside_manifold(fake, real, manifold_radii(real, k)).mean()
+  recall = inside_manifold(real, fake, manifold_radii(fake, k)).mean()
+  return float(precision), float(recall)
+
+
+@dataclasses.dataclass
+class Reference:
+  """A reference set: FID statistics, optionally spatial statistics and
+  pool features (without them sFID, precision and recall are skipped)."""
+
+  mu: np.ndarray
+  sigma: np.ndarray
+  mu_s: np.ndarray | None = None
+  sigma_s: np.ndarray | None = None
+  pool_features: np.ndarray | None = None
+  count: int = 0
+  source: str = ""
+  protocol: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_features(cls, features: SetFeatures, source: str,
+                    protocol: dict[str, Any]) -> Reference:
+    mu, sigma = features.pool.mu_sigma()
+    mu_s, sigma_s = features.spatial.mu_sigma()
+    return cls(mu, sigma, mu_s, sigma_s, features.pool_features,
+               features.count, source, protocol)
+
+  def save(self, path: str) -> None:
+    """An .npz that pytorch-fid (mu, sigma) and the ADM evaluator (mu,
+    sigma, mu_s, sigma_s) read too, with the pool features and the
+    protocol (JSON) beside them; written whole or not at all."""
+    arrays = {"mu": self.mu, "sigma": self.sigma,
+              "count": np.int64(self.count),
+              "protocol": np.array(json.dumps(self.protocol, sort_keys=True)),
+              "source": np.array(self.source)}
+    for name in ("mu_s", "sigma_s", "pool_features"):
+      if getattr(self, name) is not None:
+        arrays[name] = getattr(self, name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def read_reference_npz(path: str) -> tuple[dict[str, np.ndarray], bool]:
+  """(the arrays of a reference .npz but its images, whether it holds
+  images in arr_0). Takes ours, the ADM evaluator's reference batches
+  (arr_0 images, mu/sigma/mu_s/sigma_s) and pytorch-fid's (mu, sigma)."""
+  with np.load(path) as f:
+    names = set(f.files)
+    arrays = {k: f[k] for k in names - {"arr_0", "arr_1"}}
+  if "mu" not in arrays and "arr_0" not in names:
+    raise ValueError(f"{path} holds {sorted(names)}: no statistics (mu,"
+                     " sigma) and no images (arr_0) to compute them from")
+  if ("mu" in arrays) != ("sigma" in arrays):
+    raise ValueError(f"{path} holds only one of mu and sigma")
+  return arrays, "arr_0" in names
