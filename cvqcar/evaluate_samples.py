@@ -21,9 +21,17 @@ protocol: network weights, resize, sample count, reference). Scores the
 reference cannot support are skipped and named (pytorch-fid's files have no
 spatial statistics or features: FID only). Undecodable images are skipped
 and counted. Multi-process jobs (jax.distributed) split the reading and
-report the same numbers as one process. The Inception weights are a local
-file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .npz from
-`python -m cvqcar.convert_weights`); nothing is downloaded.
+report the same numbers as one process.
+
+The feature network is the FID Inception from local weights (--inception:
+pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .npz from
+`python -m cvqcar.convert_weights`; nothing is downloaded), as the field
+reports, or a classifier trained here (--classifier: an export of
+cvqcar.evaluation.classifier, e.g. the Fashion-MNIST one that
+cvqcar.prompt_following trains), whose pooled features and logits stand in
+for Inception's (no spatial features: no sFID) and which also scores the
+share of labelled samples (an ADM batch's arr_1) it gives their class. A
+reference records its network and refuses to be scored with another.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import numpy as np
 from absl import app, flags
 
 from cvqcar import distributed, logs
-from cvqcar.evaluation import fid, generative, image_sets, inception
+from cvqcar.evaluation import classifier, fid, generative, image_sets
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Image set to score (folder,"
                                " .npz batch, fashion_mnist:SPLIT or"
@@ -52,8 +60,11 @@ _OUT = flags.DEFINE_string("out", "", "Output directory (metrics.json,"
 _MAKE_REF = flags.DEFINE_bool("make_ref", False, "Write --samples' reference"
                               " .npz to --ref instead of scoring.")
 _INCEPTION = flags.DEFINE_string(
-    "inception", None, "FID Inception weights: pt_inception-2015-12-05-"
+    "inception", "", "FID Inception weights: pt_inception-2015-12-05-"
     "6726825d.pth or its .npz (python -m cvqcar.convert_weights).")
+_CLASSIFIER = flags.DEFINE_string(
+    "classifier", "", "Instead of --inception: a classifier export"
+    " (cvqcar.evaluation.classifier) as the feature network.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "For fashion_mnist: and"
                                 " tfds: sets.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -69,31 +80,39 @@ METRICS = (("FID", "fid", "{:.3f}"), ("sFID", "sfid", "{:.3f}"),
            ("IS", "inception_score", "{:.2f}"),
            ("Precision", "precision", "{:.4f}"),
            ("Recall", "recall", "{:.4f}"))
+# Shown only where computed (labelled samples, a classifier network).
+OPTIONAL_METRICS = (("accuracy", "classifier_accuracy", "{:.4f}"),)
 
 
-def protocol(features: generative.SetFeatures, inception_path: str,
-             splits: int, k: int) -> dict[str, Any]:
+def protocol(features: generative.SetFeatures,
+             network: generative.FeatureNetwork, splits: int, k: int
+             ) -> dict[str, Any]:
   """How a set's features were computed, in words and numbers."""
   h, w = features.image_size
-  return {
-      "network": "FID InceptionV3 (pytorch-fid's pt_inception-2015-12-05"
-                 f" weights), read from {os.path.basename(inception_path)}",
+  inception = features.spatial is not None  # the FID Inception's outputs
+  out = {
+      "network": network.name,
       "input": f"8-bit RGB images at {h} x {w}; {features.resized} of"
                " another size resized to it first (bicubic)",
-      "resize": "bilinear to 299 x 299, half-pixel centres, no antialiasing"
-                " (pytorch-fid's; the ADM evaluator's TF graph resizes with"
-                " its own bilinear op)",
       "images": features.count,
       "skipped_corrupt": features.skipped_corrupt,
-      "fid": "pool_3 features (2048), Frechet distance in float64",
-      "sfid": "Mixed_6d 1x1 branch, first 7 channels at 17 x 17 (2023),"
-              " the ADM evaluator's mixed_6/conv",
+      "fid": f"{'pool_3' if inception else 'pooled'} features"
+             f" ({features.pool_features.shape[1]}), Frechet distance in"
+             " float64",
       "inception_score": f"{splits} contiguous splits in set order (no"
-                         " shuffle), softmax of the bias-free logits",
-      "precision_recall": f"k = {k} nearest neighbours on pool features,"
+                         " shuffle), softmax of the"
+                         f" {'bias-free ' if inception else ''}logits",
+      "precision_recall": f"k = {k} nearest neighbours on pooled features,"
                           " squared Euclidean distances in float32 at"
                           " Precision.HIGHEST",
   }
+  if inception:
+    out["resize"] = ("bilinear to 299 x 299, half-pixel centres, no"
+                     " antialiasing (pytorch-fid's; the ADM evaluator's TF"
+                     " graph resizes with its own bilinear op)")
+    out["sfid"] = ("Mixed_6d 1x1 branch, first 7 channels at 17 x 17"
+                   " (2023), the ADM evaluator's mixed_6/conv")
+  return out
 
 
 def load_reference(spec: str, features_of, data_dir: str = ""
@@ -130,7 +149,9 @@ def score(features: generative.SetFeatures, ref: generative.Reference, *,
   values, skipped = {}, {}
   values["fid"] = fid.frechet_distance(*features.pool.mu_sigma(), ref.mu,
                                        ref.sigma)
-  if ref.mu_s is not None:
+  if features.spatial is None:
+    skipped["sfid"] = "the feature network has no spatial features"
+  elif ref.mu_s is not None:
     values["sfid"] = fid.frechet_distance(*features.spatial.mu_sigma(),
                                           ref.mu_s, ref.sigma_s)
   else:
@@ -139,7 +160,9 @@ def score(features: generative.SetFeatures, ref: generative.Reference, *,
     values["inception_score"], values["inception_score_std"] = (
         generative.inception_score(features.is_sums))
   else:
-    skipped["inception_score"] = "the Inception weights have no fc layer"
+    skipped["inception_score"] = "the feature network has no logits"
+  if features.correct is not None:
+    values["classifier_accuracy"] = features.correct / features.count
   if ref.pool_features is not None:
     values["precision"], values["recall"] = generative.precision_recall(
         ref.pool_features, features.pool_features, k)
@@ -152,10 +175,11 @@ def score(features: generative.SetFeatures, ref: generative.Reference, *,
 def write_results(out: str, result: dict[str, Any], name: str) -> str:
   """OUT/metrics.json and OUT/metrics.md (a row and the protocol) on
   process 0; returns the markdown."""
-  header = ["samples", "images"] + [m[0] for m in METRICS]
+  columns = METRICS + tuple(m for m in OPTIONAL_METRICS if m[1] in result)
+  header = ["samples", "images"] + [m[0] for m in columns]
   row = [name, str(result["images"])] + [
       fmt.format(result[key]) if key in result else "n/a"
-      for _, key, fmt in METRICS]
+      for _, key, fmt in columns]
   text = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) +
           "\n| " + " | ".join(row) + " |\n\nProtocol:\n" +
           "".join(f"- {k}: {v}\n" for k, v in result["protocol"].items()) +
@@ -170,19 +194,30 @@ def write_results(out: str, result: dict[str, Any], name: str) -> str:
   return text
 
 
-def evaluate_samples(samples: str, ref: str, out: str, inception_path: str,
-                     *, make_ref: bool = False, batch_size: int = 64,
-                     num_images: int = 0, image_size: int = 0,
-                     splits: int = 10, k: int = 3, data_dir: str = ""
-                     ) -> dict[str, Any]:
+def feature_network(inception_path: str = "", classifier_path: str = ""
+                    ) -> generative.FeatureNetwork:
+  """The network of --inception or --classifier (exactly one)."""
+  if bool(inception_path) == bool(classifier_path):
+    raise ValueError("give exactly one feature network: --inception=FILE"
+                     " (the FID Inception) or --classifier=DIR")
+  if inception_path:
+    return generative.inception_network(inception_path)
+  return classifier.feature_network(classifier_path)
+
+
+def evaluate_samples(samples: str, ref: str, out: str, inception_path: str = "",
+                     *, classifier_path: str = "", make_ref: bool = False,
+                     batch_size: int = 64, num_images: int = 0,
+                     image_size: int = 0, splits: int = 10, k: int = 3,
+                     data_dir: str = "") -> dict[str, Any]:
   """The command: scores `samples` against `ref` into `out`, or with
   make_ref writes `samples`' reference .npz to `ref`."""
-  weights = inception.load(inception_path)
+  network = feature_network(inception_path, classifier_path)
   size = (image_size, image_size) if image_size else None
 
   def features_of(image_set, what, num=0):
     t0 = time.time()
-    result = generative.extract(image_set, weights, batch_size=batch_size,
+    result = generative.extract(image_set, network, batch_size=batch_size,
                                 splits=splits, num_images=num,
                                 image_size=size, what=what)
     logging.info("%s: %d images in %.1f s (%d undecodable, %d resized)",
@@ -192,7 +227,7 @@ def evaluate_samples(samples: str, ref: str, out: str, inception_path: str,
 
   sample_set = image_sets.open_set(samples, data_dir)
   features = features_of(sample_set, "samples", num_images)
-  proto = protocol(features, inception_path, splits, k)
+  proto = protocol(features, network, splits, k)
   if make_ref:
     reference = generative.Reference.from_features(features, samples, proto)
     if jax.process_index() == 0:
@@ -201,6 +236,10 @@ def evaluate_samples(samples: str, ref: str, out: str, inception_path: str,
             f" {features.count} images of {samples}")
     return {"reference": ref, "images": features.count}
   reference = load_reference(ref, features_of, data_dir)
+  made_with = reference.protocol.get("network")
+  if made_with and made_with != network.name:
+    raise ValueError(f"the reference {ref} was made with {made_with}, not"
+                     f" {network.name}: make it again with this network")
   values, skipped = score(features, reference, k=k)
   proto["reference"] = (f"{ref} ({reference.count} images)" if reference.count
                         else ref)
@@ -221,12 +260,13 @@ def main(argv):
   logs.setup()
   distributed.initialize()
   evaluate_samples(_SAMPLES.value, _REF.value, _OUT.value, _INCEPTION.value,
-                   make_ref=_MAKE_REF.value, batch_size=_BATCH.value,
+                   classifier_path=_CLASSIFIER.value, make_ref=_MAKE_REF.value,
+                   batch_size=_BATCH.value,
                    num_images=_NUM.value, image_size=_IMAGE_SIZE.value,
                    splits=_SPLITS.value, k=_K.value, data_dir=_DATA_DIR.value)
   distributed.finish()
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["samples", "ref", "inception"])
+  flags.mark_flags_as_required(["samples", "ref"])
   app.run(main)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cvqcar import evaluate_samples
 from cvqcar.data import images as image_data
-from cvqcar.evaluation import fid, generative, image_sets, inception
+from cvqcar.evaluation import classifier, fid, generative, image_sets
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # Random classifier weights give near-uniform softmaxes (IS ~ 1.00): scaled
@@ -88,8 +88,8 @@ def _torch_outputs(model, fc_weight, images):
 
 @pytest.fixture(scope="module")
 def extracted(network, sets):
-  weights = inception.load(network[0])
-  return {name: generative.extract(image_sets.FolderSet(folder), weights,
+  net = generative.inception_network(network[0])
+  return {name: generative.extract(image_sets.FolderSet(folder), net,
                                    batch_size=8, splits=2)
           for name, (folder, _) in sets.items()}
 
@@ -111,13 +111,15 @@ def test_scores_match_torch_fidelity_and_pytorch_fid(network, sets,
   got, skipped = evaluate_samples.score(fake, ref, k=3)
   assert not skipped
 
-  def frechet(kind):
-    a, b = want["fake"][kind], want["real"][kind]
+  def frechet(kind):  # pytorch-fid's (sqrtm) on the pool features only:
+    a, b = want["fake"][kind], want["real"][kind]  # 2023-d sqrtm is slow
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0),
+             np.cov(b, rowvar=False))
+    if kind == "spatial":
+      return fid.frechet_distance(*stats)
     with warnings.catch_warnings():  # its scipy.sqrtm(disp=False)
       warnings.simplefilter("ignore", DeprecationWarning)
-      return calculate_frechet_distance(
-          a.mean(0), np.cov(a, rowvar=False), b.mean(0),
-          np.cov(b, rowvar=False))
+      return calculate_frechet_distance(*stats)
 
   for metric, kind in (("fid", "pool"), ("sfid", "spatial")):
     value = frechet(kind)
@@ -222,9 +224,9 @@ def test_undecodable_and_odd_sized_images_are_counted(network, sets,
   Image.fromarray(np.zeros((40, 20, 3), np.uint8)).save(folder / "6.png")
   (folder / "7.png").write_bytes(b"\x89PNG not really")
   (folder / "notes.txt").write_text("not an image")
-  features = generative.extract(
-      image_sets.open_set(str(folder)), inception.load(network[0]),
-      batch_size=8, splits=2)
+  net = generative.inception_network(network[0])
+  features = generative.extract(image_sets.open_set(str(folder)), net,
+                                batch_size=8, splits=2)
   assert features.count == 7 and features.skipped_corrupt == 1
   assert features.resized == 1 and features.image_size == (32, 32)
 
@@ -297,3 +299,46 @@ def test_two_processes_give_the_numbers_of_one(network, sets, tmp_path):
               "precision", "recall"):
     np.testing.assert_allclose(two[key], one[key], rtol=1e-6, err_msg=key)
   assert one["fid"] > 1.0
+
+
+def test_a_classifier_as_the_feature_network(tmp_path, network):
+  """A locally trained classifier's features and logits stand in for
+  Inception's; labelled samples (arr_1) get its accuracy; a reference made
+  with one network refuses the other."""
+  rng = np.random.default_rng(0)
+  labels = np.arange(24) % 3
+  images = rng.integers(0, 80, (24, 12, 12, 3)).astype(np.uint8)
+  images[..., 0] += (80 * labels).astype(np.uint8)[:, None, None]  # red
+  x = images / 127.5 - 1
+  model = classifier.train(x, labels, 3, steps=30, batch_size=24, width=8)
+  path = classifier.save(model, str(tmp_path / "clf"), resolution=12,
+                         test_accuracy=0.5)
+  predicted = classifier.predict(model, x)
+  samples_labels = predicted.copy()
+  samples_labels[::3] = (predicted[::3] + 1) % 3  # a third wrong
+  np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=samples_labels)
+  ref = str(tmp_path / "ref.npz")
+  run = lambda samples, ref, **kw: evaluate_samples.evaluate_samples(
+      samples, ref, str(tmp_path / "out"), classifier_path=path,
+      batch_size=8, splits=2, **kw)
+  run(str(tmp_path / "samples.npz"), ref, make_ref=True)
+  result = run(str(tmp_path / "samples.npz"), ref)
+  assert abs(result["fid"]) < 1e-6 and result["recall"] == 1.0
+  assert result["skipped_metrics"] == {
+      "sfid": "the feature network has no spatial features"}
+  assert result["classifier_accuracy"] == pytest.approx(2 / 3)
+  assert "| accuracy |" in (tmp_path / "out" / "metrics.md").read_text()
+  assert result["protocol"]["network"].startswith(f"the classifier at {path}")
+  # FID in the classifier's feature space, against numpy on its features.
+  feats = np.asarray(model.features(x), np.float64)
+  half = generative.extract(image_sets.ArraySet(images[:12]),
+                            classifier.feature_network(path), batch_size=8,
+                            splits=2)
+  np.testing.assert_allclose(half.pool_features, feats[:12], rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="made with the classifier"):
+    evaluate_samples.evaluate_samples(
+        str(tmp_path / "samples.npz"), ref, str(tmp_path / "out2"),
+        network[0], batch_size=8)
+  with pytest.raises(ValueError, match="exactly one feature network"):
+    evaluate_samples.feature_network(network[0], path)

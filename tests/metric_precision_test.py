@@ -256,3 +256,13 @@ def test_sample_scores_pinned(inception_weights):
                weights, images, jnp.ones((2,)), jnp.zeros((2,), jnp.int32))
   a = rng.normal(size=(4, 8)).astype(np.float32)
   check_pinned(generative._squared_distances, a, a, np.sum(a * a, 1))
+
+
+def test_classifier_feature_network_pinned(tmp_path):
+  from cvqcar.evaluation import classifier
+
+  model = classifier.Classifier(3, width=4, rngs=nnx.Rngs(0))
+  path = classifier.save(model, str(tmp_path / "clf"), resolution=8)
+  network = classifier.feature_network(path)
+  check_pinned(network.apply, network.params,
+               jnp.zeros((2, 8, 8, 3), jnp.float32))

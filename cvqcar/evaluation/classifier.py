@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -18,6 +19,7 @@ import optax
 from flax import nnx
 
 from cvqcar import checkpoint
+from cvqcar.evaluation import generative
 
 
 class Classifier(nnx.Module):
@@ -32,11 +34,15 @@ class Classifier(nnx.Module):
                            conv(2 * width, 2 * width, 2)])
     self.head = nnx.Linear(2 * width, num_classes, rngs=rngs)
 
-  def __call__(self, images):
+  def features(self, images):
+    """The pooled last-stage activations [B, 2 * width] the head reads."""
     x = images
     for conv in self.convs:
       x = nnx.relu(conv(x))
-    return self.head(jnp.mean(x, axis=(1, 2)))
+    return jnp.mean(x, axis=(1, 2))
+
+  def __call__(self, images):
+    return self.head(self.features(images))
 
 
 def _loss(model, images, labels):
@@ -105,6 +111,32 @@ def save(model: Classifier, out: str, **info) -> str:
       "info": info})
   checkpoint.save_export(out, config, {"params": nnx.state(model)})
   return out
+
+
+def feature_network(path: str) -> generative.FeatureNetwork:
+  """The classifier at `path` as evaluate_samples' feature network: its
+  pooled features for FID and precision/recall, its logits for the
+  Inception Score and the accuracy on labelled samples; every conv and
+  matmul at Precision.HIGHEST, images at the resolution it was trained
+  on."""
+  model, config = load(path)
+  graphdef, state = nnx.split(model)
+
+  def apply(state, images):
+    model = nnx.merge(graphdef, state)
+    with jax.default_matmul_precision("highest"):
+      pool = model.features(images)
+      return {"pool": pool, "logits": model.head(pool)}
+
+  info = config.info
+  resolution = info.get("resolution")
+  accuracy = info.get("test_accuracy")
+  name = (f"the classifier at {path}" +
+          (f" ({100 * accuracy:.1f}% on its real test images)"
+           if accuracy is not None else ""))
+  return generative.FeatureNetwork(
+      name, state, apply, predicts_labels=True,
+      image_size=(resolution, resolution) if resolution else None)
 
 
 def load(path: str) -> tuple[Classifier, ml_collections.ConfigDict]:

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,17 +43,40 @@ from cvqcar.evaluation import fid, image_sets, inception
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+  """A network whose outputs the scores read: `apply(params, images [B, H,
+  W, 3] in [-1, 1])` gives {'pool' [B, D], and optionally 'spatial' [B, S]
+  (sFID) and 'logits' [B, classes] (Inception Score; with
+  `predicts_labels`, also the accuracy on labelled samples)}."""
+
+  name: str  # in words, for the protocol
+  params: Any  # a pytree, passed to apply as a jit argument
+  apply: Callable[[Any, jax.Array], dict[str, jax.Array]]
+  predicts_labels: bool = False
+  image_size: tuple[int, int] | None = None  # what it was trained on
+
+
+def inception_network(path: str) -> FeatureNetwork:
+  """The FID Inception from local weights (see inception.load)."""
+  return FeatureNetwork(
+      "FID InceptionV3 (pytorch-fid's pt_inception-2015-12-05 weights),"
+      f" read from {os.path.basename(path)}", inception.load(path),
+      inception.outputs)
+
+
 @dataclasses.dataclass
 class SetFeatures:
   """What the scores need of one image set."""
 
   pool: fid.FeatureStats  # Frechet statistics sums, pool features
-  spatial: fid.FeatureStats  # and spatial features
-  pool_features: np.ndarray  # [N, 2048] float32, set order
-  is_sums: dict[str, np.ndarray]  # per split: 'p' [S, 1008], 'entropy', 'n'
+  spatial: fid.FeatureStats | None  # and spatial features, if any
+  pool_features: np.ndarray  # [N, D] float32, set order
+  is_sums: dict[str, np.ndarray]  # per split: 'p' [S, classes], 'entropy', 'n'
   image_size: tuple[int, int]
   skipped_corrupt: int
   resized: int
+  correct: int | None = None  # samples given their label, if labelled
 
   @property
   def count(self) -> int:
@@ -67,16 +91,19 @@ def _split_of(rows: np.ndarray, n: int, splits: int) -> np.ndarray:
                  splits - 1).astype(np.int32)
 
 
-def _batch_outputs(weights, images_u8, mask, split, *, splits: int):
-  """One global batch: its pool and spatial features, and the masked
-  Inception Score sums of each split."""
+def _batch_outputs(params, images_u8, mask, split, *, splits: int,
+                   apply=inception.outputs):
+  """One global batch: its features (pool, spatial if any, and the
+  predicted class if logits), and the masked Inception Score sums of each
+  split."""
   x = images_u8.astype(jnp.float32) / 127.5 - 1
-  out = inception.outputs(weights, x)
-  features = {"pool": out["pool"], "spatial": out["spatial"]}
+  out = apply(params, x)
+  features = {k: out[k] for k in ("pool", "spatial") if k in out}
   sums = {}
   if "logits" in out:
     log_p = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
     p = jnp.exp(log_p)
+    features["predicted"] = jnp.argmax(log_p, axis=-1)
     zeros = jnp.zeros((splits,), jnp.float32)
     sums["is"] = {
         # a scatter-add over rows: a reduction, no matmul to pin
@@ -95,13 +122,14 @@ def _first_size(image_set, limit: int = 64) -> tuple[int, int]:
   raise ValueError(f"none of the first {limit} images decodes")
 
 
-def extract(image_set, weights: dict, *, batch_size: int = 64,
+def extract(image_set, network: FeatureNetwork, *, batch_size: int = 64,
             splits: int = 10, num_images: int = 0,
             image_size: tuple[int, int] | None = None, what: str = "features",
             mesh: jax.sharding.Mesh | None = None) -> SetFeatures:
-  """Streams `image_set` (see image_sets) through the Inception: every
-  process opens the same set and reads only its rows. Images of another
-  size than `image_size` (default: the first image's) are resized to it."""
+  """Streams `image_set` (see image_sets) through `network`: every process
+  opens the same set and reads only its rows. Images of another size than
+  `image_size` (default: the network's, else the first image's) are
+  resized to it."""
   mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   processes = jax.process_count()
   if batch_size % mesh.devices.size:
@@ -110,18 +138,18 @@ def extract(image_set, weights: dict, *, batch_size: int = 64,
   n = min(num_images or len(image_set), len(image_set))
   if n == 0:
     raise ValueError("the image set is empty")
-  size = tuple(image_size or _first_size(image_set))
+  size = tuple(image_size or network.image_size or _first_size(image_set))
+  labels = getattr(image_set, "labels", None)
   local = batch_size // processes
   num_batches = -(-n // batch_size)
   rep, rows_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  weights = jax.device_put(weights, rep)
-  step = jax.jit(functools.partial(_batch_outputs, splits=splits),
+  params = jax.device_put(network.params, rep)
+  step = jax.jit(functools.partial(_batch_outputs, splits=splits,
+                                   apply=network.apply),
                  out_shardings=(rows_sharded, rep))
-  stats = {k: fid.FeatureStats(d) for k, d in
-           (("pool", inception.FEATURES),
-            ("spatial", inception.SPATIAL_FEATURES))}
+  stats: dict[str, fid.FeatureStats] = {}
   is_sums: dict[str, np.ndarray] = {}
-  kept, corrupt, resized, real = [], 0, 0, 0.0
+  kept, corrupt, resized, real, correct = [], 0, 0, 0.0, 0
   progress = logs.Progress(num_batches, what)
   for b in range(num_batches):
     start = b * batch_size + jax.process_index() * local
@@ -139,7 +167,7 @@ def extract(image_set, weights: dict, *, batch_size: int = 64,
     batch = sharding.global_batch(
         {"images": images, "mask": mask, "split": split}, mesh)
     with jax.set_mesh(mesh):
-      features, sums = step(weights, batch["images"], batch["mask"],
+      features, sums = step(params, batch["images"], batch["mask"],
                             batch["split"])
     sums = jax.device_get(sums)
     if processes > 1:
@@ -148,10 +176,16 @@ def extract(image_set, weights: dict, *, batch_size: int = 64,
     else:
       features, global_mask = jax.device_get((features, batch["mask"]))
     real_rows = np.asarray(global_mask) > 0
-    for name, stat in stats.items():
-      stat.add(np.asarray(features[name])[real_rows])
+    for name in ("pool", "spatial"):
+      if name in features:
+        x = np.asarray(features[name])[real_rows]
+        stats.setdefault(name, fid.FeatureStats(x.shape[1])).add(x)
     for k, v in sums.get("is", {}).items():
       is_sums[k] = is_sums.get(k, 0) + np.asarray(v, np.float64)
+    if labels is not None and network.predicts_labels:
+      rows = np.arange(b * batch_size, (b + 1) * batch_size)[real_rows]
+      correct += int(np.sum(np.asarray(features["predicted"])[real_rows] ==
+                            labels[rows]))
     kept.append(np.asarray(features["pool"], np.float32)[real_rows])
     real += float(real_rows.sum())
     progress(b + 1, real)
@@ -161,8 +195,10 @@ def extract(image_set, weights: dict, *, batch_size: int = 64,
         axis=0))
   if real == 0:
     raise ValueError("no image of the set could be decoded")
-  return SetFeatures(stats["pool"], stats["spatial"], np.concatenate(kept),
-                     is_sums, size, corrupt, resized)
+  labelled = labels is not None and network.predicts_labels
+  return SetFeatures(stats["pool"], stats.get("spatial"),
+                     np.concatenate(kept), is_sums, size, corrupt, resized,
+                     correct if labelled else None)
 
 
 def inception_score(is_sums: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -261,7 +297,8 @@ class Reference:
   def from_features(cls, features: SetFeatures, source: str,
                     protocol: dict[str, Any]) -> Reference:
     mu, sigma = features.pool.mu_sigma()
-    mu_s, sigma_s = features.spatial.mu_sigma()
+    mu_s, sigma_s = (features.spatial.mu_sigma() if features.spatial
+                     else (None, None))
     return cls(mu, sigma, mu_s, sigma_s, features.pool_features,
                features.count, source, protocol)
 

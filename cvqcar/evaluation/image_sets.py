@@ -13,8 +13,10 @@ A set is named by one spec string:
                         the ArrayRecord format that `tfds.data_source` reads)
 
 `read(start, stop)` returns the rows as uint8 [H, W, 3] arrays, None for
-an image that cannot be decoded. Rows are the unit the scorer splits over
-processes, so every process opens the same set and reads only its rows.
+an image that cannot be decoded; `labels` is the rows' classes (an ADM
+batch's arr_1, Fashion-MNIST's labels) or None. Rows are the unit the
+scorer splits over processes, so every process opens the same set and
+reads only its rows.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def to_rgb(image: Any) -> np.ndarray | None:
 
 class FolderSet:
   """Every image file under a directory, recursively, by relative path."""
+
+  labels = None
 
   def __init__(self, directory: str):
     if not os.path.isdir(directory):
@@ -104,6 +108,12 @@ class NpzSet:
       raise ValueError(f"{path}: {key} is {dtype} {shape}; expected uint8"
                        " images [N, H, W, 3] (or grey [N, H, W])")
     self.shape = tuple(shape)
+    self.labels = None
+    if "arr_1.npy" in self._zip.namelist():
+      with self._zip.open("arr_1.npy") as f:
+        labels = np.lib.format.read_array(f)
+      if labels.shape == (shape[0],) and labels.dtype.kind in "iu":
+        self.labels = labels.astype(np.int64)
     self._row_bytes = int(np.prod(shape[1:]))
     self._start = self._file.tell()
     self._row = 0
@@ -131,10 +141,11 @@ class NpzSet:
 
 
 class ArraySet:
-  """Images already in memory (uint8 [N, H, W] or [N, H, W, C])."""
+  """Images already in memory (uint8 [N, H, W] or [N, H, W, C]), and
+  optionally their labels [N]."""
 
-  def __init__(self, images: np.ndarray):
-    self.images = images
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
+    self.images, self.labels = images, labels
 
   def __len__(self) -> int:
     return len(self.images)
@@ -145,6 +156,8 @@ class ArraySet:
 
 class TfdsSet:
   """The 'image' feature of a local TFDS split, random access."""
+
+  labels = None
 
   def __init__(self, name: str, split: str, data_dir: str):
     import tensorflow_datasets as tfds  # heavy; only this set needs it
@@ -172,8 +185,8 @@ def open_set(spec: str, data_dir: str = ""):
   """The image set a spec names (see the module docstring)."""
   kind, _, rest = spec.partition(":")
   if kind == "fashion_mnist" and rest:
-    images, _ = fashion.load(data_dir, rest)
-    return ArraySet(images)
+    images, labels = fashion.load(data_dir, rest)
+    return ArraySet(images, labels.astype(np.int64))
   if kind == "tfds" and rest.count(":") == 1:
     name, split = rest.split(":")
     return TfdsSet(name, split, data_dir)
