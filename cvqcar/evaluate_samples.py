@@ -5,7 +5,7 @@
       --ref=VIRTUAL_imagenet256_labeled.npz --inception=inception.npz \
       --out=eval/c2i
   python -m cvqcar.evaluate_samples --make_ref --samples=fashion_mnist:test \
-      --inception=inception.npz --ref=refs/fashion_test.npz
+      --inception=inception.npz --ref=eval/refs/fashion_test.npz
 
 --samples is an image set: a folder (recursively, e.g. generate_benchmark's
 OUT/<class>/<n>.png), an ADM-style .npz batch (uint8 arr_0), or

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "cvqcar"
 COMMANDS = frozenset(
     {"train", "export", "sample", "convert_pairs", "tokenize_dataset",
      "evaluate", "convert_weights", "generate_benchmark", "report", "train_dq",
-     "prompt_following"})
+     "prompt_following", "evaluate_samples"})
 SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "fingerprint", "logs",
      "metrics", "visualize", "optim", "figures", "exit_codes", "loop", "perf",
@@ -25,7 +25,7 @@ ALLOWED = {
     "kernels": set(),
     "shared": {"shared"},
     "data": {"shared"},
-    "evaluation": {"shared"},
+    "evaluation": {"shared", "data"},  # image sets to score
     "tokenizer": {"shared", "kernels", "data", "evaluation"},
     "car": {"shared", "kernels", "data", "tokenizer", "evaluation"},
     "command": {"shared", "kernels", "data", "tokenizer", "car",
