@@ -1,5 +1,6 @@
 """codebook_argmin: every path against a numpy reference."""
 
+import functools
 import types
 
 import jax
@@ -97,3 +98,35 @@ def test_auto_picks_the_kernel_only_where_it_compiles(platform, capability,
   if capability is not None:
     device.compute_capability = capability
   assert argmin.default_impl(device) == expect
+
+
+def _bf16(a):
+  return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_xla_paths_search_at_highest_precision(impl):
+  """On a TPU a default-precision float32 matmul rounds its operands to
+  bf16 (TF32 on recent NVIDIA GPUs); the XLA paths ask for HIGHEST, so they
+  pick the exact nearest code where such rounding would pick another."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(256, 64)).astype(np.float32)
+  # Two near-equidistant codes per row: x plus one of two small offsets
+  # whose distances differ by ~1e-3 relative, below bf16's resolution of
+  # the dot products.
+  offsets = rng.normal(size=(2, 64)).astype(np.float32) * 0.05
+  offsets[1] *= 1.0005
+  codebook = np.concatenate([x + offsets[0], x + offsets[1]])
+  want, _ = numpy_argmin(x, codebook)
+  # The inputs are rounding-sensitive: with bf16 operands in the dot the
+  # search picks other codes for some rows (||e||^2 stays float32).
+  e_sq = (codebook.astype(np.float64) ** 2).sum(-1)
+  rounded = (e_sq[None] - 2 * _bf16(x).astype(np.float64)
+             @ _bf16(codebook).astype(np.float64).T).argmin(-1)
+  assert np.mean(rounded != want) > 0.05
+  got = argmin.codebook_argmin(x, codebook, impl=impl, block_k=128)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  fn = functools.partial(argmin.codebook_argmin, impl=impl, block_k=128)
+  text = jax.jit(fn).lower(x, codebook).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert dots and all(line.count("HIGHEST") == 2 for line in dots), dots
