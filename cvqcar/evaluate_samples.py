@@ -74,6 +74,10 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Resize every image to"
                                    " this square size first (0: the first"
                                    " image's size).")
 _SPLITS = flags.DEFINE_integer("splits", 10, "Inception Score splits.")
+_SHUFFLE = flags.DEFINE_bool(
+    "is_shuffle", True, "Split for the Inception Score in torch-fidelity's"
+    " fixed shuffled order (seed 2020), as class-ordered batches need;"
+    " false: in the set's own order, as the ADM evaluator does.")
 _K = flags.DEFINE_integer("k", 3, "Neighbourhood size of precision/recall.")
 
 METRICS = (("FID", "fid", "{:.3f}"), ("sFID", "sfid", "{:.3f}"),
@@ -85,8 +89,8 @@ OPTIONAL_METRICS = (("accuracy", "classifier_accuracy", "{:.4f}"),)
 
 
 def protocol(features: generative.SetFeatures,
-             network: generative.FeatureNetwork, splits: int, k: int
-             ) -> dict[str, Any]:
+             network: generative.FeatureNetwork, splits: int, k: int,
+             shuffle: bool = True) -> dict[str, Any]:
   """How a set's features were computed, in words and numbers."""
   h, w = features.image_size
   inception = features.spatial is not None  # the FID Inception's outputs
@@ -99,8 +103,11 @@ def protocol(features: generative.SetFeatures,
       "fid": f"{'pool_3' if inception else 'pooled'} features"
              f" ({features.pool_features.shape[1]}), Frechet distance in"
              " float64",
-      "inception_score": f"{splits} contiguous splits in set order (no"
-                         " shuffle), softmax of the"
+      "inception_score": f"{splits} splits of the set in "
+                         + ("torch-fidelity's shuffled order (seed"
+                            f" {generative.SHUFFLE_SEED})" if shuffle
+                            else "its own order (no shuffle)")
+                         + ", softmax of the"
                          f" {'bias-free ' if inception else ''}logits",
       "precision_recall": f"k = {k} nearest neighbours on pooled features,"
                           " squared Euclidean distances in float32 at"
@@ -208,8 +215,9 @@ def feature_network(inception_path: str = "", classifier_path: str = ""
 def evaluate_samples(samples: str, ref: str, out: str, inception_path: str = "",
                      *, classifier_path: str = "", make_ref: bool = False,
                      batch_size: int = 64, num_images: int = 0,
-                     image_size: int = 0, splits: int = 10, k: int = 3,
-                     data_dir: str = "") -> dict[str, Any]:
+                     image_size: int = 0, splits: int = 10,
+                     is_shuffle: bool = True, k: int = 3, data_dir: str = ""
+                     ) -> dict[str, Any]:
   """The command: scores `samples` against `ref` into `out`, or with
   make_ref writes `samples`' reference .npz to `ref`."""
   network = feature_network(inception_path, classifier_path)
@@ -217,9 +225,10 @@ def evaluate_samples(samples: str, ref: str, out: str, inception_path: str = "",
 
   def features_of(image_set, what, num=0):
     t0 = time.time()
-    result = generative.extract(image_set, network, batch_size=batch_size,
-                                splits=splits, num_images=num,
-                                image_size=size, what=what)
+    result = generative.extract(
+        image_set, network, batch_size=batch_size, splits=splits,
+        shuffle_seed=generative.SHUFFLE_SEED if is_shuffle else None,
+        num_images=num, image_size=size, what=what)
     logging.info("%s: %d images in %.1f s (%d undecodable, %d resized)",
                  what, result.count, time.time() - t0,
                  result.skipped_corrupt, result.resized)
@@ -227,7 +236,7 @@ def evaluate_samples(samples: str, ref: str, out: str, inception_path: str = "",
 
   sample_set = image_sets.open_set(samples, data_dir)
   features = features_of(sample_set, "samples", num_images)
-  proto = protocol(features, network, splits, k)
+  proto = protocol(features, network, splits, k, is_shuffle)
   if make_ref:
     reference = generative.Reference.from_features(features, samples, proto)
     if jax.process_index() == 0:
@@ -263,7 +272,8 @@ def main(argv):
                    classifier_path=_CLASSIFIER.value, make_ref=_MAKE_REF.value,
                    batch_size=_BATCH.value,
                    num_images=_NUM.value, image_size=_IMAGE_SIZE.value,
-                   splits=_SPLITS.value, k=_K.value, data_dir=_DATA_DIR.value)
+                   splits=_SPLITS.value, is_shuffle=_SHUFFLE.value, k=_K.value,
+                   data_dir=_DATA_DIR.value)
   distributed.finish()
 
 

@@ -16,8 +16,9 @@ backend, score the same numbers.
 The formulas are the ADM evaluator's (guided-diffusion, evaluations/):
 - FID / sFID: Frechet distance of pool / spatial feature statistics;
 - Inception Score: exp(E_x KL(p(y|x) || p(y))) over `splits` contiguous
-  splits of the set in its order (no shuffle), p from the bias-free logits,
-  averaged (and the standard deviation over splits, as torch-fidelity);
+  splits, p from the bias-free logits, averaged (and the standard deviation
+  over splits); the splits take the set in torch-fidelity's fixed shuffled
+  order by default (`split_positions`), or in its own order as ADM's does;
 - precision / recall (Kynkaanniemi et al. 2019): the share of samples
   within the k-th nearest-neighbour ball of some reference image, and of
   reference images within that of some sample (k = 3, pool features).
@@ -83,11 +84,28 @@ class SetFeatures:
     return len(self.pool_features)
 
 
-def _split_of(rows: np.ndarray, n: int, splits: int) -> np.ndarray:
-  """The Inception Score split of each row: split s holds rows
+# torch-fidelity's default order for the Inception Score's splits.
+SHUFFLE_SEED = 2020
+
+
+def split_positions(n: int, shuffle_seed: int | None) -> np.ndarray:
+  """Each row's position in the order the Inception Score splits: the set's
+  own order (None: the ADM evaluator's), or torch-fidelity's permutation
+  (numpy RandomState(seed).permutation(n)), which class-ordered batches
+  (generate_benchmark writes class by class) need: split by set order, each
+  split would hold one class, and the score would read low."""
+  if shuffle_seed is None:
+    return np.arange(n)
+  position = np.empty(n, np.int64)
+  position[np.random.RandomState(shuffle_seed).permutation(n)] = np.arange(n)
+  return position
+
+
+def _split_of(positions: np.ndarray, n: int, splits: int) -> np.ndarray:
+  """The Inception Score split of each position: split s holds positions
   [s * n // splits, (s + 1) * n // splits), as torch-fidelity chunks."""
   bounds = np.array([s * n // splits for s in range(splits + 1)])
-  return np.clip(np.searchsorted(bounds, rows, side="right") - 1, 0,
+  return np.clip(np.searchsorted(bounds, positions, side="right") - 1, 0,
                  splits - 1).astype(np.int32)
 
 
@@ -123,7 +141,8 @@ def _first_size(image_set, limit: int = 64) -> tuple[int, int]:
 
 
 def extract(image_set, network: FeatureNetwork, *, batch_size: int = 64,
-            splits: int = 10, num_images: int = 0,
+            splits: int = 10, shuffle_seed: int | None = SHUFFLE_SEED,
+            num_images: int = 0,
             image_size: tuple[int, int] | None = None, what: str = "features",
             mesh: jax.sharding.Mesh | None = None) -> SetFeatures:
   """Streams `image_set` (see image_sets) through `network`: every process
@@ -142,6 +161,9 @@ def extract(image_set, network: FeatureNetwork, *, batch_size: int = 64,
   labels = getattr(image_set, "labels", None)
   local = batch_size // processes
   num_batches = -(-n // batch_size)
+  # Padding rows (past n) land in the last split, masked out.
+  positions = np.concatenate([split_positions(n, shuffle_seed),
+                              np.full(batch_size, n - 1)])
   rep, rows_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   params = jax.device_put(network.params, rep)
   step = jax.jit(functools.partial(_batch_outputs, splits=splits,
@@ -163,7 +185,7 @@ def extract(image_set, network: FeatureNetwork, *, batch_size: int = 64,
       images[i], was_resized = image_sets.fit(image, size)
       resized += was_resized
       mask[i] = 1
-    split = _split_of(np.arange(start, start + local), n, splits)
+    split = _split_of(positions[start:start + local], n, splits)
     batch = sharding.global_batch(
         {"images": images, "mask": mask, "split": split}, mesh)
     with jax.set_mesh(mesh):
