@@ -261,10 +261,18 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_numbers_of_one(network, sets, tmp_path):
+def test_two_processes_give_the_numbers_of_one(sets, tmp_path):
+  # The reading, gathering and reductions are the network's business of no
+  # concern here: a small random classifier keeps the subprocesses quick.
+  from flax import nnx
+
+  path = classifier.save(
+      classifier.Classifier(5, width=8, rngs=nnx.Rngs(0)),
+      str(tmp_path / "clf"), resolution=32)
   ref = str(tmp_path / "real.npz")
-  evaluate_samples.evaluate_samples(sets["real"][0], ref, "", network[0],
-                                    make_ref=True, batch_size=8)
+  evaluate_samples.evaluate_samples(sets["real"][0], ref, "",
+                                    classifier_path=path, make_ref=True,
+                                    batch_size=8)
   # 15 images, batch 8 over 2 processes: each reads 4 rows of a batch, the
   # second process's last rows padding, one file undecodable.
   folder = tmp_path / "fake"
@@ -279,7 +287,7 @@ def test_two_processes_give_the_numbers_of_one(network, sets, tmp_path):
                f"={8 // processes}", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "cvqcar.evaluate_samples",
            f"--samples={folder}", f"--ref={ref}", f"--out={out}",
-           f"--inception={network[0]}", "--batch_size=8", "--splits=2"]
+           f"--classifier={path}", "--batch_size=8", "--splits=2"]
     if processes > 1:
       cmd += [f"--coordinator_address=localhost:{port}",
               f"--num_processes={processes}"]
@@ -296,10 +304,11 @@ def test_two_processes_give_the_numbers_of_one(network, sets, tmp_path):
   one, two = run(1), run(2)
   assert one["images"] == two["images"] == 14
   assert one["skipped_corrupt"] == two["skipped_corrupt"] == 1
-  for key in ("fid", "sfid", "inception_score", "inception_score_std",
+  for key in ("fid", "inception_score", "inception_score_std",
               "precision", "recall"):
-    np.testing.assert_allclose(two[key], one[key], rtol=1e-6, err_msg=key)
-  assert one["fid"] > 1.0
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=1e-6,
+                               err_msg=key)
+  assert one["fid"] > 1e-3
 
 
 def test_a_classifier_as_the_feature_network(tmp_path, network):
