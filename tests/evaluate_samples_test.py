@@ -352,3 +352,17 @@ def test_a_classifier_as_the_feature_network(tmp_path, network):
         network[0], batch_size=8)
   with pytest.raises(ValueError, match="exactly one feature network"):
     evaluate_samples.feature_network(network[0], path)
+
+
+def test_a_tfds_split_is_an_image_set():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=5,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    images = image_sets.open_set("tfds:imagenet2012:validation",
+                                 "/nonexistent")
+    assert len(images) == 5
+    rows = images.read(1, 4)
+  assert len(rows) == 3
+  assert all(r.dtype == np.uint8 and r.ndim == 3 and r.shape[-1] == 3
+             for r in rows)
+  assert np.std(rows[0]) > 1  # decoded pixels, not a fill
