@@ -19,7 +19,10 @@ them), `smoke` (with `tiny`) shrinks it to a seconds-long
 run for notebooks' fast mode and CI (16 px, 8 channels, 6 steps), and
 `budget=B` (a square number) sets an equal token
 budget for both axes: a sqrt(B) x sqrt(B) latent grid with B channels, so
-channel tokens and patch tokens alike are B tokens of B numbers:
+channel tokens and patch tokens alike are B tokens of B numbers, and
+`fsq` / `lfq` / `bsq` replace the codebook by a codebook-free quantizer
+(cvqcar/tokenizer/scalar.py) with about as many codes (FSQ: the FSQ paper's
+levels for that size; LFQ and BSQ: log2 K sign bits), along either axis:
 
   python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64
   python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64,patch
@@ -27,10 +30,31 @@ channel tokens and patch tokens alike are B tokens of B numbers:
 Any field is overridable: --config.num_train_steps=50.
 """
 
+import math
+
 import ml_collections
 
 KNOWN_ARGS = {"tiny", "patch", "dynamic", "ema", "plain", "cosine", "simvq",
-              "res", "budget", "smoke", "fashion"}
+              "res", "budget", "smoke", "fashion", "fsq", "lfq", "bsq"}
+# The FSQ paper's levels per code size (Mentzer et al. 2023, table 1), and
+# 2^6 for the smoke config.
+FSQ_LEVELS = {6: (4, 4, 4), 8: (8, 6, 5), 10: (8, 5, 5, 5),
+              12: (7, 5, 5, 5, 5), 14: (8, 8, 8, 6, 5),
+              16: (8, 8, 8, 5, 5, 5)}
+
+
+def set_scalar_quantizer(m: ml_collections.ConfigDict, name: str) -> None:
+  """Selects FSQ, LFQ or BSQ with about m.num_codes codes (num_codes is set
+  to the exact count)."""
+  bits = max(1, round(math.log2(m.num_codes)))
+  m.quantizer = name
+  if name == "fsq":
+    near = min(FSQ_LEVELS, key=lambda b: abs(b - bits))
+    m.scalar.fsq_levels = FSQ_LEVELS[near]
+    m.num_codes = math.prod(FSQ_LEVELS[near])
+  else:
+    m.scalar.bits = bits
+    m.num_codes = 2 ** bits
 
 
 def parse_args(arg: str, known: set[str]) -> dict[str, str]:
@@ -109,6 +133,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.dynamic = ml_collections.ConfigDict()
   m.dynamic.fine_fraction = 0.5  # target share of regions coded fine
   m.dynamic.temperature = 1.0  # of the router's Gumbel-softmax
+  # The quantizer of each token's row: 'vq' (the codebook above) or the
+  # codebook-free 'fsq', 'lfq', 'bsq' (cvqcar/tokenizer/scalar.py), whose
+  # num_codes follows from their own settings.
+  m.quantizer = "vq"
+  sc = m.scalar = ml_collections.ConfigDict()
+  sc.fsq_levels = FSQ_LEVELS[14]  # 15,360 codes
+  sc.bits = 14  # LFQ / BSQ: 16,384 codes
+  sc.entropy_weight = 0.1  # LFQ / BSQ: times (row - gamma * batch entropy)
+  sc.diversity_gamma = 1.0
+  sc.temperature = 0.01  # of the entropy's softmax over codes
 
   loss = config.loss = ml_collections.ConfigDict()
   loss.reconstruction = "l2"  # or 'l1'
@@ -230,4 +264,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cb.cosine = True
   if "simvq" in args:
     cb.ema, cb.simvq = False, True
+  names = [n for n in ("fsq", "lfq", "bsq") if n in args]
+  if len(names) > 1:
+    raise ValueError(f"config arguments {names} each pick the quantizer;"
+                     " give one")
+  if names:
+    set_scalar_quantizer(m, names[0])
   return config

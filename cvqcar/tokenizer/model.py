@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvqcar.tokenizer import dynamic, quantize, vqgan
+from cvqcar.tokenizer import dynamic, quantize, scalar, vqgan
 
 if TYPE_CHECKING:  # annotations only: the model builds from any mapping
   import ml_collections
 
 QUANTIZERS = ("channel", "patch", "dynamic")
+# What quantizes each token's row (config.model.quantizer).
+ROW_QUANTIZERS = ("vq", "fsq", "lfq", "bsq")
+
+
+def implied_num_codes(cfg: ml_collections.ConfigDict) -> int:
+  """K of the configured row quantizer: num_codes for 'vq', prod(levels)
+  for FSQ, 2**bits for LFQ / BSQ."""
+  name = cfg.get("quantizer", "vq")
+  if name == "fsq":
+    return math.prod(cfg.scalar.fsq_levels)
+  if name in ("lfq", "bsq"):
+    return 2 ** cfg.scalar.bits
+  return cfg.num_codes
 
 
 class ForwardOutput(NamedTuple):
@@ -53,6 +67,17 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError("nested channel dropout needs quantize='channel'; set"
                      " config.model.nested_dropout_alpha=0 for"
                      f" {cfg.quantize!r}")
+  name = cfg.get("quantizer", "vq")
+  if name not in ROW_QUANTIZERS:
+    raise ValueError(f"config.model.quantizer must be one of"
+                     f" {ROW_QUANTIZERS}, got {name!r}")
+  if name != "vq" and cfg.quantize == "dynamic":
+    raise ValueError(f"quantize='dynamic' needs quantizer='vq', got {name!r}")
+  if implied_num_codes(cfg) != cfg.num_codes:
+    raise ValueError(
+        f"config.model.num_codes={cfg.num_codes} but quantizer={name!r} has"
+        f" {implied_num_codes(cfg)} codes (its scalar settings): set"
+        " num_codes to match")
   side = cfg.resolution // factor
   if cfg.quantize == "dynamic" and side % 2:
     raise ValueError(f"quantize='dynamic' needs an even latent grid (2 x 2"
@@ -105,6 +130,21 @@ def check_images(images, resolution: int) -> None:
           " (uint8 images need x / 127.5 - 1)")
 
 
+def _row_quantizer(cfg: ml_collections.ConfigDict, dim: int,
+                   rngs: nnx.Rngs):
+  """The FSQ / LFQ / BSQ quantizer of rows of `dim` numbers, or None for
+  the codebook (built by the channel or patch quantizer)."""
+  name, sc = cfg.get("quantizer", "vq"), cfg.get("scalar")
+  if name == "fsq":
+    return scalar.FSQ(sc.fsq_levels, dim, rngs=rngs)
+  if name in ("lfq", "bsq"):
+    return scalar.LFQ(sc.bits, dim, spherical=name == "bsq",
+                      entropy_weight=sc.entropy_weight,
+                      diversity_gamma=sc.diversity_gamma,
+                      temperature=sc.temperature, rngs=rngs)
+  return None
+
+
 class Tokenizer(nnx.Module):
   """Image <-> tokens. Channel-wise: T = C tokens; patch-wise: T = h*w."""
 
@@ -129,10 +169,13 @@ class Tokenizer(nnx.Module):
               ema_decay=cb.ema_decay, restart_fraction=cb.restart_fraction,
               init_scale=cb.init_scale, argmin_impl=cb.argmin_impl, rngs=rngs)
     s = self.latent_size
+    row_dim = s * s if cfg.quantize == "channel" else cfg.latent_channels
+    vq["rows"] = _row_quantizer(cfg, row_dim, rngs)
     if cfg.quantize == "channel":
       self.quantizer = quantize.ChannelQuantizer(cfg.num_codes, s, s, **vq)
     elif cfg.quantize == "dynamic":
       d = cfg.get("dynamic") or {}
+      del vq["rows"]
       self.quantizer = dynamic.DynamicQuantizer(
           cfg.num_codes, cfg.latent_channels, s, s,
           fine_fraction=d.get("fine_fraction", 0.5),

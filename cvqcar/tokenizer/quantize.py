@@ -168,11 +168,17 @@ class VectorQuantizer(nnx.Module):
 
 
 class ChannelQuantizer(nnx.Module):
-  """CVQ: each channel map (h*w numbers) of a [B, h, w, C] map is one token."""
+  """CVQ: each channel map (h*w numbers) of a [B, h, w, C] map is one token.
 
-  def __init__(self, num_codes: int, height: int, width: int, **kwargs):
+  `rows` quantizes the [B*C, h*w] maps: by default a VectorQuantizer built
+  from the keyword arguments, or any quantizer of rows with its interface
+  (scalar.FSQ, scalar.LFQ).
+  """
+
+  def __init__(self, num_codes: int, height: int, width: int, *, rows=None,
+               **kwargs):
     self.height, self.width = height, width
-    self.vq = VectorQuantizer(num_codes, height * width, **kwargs)
+    self.vq = rows or VectorQuantizer(num_codes, height * width, **kwargs)
 
   def num_tokens(self, num_channels: int) -> int:
     return num_channels
@@ -202,10 +208,11 @@ class ChannelQuantizer(nnx.Module):
 
 class PatchQuantizer(nnx.Module):
   """VQGAN baseline: each position's C-vector of a [B, h, w, C] map is one
-  token."""
+  token; `rows` as for ChannelQuantizer."""
 
-  def __init__(self, num_codes: int, num_channels: int, **kwargs):
-    self.vq = VectorQuantizer(num_codes, num_channels, **kwargs)
+  def __init__(self, num_codes: int, num_channels: int, *, rows=None,
+               **kwargs):
+    self.vq = rows or VectorQuantizer(num_codes, num_channels, **kwargs)
 
   def __call__(self, z_bhwc, keep_bc=None, *, train=False, key=None):
     if keep_bc is not None:
