@@ -22,7 +22,9 @@ budget for both axes: a sqrt(B) x sqrt(B) latent grid with B channels, so
 channel tokens and patch tokens alike are B tokens of B numbers, and
 `fsq` / `lfq` / `bsq` replace the codebook by a codebook-free quantizer
 (cvqcar/tokenizer/scalar.py) with about as many codes (FSQ: the FSQ paper's
-levels for that size; LFQ and BSQ: log2 K sign bits), along either axis:
+levels for that size; LFQ and BSQ: log2 K sign bits), `ibq` trains a plain
+codebook by index backpropagation and `rotation` takes the rotation trick
+for the straight-through estimator, along either axis:
 
   python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64
   python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64,patch
@@ -35,7 +37,8 @@ import math
 import ml_collections
 
 KNOWN_ARGS = {"tiny", "patch", "dynamic", "ema", "plain", "cosine", "simvq",
-              "res", "budget", "smoke", "fashion", "fsq", "lfq", "bsq"}
+              "res", "budget", "smoke", "fashion", "fsq", "lfq", "bsq",
+              "rotation", "ibq"}
 # The FSQ paper's levels per code size (Mentzer et al. 2023, table 1), and
 # 2^6 for the smoke config.
 FSQ_LEVELS = {6: (4, 4, 4), 8: (8, 6, 5), 10: (8, 5, 5, 5),
@@ -129,6 +132,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # plain_collapse.py. EMA codebooks start from data and ignore it.
   cb.init_scale = 0.1
   cb.argmin_impl = "auto"
+  # The rotation trick instead of the straight-through estimator; IBQ's
+  # index backpropagation (a gradient-trained codebook: not with ema).
+  cb.rotation = False
+  cb.index_backprop = False
   # quantize='dynamic': a region of 2 x 2 latent cells takes 1 code or 4.
   m.dynamic = ml_collections.ConfigDict()
   m.dynamic.fine_fraction = 0.5  # target share of regions coded fine
@@ -264,6 +271,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cb.cosine = True
   if "simvq" in args:
     cb.ema, cb.simvq = False, True
+  if "rotation" in args:
+    cb.rotation = True
+  if "ibq" in args:  # a plain codebook the gradient trains
+    cb.index_backprop, cb.ema, cb.simvq = True, False, False
   names = [n for n in ("fsq", "lfq", "bsq") if n in args]
   if len(names) > 1:
     raise ValueError(f"config arguments {names} each pick the quantizer;"

@@ -1,5 +1,6 @@
 """FSQ, LFQ and BSQ: against vector-quantize-pytorch on the same inputs and
-weights, and through the tokenizer along both axes."""
+weights; they and the IBQ and rotation-trick codebooks through the tokenizer
+along both axes."""
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,11 @@ def test_gradient_passes_the_quantizer_straight_through(name):
 
 def _config(name, axis):
   config = tiny_config()
+  if name in ("ibq", "rotation"):  # codebook quantizers, other estimators
+    config.model.codebook.ema = False
+    config.model.codebook.index_backprop = name == "ibq"
+    config.model.codebook.rotation = name == "rotation"
+    name = "vq"
   config.model.quantizer = name
   config.model.scalar.fsq_levels = (4, 4, 4)
   config.model.scalar.bits = 6
@@ -131,7 +137,7 @@ def _config(name, axis):
 
 
 @pytest.mark.parametrize("axis", ["channel", "patch"])
-@pytest.mark.parametrize("name", ["fsq", "lfq", "bsq"])
+@pytest.mark.parametrize("name", ["fsq", "lfq", "bsq", "ibq", "rotation"])
 def test_tokenizer_round_trips_and_trains_the_encoder(name, axis):
   config = _config(name, axis)
   model = model_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))

@@ -167,7 +167,9 @@ class Tokenizer(nnx.Module):
     cb = cfg.codebook
     vq = dict(cosine=cb.cosine, simvq=cb.simvq, ema=cb.ema,
               ema_decay=cb.ema_decay, restart_fraction=cb.restart_fraction,
-              init_scale=cb.init_scale, argmin_impl=cb.argmin_impl, rngs=rngs)
+              init_scale=cb.init_scale, argmin_impl=cb.argmin_impl,
+              rotation=cb.get("rotation", False),
+              index_backprop=cb.get("index_backprop", False), rngs=rngs)
     s = self.latent_size
     row_dim = s * s if cfg.quantize == "channel" else cfg.latent_channels
     vq["rows"] = _row_quantizer(cfg, row_dim, rngs)

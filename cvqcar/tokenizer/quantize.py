@@ -38,6 +38,28 @@ def _masked_mean_sq(diff_nd: jax.Array, weight_n: jax.Array) -> jax.Array:
   return jnp.sum(per_row_n * weight_n) / jnp.maximum(jnp.sum(weight_n), 1.0)
 
 
+def _input_norm(z_nd, weight_n):
+  norm_n = jnp.sqrt(jnp.sum(jnp.square(
+      jax.lax.stop_gradient(z_nd).astype(jnp.float32)), axis=-1))
+  return jnp.sum(norm_n * weight_n) / jnp.maximum(jnp.sum(weight_n), 1.0)
+
+
+def rotate_to(z_nd, e_nd):
+  """The rotation trick's map of rows z onto codewords e (Fifty et al.
+  2024, section 4.2): R z * |e| / |z| with R the rotation taking z/|z| to
+  e/|e|, R and the scale held constant, so its value is e and the gradient
+  to z is R^T (scaled) of the gradient at e."""
+  eps = 1e-12
+  z_norm = jnp.sqrt(jnp.sum(z_nd * z_nd, axis=-1, keepdims=True))
+  e_norm = jnp.sqrt(jnp.sum(e_nd * e_nd, axis=-1, keepdims=True))
+  u = jax.lax.stop_gradient(z_nd / jnp.maximum(z_norm, eps))
+  q = jax.lax.stop_gradient(e_nd / jnp.maximum(e_norm, eps))
+  w = _l2_normalize(u + q)
+  rotated = (z_nd - 2 * jnp.sum(z_nd * w, -1, keepdims=True) * w +
+             2 * jnp.sum(z_nd * u, -1, keepdims=True) * q)
+  return rotated * jax.lax.stop_gradient(e_norm / jnp.maximum(z_norm, eps))
+
+
 class VectorQuantizer(nnx.Module):
   """Nearest-codeword quantization of rows x [N, D] against K codewords.
 
@@ -46,6 +68,13 @@ class VectorQuantizer(nnx.Module):
     simvq: codebook = frozen random basis [K, D] @ trained linear map [D, D].
     ema: codewords follow EMA cluster means; dead codes (EMA count below
       `restart_fraction` of the mean count) restart from random batch rows.
+    rotation: the rotation trick (Fifty et al. 2024) instead of the
+      straight-through estimator: the gradient reaching the codeword is
+      rotated and scaled onto the row (forward value still the codeword).
+    index_backprop: IBQ (Shi et al. 2024): the code of largest logit x.e,
+      and a straight-through one-hot over the softmax of all K logits, so
+      every codeword gets gradient; its double quantization loss (see
+      `_ibq`). Needs the full [N, K] logits (no fused search).
   """
 
   def __init__(
@@ -60,12 +89,18 @@ class VectorQuantizer(nnx.Module):
       restart_fraction: float = 0.03,
       init_scale: float = 0.1,
       argmin_impl: str = "auto",
+      rotation: bool = False,
+      index_backprop: bool = False,
       rngs: nnx.Rngs,
   ):
     if simvq and ema:
       raise ValueError("simvq and ema codebooks are exclusive; pick one")
+    if index_backprop and (ema or rotation):
+      raise ValueError("index_backprop (IBQ) trains the codebook by gradient"
+                       " through its own estimator: not with ema or rotation")
     self.num_codes, self.dim = num_codes, dim
     self.cosine, self.simvq, self.ema = cosine, simvq, ema
+    self.rotation, self.index_backprop = rotation, index_backprop
     self.ema_decay, self.restart_fraction = ema_decay, restart_fraction
     self.argmin_impl = argmin_impl
     init = jax.random.normal(rngs.params(), (num_codes, dim)) * init_scale
@@ -116,6 +151,8 @@ class VectorQuantizer(nnx.Module):
     weight_n = weight_n.astype(jnp.float32)
     z_nd = _l2_normalize(x_nd) if self.cosine else x_nd
     codebook_kd = self.codebook()
+    if self.index_backprop:
+      return self._ibq(x_nd, z_nd, codebook_kd, weight_n)
     indices_n = argmin.codebook_argmin(
         jax.lax.stop_gradient(z_nd).astype(jnp.float32),
         jax.lax.stop_gradient(codebook_kd).astype(jnp.float32),
@@ -135,15 +172,43 @@ class VectorQuantizer(nnx.Module):
           jax.lax.stop_gradient(z_nd) - e_nd, weight_n)
     commitment_loss = _masked_mean_sq(
         z_nd - jax.lax.stop_gradient(e_nd), weight_n)
-    # Straight-through: forward value e, gradient identity to z.
-    quantized_nd = z_nd + jax.lax.stop_gradient(e_nd - z_nd)
-    norm_n = jnp.sqrt(jnp.sum(jnp.square(
-        jax.lax.stop_gradient(z_nd).astype(jnp.float32)), axis=-1))
-    input_norm = jnp.sum(norm_n * weight_n) / jnp.maximum(
-        jnp.sum(weight_n), 1.0)
+    if self.rotation:
+      # Forward value e; the gradient that of the rotated, scaled row.
+      rotated_nd = rotate_to(z_nd, jax.lax.stop_gradient(e_nd))
+      quantized_nd = jax.lax.stop_gradient(e_nd) + (
+          rotated_nd - jax.lax.stop_gradient(rotated_nd))
+    else:
+      # Straight-through: forward value e, gradient identity to z.
+      quantized_nd = z_nd + jax.lax.stop_gradient(e_nd - z_nd)
     return QuantizerOutput(quantized_nd.astype(x_nd.dtype), indices_n,
                            codebook_loss, commitment_loss, code_counts_k,
-                           input_norm)
+                           _input_norm(z_nd, weight_n))
+
+  def _ibq(self, x_nd, z_nd, codebook_kd, weight_n) -> QuantizerOutput:
+    """Index backpropagation. With p = softmax(z.e) over all codes and h the
+    one-hot of its argmax, q = (h + p - sg(p)) E (forward value e_argmax,
+    gradient through p to z and every codeword) and q2 = h E:
+      codebook_loss = |q - z|^2 + |sg(q2) - z|^2, commitment = |q2 - sg(z)|^2
+    (the trainer weighs the second by beta): the authors' double
+    quantization loss, mean over kept rows."""
+    z32, e32 = z_nd.astype(jnp.float32), codebook_kd.astype(jnp.float32)
+    logits_nk = jnp.dot(z32, e32.T, precision=jax.lax.Precision.HIGHEST)
+    soft_nk = jax.nn.softmax(logits_nk, axis=-1)
+    indices_n = jnp.argmax(logits_nk, axis=-1).astype(jnp.int32)
+    e_nd = jnp.take(e32, indices_n, axis=0)  # q2
+    # (p - sg(p)) E is 0 in the forward pass: q's value is exactly e.
+    quantized_nd = e_nd + jnp.dot(soft_nk - jax.lax.stop_gradient(soft_nk),
+                                  e32)
+    codebook_loss = (_masked_mean_sq(quantized_nd - z32, weight_n) +
+                     _masked_mean_sq(jax.lax.stop_gradient(e_nd) - z32,
+                                     weight_n))
+    commitment_loss = _masked_mean_sq(e_nd - jax.lax.stop_gradient(z32),
+                                      weight_n)
+    code_counts_k = jnp.zeros((self.num_codes,), jnp.float32).at[
+        indices_n].add(weight_n)
+    return QuantizerOutput(quantized_nd.astype(x_nd.dtype), indices_n,
+                           codebook_loss, commitment_loss, code_counts_k,
+                           _input_norm(z_nd, weight_n))
 
   def _ema_update(self, z_nd, indices_n, weight_n, counts_k, key):
     z_nd = jax.lax.stop_gradient(z_nd).astype(jnp.float32)
