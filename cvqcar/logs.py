@@ -104,6 +104,20 @@ def read_metrics(path: str) -> dict[int, dict[str, float]]:
   return out
 
 
+def write_metrics(out: str, result: dict, markdown: str) -> None:
+  """OUT/metrics.json (the result) and OUT/metrics.md (its table), written
+  by process 0: what the evaluation commands leave behind."""
+  import jax  # noqa: PLC0415 (logs is imported before backends start)
+
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  with open(os.path.join(out, "metrics.md"), "w") as f:
+    f.write(markdown)
+
+
 class Progress:
   """A one-line progress bar on process 0's stderr: batches done, images,
   images per second."""

@@ -3,6 +3,9 @@
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 
 # Must run before JAX initialises its backends.
@@ -29,6 +32,8 @@ except ImportError:
   pass
 
 import pytest  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 import torch_references  # noqa: E402
 
 from configs import cvq_tokenizer  # noqa: E402
@@ -55,6 +60,35 @@ def tiny_config(arg: str = "tiny"):
   config.checkpoint_every = 2
   config.num_grid_images = 2
   return config
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(argv, processes: int, devices: int = 8,
+                  timeout: int = 600) -> list[str]:
+  """Runs `python -m ...argv` as `processes` localhost jax.distributed
+  processes sharing `devices` fake CPU devices; asserts each exits 0 and
+  returns their logs (stdout and stderr)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count"
+             f"={devices // processes}", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", *argv]
+  if processes > 1:
+    cmd += [f"--coordinator_address=localhost:{free_port()}",
+            f"--num_processes={processes}"]
+  procs = [subprocess.Popen(
+      cmd + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(processes)]
+  logs = []
+  for p in procs:
+    log, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, log[-3000:]
+    logs.append(log)
+  return logs
 
 
 def printed(text, line) -> bool:

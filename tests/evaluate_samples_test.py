@@ -4,9 +4,6 @@ Inception weights, every reference format, and one process against two."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -14,11 +11,16 @@ import pytest
 import torch_references
 from PIL import Image
 
-from cvqcar import evaluate_samples
+from conftest import run_processes
 from cvqcar.data import images as image_data
-from cvqcar.evaluation import classifier, fid, generative, image_sets
+from cvqcar.evaluation import (
+  classifier,
+  fid,
+  generative,
+  image_sets,
+  samples_job,
+)
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 # Random classifier weights give near-uniform softmaxes (IS ~ 1.00): scaled
 # up, the Inception Score has something to measure.
 FC_SCALE = 40.0
@@ -108,7 +110,7 @@ def test_scores_match_torch_fidelity_and_pytorch_fid(network, sets,
   fake, real = extracted["fake"], extracted["real"]
   assert fake.count == real.count == 14  # 2 batches of 8: one padded
   ref = generative.Reference.from_features(real, "real", {})
-  got, skipped = evaluate_samples.score(fake, ref, k=3)
+  got, skipped = samples_job.score(fake, ref, k=3)
   assert not skipped
 
   def frechet(kind):  # pytorch-fid's (sqrtm) on the pool features only:
@@ -170,7 +172,7 @@ def test_a_set_against_itself_and_every_reference_format(network, sets,
                                                          tmp_path):
   weights_path = network[0]
   real, fake = sets["real"][0], sets["fake"][0]
-  run = lambda samples, ref, out, **kw: evaluate_samples.evaluate_samples(
+  run = lambda samples, ref, out, **kw: samples_job.evaluate_samples(
       samples, ref, str(tmp_path / out), weights_path, batch_size=8,
       splits=2, **kw)
   # --make_ref writes a folder's reference once; the folder against it:
@@ -186,13 +188,11 @@ def test_a_set_against_itself_and_every_reference_format(network, sets,
                 "images: 14", f"reference: {ref_path} (14 images)"):
     assert words in table, words
 
-  # Scoring against the reference file is scoring against the folder.
-  from_file = run(fake, ref_path, "from_file")
-  direct = run(fake, real, "direct")
+  # Against the reference file (the folder against a folder is the parity
+  # test's scoring, through the same score()).
+  direct = run(fake, ref_path, "from_file")
   assert direct["fid"] > 1.0
-  for key in ("fid", "sfid", "precision", "recall", "inception_score"):
-    assert from_file[key] == pytest.approx(direct[key], rel=1e-9), key
-  assert from_file["reference_protocol"]["images"] == 14
+  assert direct["reference_protocol"]["images"] == 14
   # pytorch-fid's statistics file (mu, sigma): FID only, the rest named.
   with np.load(ref_path) as f:
     fid.save_stats(str(tmp_path / "pytorch_fid.npz"), f["mu"], f["sigma"])
@@ -254,12 +254,6 @@ def test_npz_sets_stream_rows_in_any_order(tmp_path):
     image_sets.open_set(str(tmp_path / "missing"))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(sets, tmp_path):
   # The reading, gathering and reductions are the network's business of no
@@ -270,7 +264,7 @@ def test_two_processes_give_the_numbers_of_one(sets, tmp_path):
       classifier.Classifier(5, width=8, rngs=nnx.Rngs(0)),
       str(tmp_path / "clf"), resolution=32)
   ref = str(tmp_path / "real.npz")
-  evaluate_samples.evaluate_samples(sets["real"][0], ref, "",
+  samples_job.evaluate_samples(sets["real"][0], ref, "",
                                     classifier_path=path, make_ref=True,
                                     batch_size=8)
   # 15 images, batch 8 over 2 processes: each reads 4 rows of a batch, the
@@ -282,22 +276,10 @@ def test_two_processes_give_the_numbers_of_one(sets, tmp_path):
   (folder / "99.png").write_bytes(b"not a png")
 
   def run(processes):
-    port, out = _free_port(), tmp_path / f"p{processes}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count"
-               f"={8 // processes}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "cvqcar.evaluate_samples",
-           f"--samples={folder}", f"--ref={ref}", f"--out={out}",
-           f"--classifier={path}", "--batch_size=8", "--splits=2"]
-    if processes > 1:
-      cmd += [f"--coordinator_address=localhost:{port}",
-              f"--num_processes={processes}"]
-    procs = [subprocess.Popen(
-        cmd + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(processes)]
-    for p in procs:
-      log, _ = p.communicate(timeout=600)
-      assert p.returncode == 0, log[-3000:]
+    out = tmp_path / f"p{processes}"
+    run_processes(["cvqcar.evaluate_samples", f"--samples={folder}",
+                   f"--ref={ref}", f"--out={out}", f"--classifier={path}",
+                   "--batch_size=8", "--splits=2"], processes)
     with open(out / "metrics.json") as f:
       return json.load(f)
 
@@ -328,7 +310,7 @@ def test_a_classifier_as_the_feature_network(tmp_path, network):
   samples_labels[::3] = (predicted[::3] + 1) % 3  # a third wrong
   np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=samples_labels)
   ref = str(tmp_path / "ref.npz")
-  run = lambda samples, ref, **kw: evaluate_samples.evaluate_samples(
+  run = lambda samples, ref, **kw: samples_job.evaluate_samples(
       samples, ref, str(tmp_path / "out"), classifier_path=path,
       batch_size=8, splits=2, **kw)
   run(str(tmp_path / "samples.npz"), ref, make_ref=True)
@@ -339,6 +321,16 @@ def test_a_classifier_as_the_feature_network(tmp_path, network):
   assert result["classifier_accuracy"] == pytest.approx(2 / 3)
   assert "| accuracy |" in (tmp_path / "out" / "metrics.md").read_text()
   assert result["protocol"]["network"].startswith(f"the classifier at {path}")
+  # An image set as the reference, its features computed on the spot: the
+  # same numbers as the reference file of the same images.
+  folder = tmp_path / "ref_images"
+  folder.mkdir()
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(folder / f"{i:02d}.png")
+  on_the_spot = run(str(tmp_path / "samples.npz"), str(folder))
+  for key in ("fid", "precision", "recall", "inception_score"):
+    assert on_the_spot[key] == pytest.approx(result[key], rel=1e-6,
+                                             abs=1e-9), key
   # FID in the classifier's feature space, against numpy on its features.
   feats = np.asarray(model.features(x), np.float64)
   half = generative.extract(image_sets.ArraySet(images[:12]),
@@ -347,11 +339,11 @@ def test_a_classifier_as_the_feature_network(tmp_path, network):
   np.testing.assert_allclose(half.pool_features, feats[:12], rtol=1e-5,
                              atol=1e-6)
   with pytest.raises(ValueError, match="made with the classifier"):
-    evaluate_samples.evaluate_samples(
+    samples_job.evaluate_samples(
         str(tmp_path / "samples.npz"), ref, str(tmp_path / "out2"),
         network[0], batch_size=8)
   with pytest.raises(ValueError, match="exactly one feature network"):
-    evaluate_samples.feature_network(network[0], path)
+    samples_job.feature_network(network[0], path)
 
 
 def test_a_tfds_split_is_an_image_set():

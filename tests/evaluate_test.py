@@ -3,9 +3,6 @@ weights optional, the same numbers with one process or two."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import types
 
 import jax
@@ -15,14 +12,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import run_processes, tiny_config
 from cvqcar import metrics, visualize
 from cvqcar.car import pipeline
 from cvqcar.data import images as image_data
 from cvqcar.evaluation import fid, inception
 from cvqcar.tokenizer import eval_job, evaluate, export, lpips
-
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 @pytest.fixture(scope="module")
@@ -152,32 +147,14 @@ def test_quantize_uint8_rounds_images_before_inception(tmp_path,
     assert f"| rFID ({protocol}) |" in table
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tokenizer_export, folder,
                                                tmp_path):
   def run(processes):
-    port, out = _free_port(), tmp_path / f"p{processes}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count"
-               f"={8 // processes}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "cvqcar.evaluate",
-           f"--tokenizer={tokenizer_export}", f"--data=folder:{folder}",
-           f"--out={out}", "--batch_size=32"]
-    if processes > 1:
-      cmd += [f"--coordinator_address=localhost:{port}",
-              f"--num_processes={processes}"]
-    procs = [subprocess.Popen(
-        cmd + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(processes)]
-    for p in procs:
-      log, _ = p.communicate(timeout=600)
-      assert p.returncode == 0, log[-3000:]
+    out = tmp_path / f"p{processes}"
+    run_processes(["cvqcar.evaluate", f"--tokenizer={tokenizer_export}",
+                   f"--data=folder:{folder}", f"--out={out}",
+                   "--batch_size=32"], processes)
     with open(out / "metrics.json") as f:
       return json.load(f)
 
@@ -290,21 +267,11 @@ def test_two_processes_write_each_prompt_once(tokenizer_export,
                                               car_export_dir, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("\n".join(f"prompt {i}" for i in range(10)) + "\n")
-  port, out = _free_port(), tmp_path / "out"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count"
-             "=4", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "cvqcar.generate_benchmark", "--benchmark=dpg",
-       f"--prompts={prompts}", f"--car={car_export_dir}",
-       f"--tokenizer={tokenizer_export}", f"--out={out}", "--batch_size=8",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    log, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, log[-3000:]
-    logs.append(log)
+  out = tmp_path / "out"
+  logs = run_processes(
+      ["cvqcar.generate_benchmark", "--benchmark=dpg", f"--prompts={prompts}",
+       f"--car={car_export_dir}", f"--tokenizer={tokenizer_export}",
+       f"--out={out}", "--batch_size=8"], 2)
   assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(10)] + [
       "tokens"]
   assert all("wrote 5 prompts" in log for log in logs), logs

@@ -143,26 +143,25 @@ def test_tokenizer_stops_on_sigterm_and_resumes_on_any_process_count(
   # differs between one process and two (the cross-process all-reduce)
   # flips a near-tied code within a few steps, so exact comparisons are
   # made against an uninterrupted run on the same process count.
+  # The interrupted job runs on two processes; one process's SIGTERM path
+  # and 1 -> 2 elastic resume are the CAR test's (each job costs CI time).
   full = {n: Job("tokenizer", tmp_path / f"full{n}", n).finish()
           for n in (1, 2)}
   for n in (1, 2):
     assert sorted(full[n]) == list(range(1, STEPS + 1))
-    workdir = tmp_path / f"cut{n}"
-    saved, before = interrupt("tokenizer", workdir, n, "")
-    assert_losses(before, full[n], 1e-5, f"{n} process(es) before SIGTERM")
-    if n == 2:  # each process saved its own Grain iterator state
-      data = workdir / "checkpoints" / str(saved) / "data"
-      assert sorted(p.name for p in data.iterdir()
-                    if p.suffix == ".json") == [
-                        "process_0-of-2.json", "process_1-of-2.json"]
-    # Elastic: the same checkpoint resumed on the other process count.
-    other = 3 - n
-    shutil.copytree(workdir, tmp_path / f"elastic{n}")
-    elastic = relaunch("tokenizer", tmp_path / f"elastic{n}", other, "",
-                       saved)
-    assert_losses(elastic, full[other], 1e-2, f"{n} -> {other} processes")
-    resumed = relaunch("tokenizer", workdir, n, "", saved)
-    assert_losses(resumed, full[n], 1e-5, f"{n} process(es) relaunched")
+  workdir = tmp_path / "cut2"
+  saved, before = interrupt("tokenizer", workdir, 2, "")
+  assert_losses(before, full[2], 1e-5, "2 processes before SIGTERM")
+  # Each process saved its own Grain iterator state.
+  data = workdir / "checkpoints" / str(saved) / "data"
+  assert sorted(p.name for p in data.iterdir() if p.suffix == ".json") == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+  # Elastic: the same checkpoint resumed on one process.
+  shutil.copytree(workdir, tmp_path / "elastic")
+  elastic = relaunch("tokenizer", tmp_path / "elastic", 1, "", saved)
+  assert_losses(elastic, full[1], 1e-2, "2 -> 1 processes")
+  resumed = relaunch("tokenizer", workdir, 2, "", saved)
+  assert_losses(resumed, full[2], 1e-5, "2 processes relaunched")
 
 
 @pytest.mark.parametrize("kind", ["car", "dq"])

@@ -136,8 +136,10 @@ def _config(name, axis):
   return config
 
 
-@pytest.mark.parametrize("axis", ["channel", "patch"])
-@pytest.mark.parametrize("name", ["fsq", "lfq", "bsq", "ibq", "rotation"])
+@pytest.mark.parametrize("name,axis", [
+    ("fsq", "channel"), ("lfq", "channel"), ("bsq", "channel"),
+    ("ibq", "channel"), ("rotation", "channel"), ("fsq", "patch"),
+    ("bsq", "patch"), ("ibq", "patch")])
 def test_tokenizer_round_trips_and_trains_the_encoder(name, axis):
   config = _config(name, axis)
   model = model_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))

@@ -19,9 +19,7 @@ metrics compute in float32 at `Precision.HIGHEST`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -187,10 +185,5 @@ def write_results(out: str, result: dict[str, Any], name: str) -> str:
   header = ["tokenizer", "images"] + [c[0] for c in cols]
   table = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) +
            "\n| " + " | ".join(row) + " |\n")
-  if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    with open(os.path.join(out, "metrics.md"), "w") as f:
-      f.write(table)
+  logs.write_metrics(out, result, table)
   return table
