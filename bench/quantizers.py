@@ -74,7 +74,12 @@ def time_ours(name, x, g, codes, bits, reps):
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
           mem.temp_size_in_bytes) if mem is not None else None
-  jax.block_until_ready(compiled(state, x, g, key))
+  try:
+    jax.block_until_ready(compiled(state, x, g, key))
+  except jax.errors.JaxRuntimeError as e:  # IBQ's [N, K] matrices at scale
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return None, peak
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -126,8 +131,10 @@ def time_vqp(name, rows, dim, codes, bits, reps):
          f"--reps={reps}"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
-    print(f"{name}: vector-quantize-pytorch failed: {proc.stderr[-500:]}")
-    return None
+    why = ("killed (out of memory)" if proc.returncode == -9 else
+           f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    print(f"{name}: vector-quantize-pytorch failed, {why}", flush=True)
+    return why
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   return (result["seconds"], result["peak"]) if result else None
 
@@ -204,15 +211,23 @@ def main():
   maskgit = None
   for name in args.names.split(","):
     seconds, peak = time_ours(name, x, g, args.codes, args.bits, args.reps)
+    if seconds is None:
+      rows.append([name, "cvqcar", "out of memory", mib(peak), ""])
+      print(f"{name:9s} ours: out of memory (needs {mib(peak)} MiB)",
+            flush=True)
+      continue
     refs = {}
     torch_result = time_vqp(name, args.rows, args.dim, args.codes,
                             args.bits, args.reps)
-    if torch_result:
+    failed = isinstance(torch_result, str)
+    if torch_result and not failed:
       refs["vector-quantize-pytorch"] = torch_result
     if name == "vq":  # the same method: nearest code, straight-through
       maskgit = maskgit or time_maskgit(x, g, args.codes, args.reps)
       refs["MaskGIT formula (JAX)"] = maskgit
     rows.append([name, "cvqcar", f"{seconds * 1e3:,.0f}", mib(peak), ""])
+    if failed:
+      rows.append([name, "vector-quantize-pytorch", torch_result, "", ""])
     print(f"{name:9s} ours {seconds * 1e3:9.0f} ms  peak {mib(peak)} MiB",
           flush=True)
     for ref, (ref_s, ref_peak) in refs.items():
@@ -245,7 +260,9 @@ def main():
             " MaskGIT's formula builds the full [N, K] distance matrix and a"
             " one-hot lookup. IBQ has no reference here (vector-quantize-"
             "pytorch has none).")
-    report.write_section("quantizers", f"{note}\n\n{table}\n\n{summary}")
+    section = ("quantizers" if args.rows == 65536 else
+               f"quantizers (N = {args.rows:,})")
+    report.write_section(section, f"{note}\n\n{table}\n\n{summary}")
 
 
 if __name__ == "__main__":
