@@ -30,7 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cvqcar.tokenizer.quantize import QuantizerOutput, _l2_normalize
+from cvqcar.tokenizer.quantize import (
+  QuantizerOutput,
+  _input_norm,
+  _l2_normalize,
+  _masked_mean_sq,
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -63,13 +68,11 @@ def _output(quantized_nd, indices_n, num_codes, weight_n, x_nd,
             codebook_loss=None, commitment_loss=None) -> QuantizerOutput:
   zero = jnp.zeros((), jnp.float32)
   counts_k = jnp.zeros((num_codes,), jnp.float32).at[indices_n].add(weight_n)
-  norm_n = jnp.sqrt(jnp.sum(jnp.square(
-      jax.lax.stop_gradient(x_nd).astype(jnp.float32)), axis=-1))
   return QuantizerOutput(
       quantized_nd.astype(x_nd.dtype), indices_n,
       zero if codebook_loss is None else codebook_loss,
       zero if commitment_loss is None else commitment_loss, counts_k,
-      _row_mean(norm_n, weight_n))
+      _input_norm(x_nd, weight_n))
 
 
 def _check_rows(x_nd, dim):
@@ -195,8 +198,8 @@ class LFQ(nnx.Module):
     indices_n = jnp.sum(positive_nd.astype(jnp.int32) * self._place_values(),
                         axis=-1)
     quantized_nd = z_nd + jax.lax.stop_gradient(q_nd - z_nd)
-    commitment = _row_mean(jnp.mean(jnp.square(
-        z_nd - jax.lax.stop_gradient(q_nd)), axis=-1), weight_n)
+    commitment = _masked_mean_sq(z_nd - jax.lax.stop_gradient(q_nd),
+                                 weight_n)
     entropy = (self.entropy_weight * self.entropy_loss(z_nd, weight_n)
                if train and self.entropy_weight else None)
     return _output(self.proj.project_out(quantized_nd), indices_n,
