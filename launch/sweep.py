@@ -59,6 +59,8 @@ def load_sweep(path: str) -> dict[str, Any]:
     raise ValueError(f"no sweep file {path!r}")
   spec = importlib.util.spec_from_file_location("sweep_file", path)
   module = importlib.util.module_from_spec(spec)
+  if ROOT not in sys.path:  # sweep files may build on others (configs.sweeps)
+    sys.path.insert(0, ROOT)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"sweep file {path!r} defines no get_sweep()")
