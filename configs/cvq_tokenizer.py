@@ -24,7 +24,10 @@ channel tokens and patch tokens alike are B tokens of B numbers, and
 (cvqcar/tokenizer/scalar.py) with about as many codes (FSQ: the FSQ paper's
 levels for that size; LFQ and BSQ: log2 K sign bits), `ibq` trains a plain
 codebook by index backpropagation and `rotation` takes the rotation trick
-for the straight-through estimator, along either axis:
+for the straight-through estimator, `rvq=D` residual VQ of depth D (D
+codes a token from one shared codebook, a token's levels adjacent in the
+sequence) and `kmeans` / `kmeans=N` starts the codebook from k-means of
+the encoder's rows of the first N (8) batches, along either axis:
 
   python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64
   python -m cvqcar.train --config=configs/cvq_tokenizer.py:tiny,budget=64,patch
@@ -38,7 +41,7 @@ import ml_collections
 
 KNOWN_ARGS = {"tiny", "patch", "dynamic", "ema", "plain", "cosine", "simvq",
               "res", "budget", "smoke", "fashion", "fsq", "lfq", "bsq",
-              "rotation", "ibq"}
+              "rotation", "ibq", "rvq", "kmeans"}
 # The FSQ paper's levels per code size (Mentzer et al. 2023, table 1), and
 # 2^6 for the smoke config.
 FSQ_LEVELS = {6: (4, 4, 4), 8: (8, 6, 5), 10: (8, 5, 5, 5),
@@ -61,11 +64,11 @@ def set_scalar_quantizer(m: ml_collections.ConfigDict, name: str) -> None:
 
 
 def parse_args(arg: str, known: set[str]) -> dict[str, str]:
-  """'tiny,res=64' -> {'tiny': '1', 'res': '64'}; unknown names raise."""
+  """'tiny,res=64' -> {'tiny': '', 'res': '64'}; unknown names raise."""
   out = {}
   for item in filter(None, arg.split(",")):
     key, _, value = item.partition("=")
-    out[key] = value or "1"
+    out[key] = value
   unknown = set(out) - known
   if unknown:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known:"
@@ -136,6 +139,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # index backpropagation (a gradient-trained codebook: not with ema).
   cb.rotation = False
   cb.index_backprop = False
+  # >0: a fresh run starts the codebook from k-means of the encoder's rows
+  # of this many training batches (cvqcar/tokenizer/kmeans.py).
+  cb.kmeans_batches = 0
+  cb.kmeans_iters = 10
   # quantize='dynamic': a region of 2 x 2 latent cells takes 1 code or 4.
   m.dynamic = ml_collections.ConfigDict()
   m.dynamic.fine_fraction = 0.5  # target share of regions coded fine
@@ -144,6 +151,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # codebook-free 'fsq', 'lfq', 'bsq' (cvqcar/tokenizer/scalar.py), whose
   # num_codes follows from their own settings.
   m.quantizer = "vq"
+  m.rvq_depth = 1  # residual VQ (quantizer 'vq'): codes per token
   sc = m.scalar = ml_collections.ConfigDict()
   sc.fsq_levels = FSQ_LEVELS[14]  # 15,360 codes
   sc.bits = 14  # LFQ / BSQ: 16,384 codes
@@ -275,6 +283,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cb.rotation = True
   if "ibq" in args:  # a plain codebook the gradient trains
     cb.index_backprop, cb.ema, cb.simvq = True, False, False
+  if "kmeans" in args:  # kmeans=N: N batches (default 8)
+    cb.kmeans_batches = int(args["kmeans"] or 8)
+  if "rvq" in args:
+    if not args["rvq"].isdigit():
+      raise ValueError(f"config argument rvq=D needs a depth D (e.g."
+                       f" rvq=4), got {args['rvq']!r}")
+    m.rvq_depth = int(args["rvq"])
   names = [n for n in ("fsq", "lfq", "bsq") if n in args]
   if len(names) > 1:
     raise ValueError(f"config arguments {names} each pick the quantizer;"

@@ -149,8 +149,8 @@ def channel_energy(tokenizer, images):
   images = jnp.asarray(images)
   c = tokenizer.latent_channels
   tokens = jax.jit(tokenizer.encode)(images)
-  codebook = np.asarray(tokenizer.quantizer.vq.codebook())
-  energy = (codebook[np.asarray(tokens)] ** 2).mean(axis=(0, 2))
+  maps_bhwc = np.asarray(tokenizer.quantizer.lookup(tokens, c))
+  energy = (maps_bhwc ** 2).mean(axis=(0, 1, 2))
   decodes = prefix_decodes(tokenizer, images, range(1, c + 1))
   psnr = np.array([float(jnp.mean(metrics.psnr(decodes[:, i], images)))
                    for i in range(c)])
@@ -229,7 +229,10 @@ class LiveProgress:
 
 
 def prefix_decodes_of_tokens(tokenizer, tokens_bc, ks) -> np.ndarray:
-  """[B, len(ks), H, W, 3]: decodes of the first k of given channel tokens."""
+  """[B, len(ks), H, W, 3]: decodes of the first k of given channel tokens
+  (residual VQ: of the first k channels' codes)."""
   decode = jax.jit(tokenizer.decode)
   tokens_bc = jnp.asarray(tokens_bc)
-  return np.stack([np.asarray(decode(tokens_bc[:, :k])) for k in ks], 1)
+  per = tokenizer.codes_per_token
+  return np.stack([np.asarray(decode(tokens_bc[:, :k * per])) for k in ks],
+                  1)

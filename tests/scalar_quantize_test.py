@@ -1,6 +1,6 @@
 """FSQ, LFQ and BSQ: against vector-quantize-pytorch on the same inputs and
-weights; they and the IBQ and rotation-trick codebooks through the tokenizer
-along both axes."""
+weights; they, residual VQ and the IBQ and rotation-trick codebooks through
+the tokenizer along both axes."""
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,8 @@ def test_gradient_passes_the_quantizer_straight_through(name):
 
 def _config(name, axis):
   config = tiny_config()
+  if name == "rvq":  # residual VQ: 3 codes a token
+    config.model.rvq_depth, name = 3, "vq"
   if name in ("ibq", "rotation"):  # codebook quantizers, other estimators
     config.model.codebook.ema = False
     config.model.codebook.index_backprop = name == "ibq"
@@ -138,8 +140,9 @@ def _config(name, axis):
 
 @pytest.mark.parametrize("name,axis", [
     ("fsq", "channel"), ("lfq", "channel"), ("bsq", "channel"),
-    ("ibq", "channel"), ("rotation", "channel"), ("fsq", "patch"),
-    ("bsq", "patch"), ("ibq", "patch")])
+    ("ibq", "channel"), ("rotation", "channel"), ("rvq", "channel"),
+    ("fsq", "patch"), ("lfq", "patch"), ("bsq", "patch"), ("ibq", "patch"),
+    ("rotation", "patch"), ("rvq", "patch")])
 def test_tokenizer_round_trips_and_trains_the_encoder(name, axis):
   config = _config(name, axis)
   model = model_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))
@@ -186,11 +189,11 @@ def test_config_arguments_and_mismatches():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arg", ["fsq", "bsq,patch"])
+@pytest.mark.parametrize("arg", ["fsq", "bsq,patch", "rvq=4"])
 def test_train_export_evaluate(arg, tmp_path):
   """What `python -m cvqcar.train --config=...:tiny,smoke,NAME` runs, then
   the export and the evaluate command's job (LFQ is BSQ off the sphere;
-  the round-trip and gradient tests above take all six)."""
+  the round-trip and gradient tests above take all of them)."""
   from configs import cvq_tokenizer
   from cvqcar.tokenizer import eval_job, export
   from cvqcar.tokenizer import trainer as tokenizer_trainer
@@ -203,6 +206,7 @@ def test_train_export_evaluate(arg, tmp_path):
   out = export.export(str(tmp_path / "w"), str(tmp_path / "export"))
   tokenizer = export.load_tokenizer(out)
   assert tokenizer.quantizer.vq.num_codes == config.model.num_codes == 64
+  assert tokenizer.num_tokens == 8 * config.model.rvq_depth
   result = eval_job.evaluate_export(out, out=str(tmp_path / "eval"),
                                     batch_size=8, num_images=16)
   assert result["images"] == 16 and 0 < result["codebook_usage"] <= 1

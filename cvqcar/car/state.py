@@ -62,6 +62,10 @@ def tokenizer_shape(tok_cfg) -> tuple[int, int, int]:
   if tok_cfg.quantize != "channel":
     raise ValueError("CAR predicts channel tokens: config.tokenizer.quantize"
                      f" must be 'channel', got {tok_cfg.quantize!r}")
+  if tok_cfg.get("rvq_depth", 1) > 1:
+    raise ValueError("CAR predicts one code per channel: a residual VQ"
+                     f" tokenizer (rvq_depth={tok_cfg.rvq_depth}) is not"
+                     " supported")
   return tok_cfg.num_codes, tok_cfg.latent_channels, side * side
 
 

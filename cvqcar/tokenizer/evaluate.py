@@ -75,7 +75,9 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
     sums["lpips"] = jnp.sum(mask * perceptual(recon, images))
   decoded = {"reconstructions": recon}
   for k in prefixes:
-    first = decoded[f"prefix_{k}"] = model.decode(out.indices[:, :k])
+    # The first k channels' codes (residual VQ: a channel's adjacent).
+    first = decoded[f"prefix_{k}"] = model.decode(
+        out.indices[:, :k * model.codes_per_token])
     sums[f"psnr_first_{k}"] = jnp.sum(mask * metrics.psnr(first, images))
     if perceptual is not None:
       sums[f"lpips_first_{k}"] = jnp.sum(mask * perceptual(first, images))

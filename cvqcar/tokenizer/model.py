@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvqcar.tokenizer import dynamic, quantize, scalar, vqgan
+from cvqcar.tokenizer import dynamic, quantize, residual, scalar, vqgan
 
 if TYPE_CHECKING:  # annotations only: the model builds from any mapping
   import ml_collections
@@ -73,6 +73,21 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
                      f" {ROW_QUANTIZERS}, got {name!r}")
   if name != "vq" and cfg.quantize == "dynamic":
     raise ValueError(f"quantize='dynamic' needs quantizer='vq', got {name!r}")
+  depth = cfg.get("rvq_depth", 1)
+  if depth < 1:
+    raise ValueError(f"config.model.rvq_depth must be >= 1, got {depth}")
+  if depth > 1 and (name != "vq" or cfg.quantize == "dynamic"
+                    or cfg.codebook.get("index_backprop", False)):
+    raise ValueError(
+        f"config.model.rvq_depth={depth} (residual VQ) needs a codebook"
+        f" searched level by level: quantizer='vq' (got {name!r}), quantize"
+        f" 'channel' or 'patch' (got {cfg.quantize!r}), no index_backprop")
+  if cfg.codebook.get("kmeans_batches", 0) and (
+      name != "vq" or cfg.quantize == "dynamic"):
+    raise ValueError(
+        "config.model.codebook.kmeans_batches > 0 starts a codebook from"
+        f" k-means: quantizer='vq' (got {name!r}) along 'channel' or 'patch'"
+        f" (got {cfg.quantize!r})")
   if implied_num_codes(cfg) != cfg.num_codes:
     raise ValueError(
         f"config.model.num_codes={cfg.num_codes} but quantizer={name!r} has"
@@ -85,11 +100,14 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 def num_tokens(cfg: ml_collections.ConfigDict) -> int:
-  """Tokens per image: C channel tokens, or h*w patch tokens (dynamic: at
-  most h*w, the padded length; a coarse region takes 1 instead of 4)."""
+  """Codes per image: C channel tokens, or h*w patch tokens (dynamic: at
+  most h*w, the padded length; a coarse region takes 1 instead of 4),
+  times rvq_depth (residual VQ: that many codes a token)."""
   if cfg.quantize == "channel":
-    return cfg.latent_channels
-  return (cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)) ** 2
+    tokens = cfg.latent_channels
+  else:
+    tokens = (cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)) ** 2
+  return tokens * cfg.get("rvq_depth", 1)
 
 
 def check_token_ids(tokens, num_codes: int, where: str) -> None:
@@ -131,10 +149,15 @@ def check_images(images, resolution: int) -> None:
 
 
 def _row_quantizer(cfg: ml_collections.ConfigDict, dim: int,
-                   rngs: nnx.Rngs):
-  """The FSQ / LFQ / BSQ quantizer of rows of `dim` numbers, or None for
-  the codebook (built by the channel or patch quantizer)."""
+                   rngs: nnx.Rngs, vq: dict | None = None):
+  """The FSQ / LFQ / BSQ quantizer of rows of `dim` numbers, residual VQ
+  over a codebook built from the VectorQuantizer keywords `vq`, or None
+  for the codebook itself (built by the channel or patch quantizer)."""
   name, sc = cfg.get("quantizer", "vq"), cfg.get("scalar")
+  if cfg.get("rvq_depth", 1) > 1:
+    return residual.ResidualQuantizer(
+        quantize.VectorQuantizer(cfg.num_codes, dim,
+                                 **(vq or {"rngs": rngs})), cfg.rvq_depth)
   if name == "fsq":
     return scalar.FSQ(sc.fsq_levels, dim, rngs=rngs)
   if name in ("lfq", "bsq"):
@@ -155,6 +178,7 @@ class Tokenizer(nnx.Module):
     self.quantize = cfg.quantize
     self.latent_channels = cfg.latent_channels
     self.num_codes = cfg.num_codes
+    self.codes_per_token = cfg.get("rvq_depth", 1)  # residual VQ: depth
     self.nested_dropout_alpha = cfg.nested_dropout_alpha
     self.latent_size = cfg.resolution // 2 ** (len(cfg.channel_mults) - 1)
     net = dict(base_channels=cfg.base_channels,
@@ -172,7 +196,7 @@ class Tokenizer(nnx.Module):
               index_backprop=cb.get("index_backprop", False), rngs=rngs)
     s = self.latent_size
     row_dim = s * s if cfg.quantize == "channel" else cfg.latent_channels
-    vq["rows"] = _row_quantizer(cfg, row_dim, rngs)
+    vq["rows"] = _row_quantizer(cfg, row_dim, rngs, dict(vq))
     if cfg.quantize == "channel":
       self.quantizer = quantize.ChannelQuantizer(cfg.num_codes, s, s, **vq)
     elif cfg.quantize == "dynamic":
@@ -242,9 +266,11 @@ class Tokenizer(nnx.Module):
       return self.quantizer(self.encoder(images)).tokens
     return self.quantizer(self.encoder(images)).indices
 
-  def decode(self, tokens) -> jax.Array:
+  def decode(self, tokens, levels: int | None = None) -> jax.Array:
     """Tokens [B, T] -> images [B, H, W, 3]. Channel tokens may be a prefix;
-    dynamic tokens are a DynamicTokens (see encode)."""
+    dynamic tokens are a DynamicTokens (see encode). Residual VQ: T counts
+    codes, a token's `codes_per_token` adjacent; `levels=d` decodes from
+    each token's first d codes (coarser)."""
     if self.quantize == "dynamic":
       if not isinstance(tokens, dynamic.DynamicTokens):
         raise ValueError("a dynamic tokenizer decodes DynamicTokens(codes,"
@@ -255,11 +281,14 @@ class Tokenizer(nnx.Module):
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     check_token_ids(tokens, self.num_codes, "Tokenizer.decode")
     if self.quantize == "channel":
-      if not 1 <= tokens.shape[1] <= self.latent_channels:
+      if not 1 <= tokens.shape[1] <= self.num_tokens:
+        per = self.codes_per_token
+        per = f" ({per} a channel)" if per > 1 else ""
         raise ValueError(
-            f"channel tokens must number 1..{self.latent_channels}, got"
+            f"channel tokens must number 1..{self.num_tokens}{per}, got"
             f" {tokens.shape[1]}")
-      z = self.quantizer.lookup(tokens, self.latent_channels)
+      z = self.quantizer.lookup(tokens, self.latent_channels, levels)
     else:
-      z = self.quantizer.lookup(tokens, self.latent_size, self.latent_size)
+      z = self.quantizer.lookup(tokens, self.latent_size, self.latent_size,
+                                levels)
     return self.decoder(z)

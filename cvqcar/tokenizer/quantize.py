@@ -60,6 +60,16 @@ def rotate_to(z_nd, e_nd):
   return rotated * jax.lax.stop_gradient(e_norm / jnp.maximum(z_norm, eps))
 
 
+def estimate(z_nd, e_nd, *, rotation: bool = False):
+  """Forward value e, gradient to z: the identity (straight-through) or,
+  with `rotation`, that of the rotated, scaled row (rotation trick)."""
+  if rotation:
+    rotated_nd = rotate_to(z_nd, jax.lax.stop_gradient(e_nd))
+    return jax.lax.stop_gradient(e_nd) + (
+        rotated_nd - jax.lax.stop_gradient(rotated_nd))
+  return z_nd + jax.lax.stop_gradient(e_nd - z_nd)
+
+
 class VectorQuantizer(nnx.Module):
   """Nearest-codeword quantization of rows x [N, D] against K codewords.
 
@@ -133,6 +143,21 @@ class VectorQuantizer(nnx.Module):
   def lookup(self, indices: jax.Array) -> jax.Array:
     return jnp.take(self.codebook(), indices, axis=0)
 
+  def set_codebook(self, codebook_kd: jax.Array, counts_k: jax.Array
+                   ) -> None:
+    """Starts the effective codebook at `codebook_kd` (k-means init); an
+    EMA codebook takes `counts_k` (rows per code and batch) as its counts,
+    SimVQ the basis its linear map sends there."""
+    codebook_kd = codebook_kd.astype(jnp.float32)
+    if self.simvq:
+      kernel_dd = self.proj.kernel[...].astype(jnp.float32)  # basis @ W
+      self.basis_kd[...] = jnp.linalg.solve(kernel_dd.T, codebook_kd.T).T
+      return
+    self.codebook_kd[...] = codebook_kd
+    if self.ema:
+      self.ema_count_k[...] = counts_k.astype(jnp.float32)
+      self.ema_sum_kd[...] = codebook_kd * counts_k[:, None]
+
   def __call__(
       self,
       x_nd: jax.Array,
@@ -140,8 +165,11 @@ class VectorQuantizer(nnx.Module):
       *,
       train: bool = False,
       key: jax.Array | None = None,
+      indices_n: jax.Array | None = None,
   ) -> QuantizerOutput:
-    """Quantizes rows; `weight_n` (0/1) marks rows that count in the losses."""
+    """Quantizes rows; `weight_n` (0/1) marks rows that count in the losses.
+    `indices_n`: codes already searched (by `search`), e.g. level by level
+    in residual VQ; None searches here."""
     if x_nd.ndim != 2 or x_nd.shape[1] != self.dim:
       raise ValueError(
           f"quantizer expects rows [N, {self.dim}], got {x_nd.shape}"
@@ -153,11 +181,8 @@ class VectorQuantizer(nnx.Module):
     codebook_kd = self.codebook()
     if self.index_backprop:
       return self._ibq(x_nd, z_nd, codebook_kd, weight_n)
-    indices_n = argmin.codebook_argmin(
-        jax.lax.stop_gradient(z_nd).astype(jnp.float32),
-        jax.lax.stop_gradient(codebook_kd).astype(jnp.float32),
-        impl=self.argmin_impl,
-    )
+    if indices_n is None:
+      indices_n = self._argmin(z_nd, codebook_kd)
     e_nd = jnp.take(codebook_kd, indices_n, axis=0)
     code_counts_k = jnp.zeros((self.num_codes,), jnp.float32).at[
         indices_n].add(weight_n)
@@ -172,17 +197,21 @@ class VectorQuantizer(nnx.Module):
           jax.lax.stop_gradient(z_nd) - e_nd, weight_n)
     commitment_loss = _masked_mean_sq(
         z_nd - jax.lax.stop_gradient(e_nd), weight_n)
-    if self.rotation:
-      # Forward value e; the gradient that of the rotated, scaled row.
-      rotated_nd = rotate_to(z_nd, jax.lax.stop_gradient(e_nd))
-      quantized_nd = jax.lax.stop_gradient(e_nd) + (
-          rotated_nd - jax.lax.stop_gradient(rotated_nd))
-    else:
-      # Straight-through: forward value e, gradient identity to z.
-      quantized_nd = z_nd + jax.lax.stop_gradient(e_nd - z_nd)
+    quantized_nd = estimate(z_nd, e_nd, rotation=self.rotation)
     return QuantizerOutput(quantized_nd.astype(x_nd.dtype), indices_n,
                            codebook_loss, commitment_loss, code_counts_k,
                            _input_norm(z_nd, weight_n))
+
+  def search(self, x_nd: jax.Array) -> jax.Array:
+    """The nearest codeword's index of each row [N] (no gradient)."""
+    z_nd = _l2_normalize(x_nd) if self.cosine else x_nd
+    return self._argmin(z_nd, self.codebook())
+
+  def _argmin(self, z_nd, codebook_kd):
+    return argmin.codebook_argmin(
+        jax.lax.stop_gradient(z_nd).astype(jnp.float32),
+        jax.lax.stop_gradient(codebook_kd).astype(jnp.float32),
+        impl=self.argmin_impl)
 
   def _ibq(self, x_nd, z_nd, codebook_kd, weight_n) -> QuantizerOutput:
     """Index backpropagation. With p = softmax(z.e) over all codes and h the
@@ -232,6 +261,16 @@ class VectorQuantizer(nnx.Module):
     self.codebook_kd[...] = sum_kd / jnp.maximum(count_k, 1e-6)[:, None]
 
 
+def _lookup_rows(rows, tokens_bt, levels):
+  """rows.lookup of tokens; `levels` only for residual quantizers."""
+  if levels is None:
+    return rows.lookup(tokens_bt)
+  if not hasattr(rows, "depth"):
+    raise ValueError(f"levels={levels}: only a residual quantizer (rvq) has"
+                     " levels")
+  return rows.lookup(tokens_bt, levels=levels)
+
+
 class ChannelQuantizer(nnx.Module):
   """CVQ: each channel map (h*w numbers) of a [B, h, w, C] map is one token.
 
@@ -248,6 +287,11 @@ class ChannelQuantizer(nnx.Module):
   def num_tokens(self, num_channels: int) -> int:
     return num_channels
 
+  def rows(self, z_bhwc: jax.Array) -> jax.Array:
+    """The [B*C, h*w] channel maps that are quantized, image-major."""
+    b, h, w, c = z_bhwc.shape
+    return jnp.transpose(z_bhwc, (0, 3, 1, 2)).reshape(b * c, h * w)
+
   def __call__(self, z_bhwc, keep_bc=None, *, train=False, key=None):
     b, h, w, c = z_bhwc.shape
     if (h, w) != (self.height, self.width):
@@ -255,17 +299,22 @@ class ChannelQuantizer(nnx.Module):
           f"channel quantizer was built for {self.height}x{self.width} maps,"
           f" got {h}x{w}"
       )
-    x_nd = jnp.transpose(z_bhwc, (0, 3, 1, 2)).reshape(b * c, h * w)
+    x_nd = self.rows(z_bhwc)
     weight_n = None if keep_bc is None else keep_bc.reshape(b * c)
     out = self.vq(x_nd, weight_n, train=train, key=key)
     quantized = out.quantized.reshape(b, c, h, w).transpose(0, 2, 3, 1)
+    # Residual rows give `depth` codes each, adjacent: [B, C * depth].
     return out._replace(quantized=quantized,
-                        indices=out.indices.reshape(b, c))
+                        indices=out.indices.reshape(b, -1))
 
-  def lookup(self, tokens_bt: jax.Array, num_channels: int) -> jax.Array:
-    """Tokens [B, T<=C] -> [B, h, w, C]; channels past T are zero."""
-    b, t = tokens_bt.shape
-    maps_btd = self.vq.lookup(tokens_bt)
+  def lookup(self, tokens_bt: jax.Array, num_channels: int,
+             levels: int | None = None) -> jax.Array:
+    """Tokens [B, L] -> [B, h, w, C]: L <= C codes (residual: L <= C x
+    depth, a channel's levels adjacent); channels past them are zero.
+    `levels=d` (residual VQ) decodes from each token's first d codes."""
+    b = tokens_bt.shape[0]
+    maps_btd = _lookup_rows(self.vq, tokens_bt, levels)
+    t = maps_btd.shape[1]
     maps_bcd = jnp.pad(maps_btd, ((0, 0), (0, num_channels - t), (0, 0)))
     return maps_bcd.reshape(b, num_channels, self.height, self.width
                             ).transpose(0, 2, 3, 1)
@@ -283,15 +332,23 @@ class PatchQuantizer(nnx.Module):
     if keep_bc is not None:
       raise ValueError("nested channel dropout needs the channel quantizer")
     b, h, w, c = z_bhwc.shape
-    out = self.vq(z_bhwc.reshape(b * h * w, c), train=train, key=key)
+    out = self.vq(self.rows(z_bhwc), train=train, key=key)
     return out._replace(quantized=out.quantized.reshape(b, h, w, c),
-                        indices=out.indices.reshape(b, h * w))
+                        indices=out.indices.reshape(b, -1))
 
-  def lookup(self, tokens_bt, height: int, width: int) -> jax.Array:
+  def rows(self, z_bhwc: jax.Array) -> jax.Array:
+    """The [B*h*w, C] vectors that are quantized, image-major."""
+    return z_bhwc.reshape(-1, z_bhwc.shape[-1])
+
+  def lookup(self, tokens_bt, height: int, width: int,
+             levels: int | None = None) -> jax.Array:
+    """Tokens [B, h*w] (residual: [B, h*w*depth]) -> [B, h, w, C]."""
     b, t = tokens_bt.shape
-    if t != height * width:
+    depth = getattr(self.vq, "depth", 1)
+    if t != height * width * depth:
       raise ValueError(
           f"patch tokens must cover the {height}x{width} grid ({height * width}"
-          f" tokens), got {t}"
+          f" tokens{f' x {depth} levels' if depth > 1 else ''}), got {t}"
       )
-    return self.vq.lookup(tokens_bt).reshape(b, height, width, -1)
+    return _lookup_rows(self.vq, tokens_bt, levels).reshape(
+        b, height, width, -1)

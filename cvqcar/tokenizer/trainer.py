@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from cvqcar import metrics, optim, sharding
 from cvqcar.tokenizer import evaluate as evaluate_lib
-from cvqcar.tokenizer import losses, lpips, vqgan
+from cvqcar.tokenizer import kmeans, losses, lpips, vqgan
 from cvqcar.tokenizer import model as tokenizer_lib
 
 if TYPE_CHECKING:  # annotations only
@@ -93,6 +94,31 @@ def init_state(config, setup: Setup, key) -> TrainState:
       ema_params=jax.tree.map(jnp.copy, params),
       opt_state=setup.tx.init(params), disc_params=disc_params,
       disc_opt_state=setup.disc_tx.init(disc_params))
+
+
+def kmeans_init(state: TrainState, images: list, key, *, config,
+                setup: Setup) -> tuple[TrainState, jax.Array]:
+  """The fresh state with its codebook from k-means of the encoder's rows
+  of `images` (a list of batches), and the k-means inertia. Pure; jit."""
+  model = nnx.merge(setup.gen_graphdef, state.params, state.buffers)
+  rows_nd = jnp.concatenate([model.quantizer.rows(model.encoder(x))
+                             for x in images])
+  rows_nd = jax.lax.stop_gradient(rows_nd)
+  vq, cb = model.quantizer.vq, config.model.codebook
+  depth = getattr(vq, "depth", 1)
+  if depth > 1:  # residual VQ: coarse and fine codes in one codebook
+    vq = vq.vq
+    fit = kmeans.fit_residual(rows_nd, vq.num_codes, depth, key=key,
+                              iters=cb.kmeans_iters,
+                              argmin_impl=cb.argmin_impl)
+  else:
+    fit = kmeans.fit(rows_nd, vq.num_codes, key=key, iters=cb.kmeans_iters,
+                     cosine=vq.cosine, argmin_impl=cb.argmin_impl)
+  vq.set_codebook(fit.centroids_kd, fit.counts_k / (len(images) * depth))
+  _, params, buffers = nnx.split(model, nnx.Param, ...)
+  return state.replace(params=params, buffers=buffers,
+                       ema_params=jax.tree.map(jnp.copy, params)
+                       ), fit.inertia
 
 
 def train_step(state: TrainState, batch, key, perceptual=None, *, config,
@@ -231,10 +257,30 @@ class Trainer:
     self.eval_step = jax.jit(
         functools.partial(eval_step, config=config, setup=self.setup),
         out_shardings=(rep, rep, data_sharding))
+    self._kmeans_init = jax.jit(
+        functools.partial(kmeans_init, config=config, setup=self.setup),
+        out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
 
   def init(self) -> TrainState:
     with jax.set_mesh(self.mesh):
       return self._init(self.init_key)
+
+  def kmeans_init(self, state: TrainState, local_batches) -> TrainState:
+    """`state` with its codebook from k-means of the first batches' rows
+    (config.model.codebook.kmeans_batches of them, every process's)."""
+    images = [sharding.global_batch({"image": b["image"]}, self.mesh)[
+        "image"] for b in local_batches]
+    if not images:
+      raise ValueError("k-means codebook init got no training batch")
+    t0 = time.time()
+    with jax.set_mesh(self.mesh):
+      state, inertia = self._kmeans_init(
+          state, images, jax.random.fold_in(self.init_key, 1))
+    logging.info("codebook from k-means of %d batches (%d iterations):"
+                 " inertia %.4g, %.1fs", len(images),
+                 self.config.model.codebook.kmeans_iters, float(inertia),
+                 time.time() - t0)
+    return state
 
   def step(self, state, local_batch):
     batch = sharding.global_batch(local_batch, self.mesh)
@@ -284,6 +330,10 @@ def task(config: ml_collections.ConfigDict, workdir: str,
 
   def init():
     state = trainer.init()
+    num = config.model.codebook.get("kmeans_batches", 0)
+    if num:  # a fresh start only: a restored codebook is kept
+      batches = image_data.train_dataset(config, 0)
+      state = trainer.kmeans_init(state, itertools.islice(batches, num))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("tokenizer: %.2fM parameters, %d tokens per image",
                  n_params / 1e6, tokenizer_lib.num_tokens(config.model))
