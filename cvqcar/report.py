@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -33,10 +34,8 @@ from cvqcar import logs
 _FIELDS = (
     ("axis", lambda c: c["model"]["quantize"], str),
     ("K", lambda c: c["model"]["num_codes"], lambda v: f"{v:,}"),
-    ("codebook", lambda c: codebook_name(c["model"]["codebook"]), str),
-    # EMA codebooks start from data rows, whatever the initial scale.
-    ("init scale", lambda c: "-" if c["model"]["codebook"]["ema"]
-     else c["model"]["codebook"]["init_scale"], str),
+    ("quantizer", lambda c: quantizer_name(c["model"]), str),
+    ("init scale", lambda c: init_name(c["model"]), str),
     ("alpha", lambda c: c["model"]["nested_dropout_alpha"], str),
     ("batch", lambda c: c["batch_size"], str),
     ("steps", lambda c: c["num_train_steps"], str),
@@ -59,12 +58,49 @@ def codebook_name(cb: dict[str, Any]) -> str:
   return name + (", cosine" if cb.get("cosine") else "")
 
 
+def quantizer_name(model: dict[str, Any]) -> str:
+  """'EMA + restart', 'plain, rotation', 'FSQ (7,5,5,5,5)', 'RVQ x 4,
+  EMA + restart', ...: what quantizes a token, as the tables name it."""
+  kind = model.get("quantizer", "vq")
+  if kind == "fsq":
+    levels = ",".join(str(v) for v in model["scalar"]["fsq_levels"])
+    return f"FSQ ({levels})"
+  if kind in ("lfq", "bsq"):
+    return kind.upper()
+  cb = model["codebook"]
+  name = codebook_name(cb)
+  if cb.get("index_backprop"):
+    name = "IBQ"
+  if cb.get("rotation"):
+    name += ", rotation"
+  depth = model.get("rvq_depth", 1)
+  return f"RVQ x {depth}, {name}" if depth > 1 else name
+
+
+def init_name(model: dict[str, Any]) -> str:
+  """How the codebook starts: its init scale, 'k-means', or '-' (EMA
+  codebooks start from data rows; FSQ, LFQ and BSQ have none)."""
+  cb = model["codebook"]
+  if model.get("quantizer", "vq") != "vq" or cb["ema"]:
+    return "-"
+  if cb.get("kmeans_batches"):
+    return f"k-means, {cb['kmeans_batches']} batches"
+  return str(cb["init_scale"])
+
+
 def num_tokens(model: dict[str, Any]) -> tuple[int, int]:
-  """(tokens per image, numbers per token) of a model config."""
+  """(codes per image, numbers per token) of a model config: C channel or
+  h*w patch tokens, times the residual depth."""
   side = model["resolution"] // 2 ** (len(model["channel_mults"]) - 1)
+  depth = model.get("rvq_depth", 1)
   if model["quantize"] == "channel":
-    return model["latent_channels"], side * side
-  return side * side, model["latent_channels"]
+    return model["latent_channels"] * depth, side * side
+  return side * side * depth, model["latent_channels"]
+
+
+def bits_per_image(model: dict[str, Any], codes: float) -> float:
+  """codes x log2 K: the budget an image's tokens spend."""
+  return codes * math.log2(model["num_codes"])
 
 
 def load_run(path: str) -> Run:
@@ -152,7 +188,8 @@ def sweep_table(runs: list[Run]) -> str:
   optional = [k for k in ("eval/lpips", "eval/rfid")
               if any(k in r.eval for r in runs)]
   header = ([name for name, _, _ in varying]
-            + ["tokens x dim", "eval tokens", "usage", "perplexity", "PSNR",
+            + ["tokens x dim", "bits", "eval codes", "usage", "perplexity",
+               "PSNR",
                "SSIM"] + [k.split("/")[1].upper() for k in optional]
             + ["PSNR gain, last 1/4", "token / codeword norm"])
   rows = []
@@ -160,15 +197,19 @@ def sweep_table(runs: list[Run]) -> str:
                                          for f in varying]):
     tokens, dim = num_tokens(run.config["model"])
     ev = run.eval
-    shown = f"{tokens} x {dim}"
-    if run.config["model"]["quantize"] == "dynamic" and "eval/tokens" in ev:
+    model = run.config["model"]
+    depth = model.get("rvq_depth", 1)
+    shown = (f"{tokens // depth} x {depth} codes x {dim}" if depth > 1
+             else f"{tokens} x {dim}")
+    if model["quantize"] == "dynamic" and "eval/tokens" in ev:
       most, tokens = tokens, ev["eval/tokens"]  # the eval set's mean
       shown = f"{tokens:.1f} (at most {most}) x {dim}"
     z, e = (_last_train(run, "train/latent_norm"),
             _last_train(run, "train/codeword_norm"))
     rows.append(
         [show(read(run.config)) for _, read, show in varying]
-        + [shown, f"{round(ev['eval/images'] * tokens):,}",
+        + [shown, f"{bits_per_image(model, tokens):,.0f}",
+           f"{round(ev['eval/images'] * tokens):,}",
            f"{ev['eval/codebook_usage']:.1%}",
            f"{ev['eval/codebook_perplexity']:,.0f}",
            f"{ev['eval/psnr']:.2f}", f"{ev['eval/ssim']:.3f}"]
@@ -195,18 +236,27 @@ def _plot(path: str, series: dict[str, list], *, xlabel: str, ylabel: str,
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # noqa: PLC0415
 
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  fig, ax = plt.subplots(figsize=(6, 4) if len(series) <= 8 else (8, 5),
+                         dpi=100)
+  colors = {}
   for label, points in series.items():
     xs, ys = zip(*points, strict=True)
-    ax.plot(xs, ys, marker="o", label=label)
+    # A quantizer keeps its color along both axes; patch lines are dashed.
+    head, _, axis = label.rpartition(", ")
+    color = colors.setdefault(head or label, f"C{len(colors) % 10}")
+    ax.plot(xs, ys, marker="o", label=label, color=color,
+            linestyle="--" if axis == "patch" else "-")
   if logx:
     ax.set_xscale("log", base=2)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  if len(series) > 8:
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+  else:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path)
+  fig.savefig(path, bbox_inches="tight")
   plt.close(fig)
   return path
 
@@ -216,10 +266,25 @@ def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
   channel runs differ in alpha); the PNG paths written."""
   stem, paths = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"), []
   model = lambda r: r.config["model"]
-  if len({model(r)["num_codes"] for r in runs}) > 1:
+  bits = lambda r: round(bits_per_image(model(r), num_tokens(model(r))[0]))
+  if (len({quantizer_name(model(r)) for r in runs}) > 2
+      and len({bits(r) for r in runs}) > 1):  # a zoo at several budgets
+    label = lambda r: f"{quantizer_name(model(r))}, {model(r)['quantize']}"
+    for key, ylabel, what in (
+        ("eval/psnr", "PSNR (dB)", "psnr"),
+        ("eval/codebook_usage", "codebook usage on held-out crops (%)",
+         "usage")):
+      scale = 100 if "usage" in key else 1
+      series = _series(runs, label, lambda r: [bits(r)],
+                       lambda r, _, key=key, scale=scale: scale * r.eval[key])
+      paths.append(_plot(os.path.join(out_dir, f"{stem}_{what}_vs_bits.png"),
+                         series, xlabel="bits per image (codes x log2 K)",
+                         ylabel=ylabel, logx=True,
+                         title=f"{name}: {what} at equal bits"))
+  if len({model(r)["num_codes"] for r in runs}) > 1 and not paths:
     series = _series(
         runs, lambda r: f"{model(r)['quantize']}, "
-        f"{codebook_name(model(r)['codebook'])}",
+        f"{quantizer_name(model(r))}",
         lambda r: [model(r)["num_codes"]],
         lambda r, _: 100 * r.eval["eval/codebook_usage"])
     paths.append(_plot(os.path.join(out_dir, f"{stem}_usage_vs_k.png"),

@@ -12,10 +12,14 @@ from cvqcar import logs, report
 
 
 def _fake_run(path, *, quantize="channel", k=1024, ema=False, alpha=0.0,
-              usage=0.5, psnr=20.0, steps=400, eval_step=None):
-  config = cvq_tokenizer.get_config("tiny,budget=64")
+              usage=0.5, psnr=20.0, steps=400, eval_step=None,
+              args="tiny,budget=64"):
+  config = cvq_tokenizer.get_config(args)
   m = config.model
-  m.quantize, m.num_codes, m.codebook.ema = quantize, k, ema
+  m.quantize, m.codebook.ema = quantize, ema
+  if m.quantizer == "vq":
+    m.num_codes = k
+  k = m.num_codes
   m.nested_dropout_alpha = alpha
   config.num_train_steps = steps
   os.makedirs(path)
@@ -59,16 +63,17 @@ def test_report_rebuilds_tables_and_plots(tmp_path):
   assert "Written by hand." in page  # text outside the blocks stays
   rows = _rows(page, "budget")
   header, body = rows[0], rows[1:]
-  assert header[:3] == ["axis", "K", "codebook"]  # the fields that vary
+  assert header[:3] == ["axis", "K", "quantizer"]  # the fields that vary
   assert len(body) == 8
   col = {name: i for i, name in enumerate(header)}
   for row in body:
     k = int(row[col["K"]].replace(",", ""))
-    ema = row[col["codebook"]] == "EMA + restart"
+    ema = row[col["quantizer"]] == "EMA + restart"
     want = usages[row[col["axis"]], k, ema]
     assert row[col["usage"]] == f"{want:.1%}"
-    assert row[col["eval tokens"]] == f"{4 * k:,}"
+    assert row[col["eval codes"]] == f"{4 * k:,}"
     assert row[col["tokens x dim"]] == "64 x 64"
+    assert row[col["bits"]] == f"{64 * np.log2(k):,.0f}"
     assert row[col["PSNR gain, last 1/4"]] == "+1.00"
     assert row[col["token / codeword norm"]] == "2.00 / 8.00"
   # The unfinished run is named, not tabulated.
@@ -82,6 +87,34 @@ def test_report_rebuilds_tables_and_plots(tmp_path):
   # Running it again replaces the blocks instead of appending.
   assert report.main(["--runs", str(root), "--out", str(out)]) == 0
   assert out.read_text().count("<!-- report:budget -->") == 1
+
+
+def test_report_names_every_quantizer_and_plots_equal_bits(tmp_path):
+  root = tmp_path / "runs"
+  runs = {  # config arguments -> (quantizer column, tokens x dim, bits)
+      "tiny,budget=64,fsq": ("FSQ (7,5,5,5,5)", "64 x 64", "774"),
+      "tiny,budget=16,rvq=4": ("RVQ x 4, EMA + restart", "16 x 4 codes x 16",
+                               "768"),
+      "tiny,budget=64,ibq": ("IBQ", "64 x 64", "768"),
+      "tiny,budget=16,plain,rotation,kmeans": ("plain, rotation", "16 x 16",
+                                               "192"),
+      "tiny,budget=16,bsq": ("BSQ", "16 x 16", "192"),
+  }
+  for i, args in enumerate(runs):
+    _fake_run(root / "zoo" / f"run{i}", args=args, psnr=18 + i, k=4096,
+              ema="ema" in args or "rvq" in args)
+  out = tmp_path / "results.md"
+  assert report.main(["--runs", str(root), "--out", str(out)]) == 0
+  rows = _rows(out.read_text(), "zoo")
+  col = {name: i for i, name in enumerate(rows[0])}
+  got = {(r[col["quantizer"]], r[col["tokens x dim"]], r[col["bits"]])
+         for r in rows[1:]}
+  assert got == set(runs.values())
+  init = {r[col["quantizer"]]: r[col["init scale"]] for r in rows[1:]}
+  assert init["plain, rotation"] == "k-means, 8 batches"
+  assert init["IBQ"] == "0.1" and init["BSQ"] == "-"
+  for png in ("zoo_psnr_vs_bits.png", "zoo_usage_vs_bits.png"):
+    assert np.asarray(Image.open(tmp_path / "results" / png)).std() > 10
 
 
 @pytest.mark.parametrize("breakage, message", [
