@@ -136,6 +136,10 @@ class FSQ(nnx.Module):
                    self.num_codes, weight_n, x_nd)
 
 
+# Rows per chunk of LFQ's entropy: a [chunk, K] tile (64 MiB at K = 16,384).
+ENTROPY_CHUNK = 1024
+
+
 class LFQ(nnx.Module):
   """Lookup-free quantization of rows [N, dim] to K = 2**bits codes;
   `spherical` makes it BSQ."""
@@ -173,18 +177,42 @@ class LFQ(nnx.Module):
 
   def entropy_loss(self, z_nd, weight_n):
     """Mean per-row entropy of p(code | row) minus gamma times the entropy
-    of the rows' mean p, p = softmax(2 z.c / temperature) over all K codes
-    (the full [N, K] matrix: cheap for the bits LFQ is used with here)."""
+    of the rows' mean p, p = softmax(2 z.c / temperature) over all K codes.
+
+    Rows go through in chunks of ENTROPY_CHUNK, each rematerialized in the
+    backward pass, so no [N, K] matrix exists: at N = 65,536 rows and
+    K = 16,384 codes the full one took 4 GiB a copy and the step ran out
+    of memory (docs/benchmarks.md).
+    """
     codebook_kd = self.indices_to_codes(jnp.arange(self.num_codes))
-    logits_nk = 2 * jnp.dot(z_nd, codebook_kd.T,
-                            precision=_HIGHEST) / self.temperature
-    p_nk = jax.nn.softmax(logits_nk, axis=-1)
     log = lambda p: jnp.log(jnp.maximum(p, 1e-5))
-    per_row = _row_mean(-jnp.sum(p_nk * log(p_nk), axis=-1), weight_n)
-    mean_p_k = jnp.sum(p_nk * weight_n[:, None], axis=0) / jnp.maximum(
-        jnp.sum(weight_n), 1.0)
+
+    @jax.checkpoint
+    def chunk_sums(z_cd, w_c):
+      logits_ck = 2 * jnp.dot(z_cd, codebook_kd.T,
+                              precision=_HIGHEST) / self.temperature
+      p_ck = jax.nn.softmax(logits_ck, axis=-1)
+      row_entropy_c = -jnp.sum(p_ck * log(p_ck), axis=-1)
+      return jnp.sum(row_entropy_c * w_c), jnp.sum(p_ck * w_c[:, None], 0)
+
+    n = z_nd.shape[0]
+    chunk = min(n, ENTROPY_CHUNK)
+    pad = -n % chunk  # padded rows weigh 0
+    z_mcd = jnp.pad(z_nd, ((0, pad), (0, 0))).reshape(-1, chunk, self.bits)
+    w_mc = jnp.pad(weight_n, (0, pad)).reshape(-1, chunk)
+
+    def step(carry, inputs):
+      entropy_sum, p_sum_k = carry
+      e, p = chunk_sums(*inputs)
+      return (entropy_sum + e, p_sum_k + p), None
+
+    init = (jnp.zeros((), jnp.float32),
+            jnp.zeros((self.num_codes,), jnp.float32))
+    (entropy_sum, p_sum_k), _ = jax.lax.scan(step, init, (z_mcd, w_mc))
+    total = jnp.maximum(jnp.sum(weight_n), 1.0)
+    mean_p_k = p_sum_k / total
     codebook = -jnp.sum(mean_p_k * log(mean_p_k))
-    return per_row - self.diversity_gamma * codebook
+    return entropy_sum / total - self.diversity_gamma * codebook
 
   def __call__(self, x_nd, weight_n=None, *, train=False, key=None
                ) -> QuantizerOutput:
