@@ -39,9 +39,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import report  # noqa: E402
-from cvqcar.tokenizer import quantize, scalar  # noqa: E402
+from cvqcar.tokenizer import quantize, residual, scalar  # noqa: E402
 
 FSQ_LEVELS = (8, 8, 8, 6, 5)
+RVQ_DEPTH = 4
 
 
 def ours(name: str, dim: int, codes: int, bits: int):
@@ -51,9 +52,10 @@ def ours(name: str, dim: int, codes: int, bits: int):
     return scalar.FSQ(FSQ_LEVELS, dim, rngs=rngs)
   if name in ("lfq", "bsq"):
     return scalar.LFQ(bits, dim, spherical=name == "bsq", rngs=rngs)
-  return quantize.VectorQuantizer(
-      codes, dim, ema=name == "vq", rotation=name == "rotation",
+  vq = quantize.VectorQuantizer(
+      codes, dim, ema=name in ("vq", "rvq"), rotation=name == "rotation",
       index_backprop=name == "ibq", rngs=rngs)
+  return residual.ResidualQuantizer(vq, RVQ_DEPTH) if name == "rvq" else vq
 
 
 def time_ours(name, x, g, codes, bits, reps):
@@ -124,7 +126,7 @@ def time_vqp(name, rows, dim, codes, bits, reps):
   """(seconds, peak bytes) of vector-quantize-pytorch's module for `name`,
   measured in a fresh process (its peak resident set past the inputs), or
   None where it has no such module or is not installed."""
-  if name not in ("vq", "rotation", "fsq", "lfq", "bsq"):
+  if name not in ("vq", "rotation", "fsq", "lfq", "bsq", "rvq"):
     return None
   cmd = [sys.executable, __file__, f"--torch_only={name}", f"--rows={rows}",
          f"--dim={dim}", f"--codes={codes}", f"--bits={bits}",
@@ -160,6 +162,10 @@ def _torch_only(name, rows, dim, codes, bits, reps) -> dict | None:
   elif name in ("vq", "rotation"):
     module = vqp.VectorQuantize(dim=dim, codebook_size=codes,
                                 rotation_trick=name == "rotation")
+  elif name == "rvq":  # ours: one shared EMA codebook, straight-through
+    module = vqp.ResidualVQ(dim=dim, num_quantizers=RVQ_DEPTH,
+                            codebook_size=codes, shared_codebook=True,
+                            rotation_trick=False)
   else:
     return None
   module = module.to(device).train()
@@ -192,7 +198,8 @@ def main():
   parser.add_argument("--dim", type=int, default=256)
   parser.add_argument("--codes", type=int, default=16384)
   parser.add_argument("--bits", type=int, default=14)
-  parser.add_argument("--names", default="vq,rotation,ibq,fsq,lfq,bsq")
+  parser.add_argument("--names",
+                      default="vq,rotation,ibq,fsq,lfq,bsq,rvq")
   # (MaskGIT's formula is the plain nearest-code VQ: compared with 'vq'.)
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--no-write", dest="write", action="store_false")
@@ -250,7 +257,8 @@ def main():
   if args.write:
     note = (f"N = {args.rows:,} rows of D = {args.dim}, K = {args.codes:,}"
             f" codes (FSQ levels {FSQ_LEVELS}: {np.prod(FSQ_LEVELS):,}"
-            f" codes; LFQ / BSQ {args.bits} bits), float32, median of"
+            f" codes; LFQ / BSQ {args.bits} bits; rvq: {RVQ_DEPTH} levels of"
+            " one shared EMA codebook), float32, median of"
             f" {args.reps} steps after a warm-up. One step: quantize, loss"
             " sum(q * g) + the quantizer's losses, gradient to the rows (and"
             " a gradient-trained codebook). Peak: XLA's compiled arguments +"
