@@ -65,6 +65,27 @@ def test_blocked_equals_reference_bf16():
   np.testing.assert_array_equal(got, ref)  # same fp32 scores, same order
 
 
+@pytest.mark.parametrize("block_n", [1, 16, 37, 200, 500])
+def test_row_tiles_equal_reference(block_n):
+  """Row tiles (the CPU default), N not a multiple of the tile, ties in
+  every tile: the same codes as the full matrix."""
+  kx, kc = jax.random.split(jax.random.key(4))
+  base = jax.random.normal(kc, (40, 16))
+  codebook = jnp.concatenate([base, base])  # code i ties with i + 40
+  x = jnp.concatenate([jax.random.normal(kx, (150, 16)), base[:50 % 40]])
+  got = argmin.blocked(x, codebook, block_k=24, block_n=block_n)
+  np.testing.assert_array_equal(got, argmin.reference(x, codebook))
+  assert int(jnp.max(got)) < 40  # ties: the first copy
+  with pytest.raises(ValueError, match="block_n must be positive"):
+    argmin.blocked(x, codebook, block_n=0)
+
+
+def test_row_tiles_only_on_cpu():
+  cpu, gpu = (types.SimpleNamespace(platform=p) for p in ("cpu", "gpu"))
+  assert argmin.default_block_n(cpu) == argmin.DEFAULT_BLOCK_N
+  assert argmin.default_block_n(gpu) is None
+
+
 def test_jit_and_vmap_compose():
   x = jax.random.normal(jax.random.key(2), (3, 10, 4))
   codebook = jax.random.normal(jax.random.key(3), (50, 4))

@@ -19,6 +19,7 @@ BATCH_AXES = ("data", "fsdp")
 # tile large enough for the matmul to run at full rate on CPU/GPU while the
 # tile stays a small fraction of the full [N, K] matrix.
 DEFAULT_BLOCK_K = 1024
+DEFAULT_BLOCK_N = 512  # rows per tile on CPU (see default_block_n)
 
 
 def _check_shapes(x: jax.Array, codebook: jax.Array) -> None:
@@ -72,20 +73,45 @@ def _min_and_argmin(scores_nk: jax.Array) -> tuple[jax.Array, jax.Array]:
   return min_n, jnp.min(hit_nk, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k",))
-def blocked(
-    x: jax.Array, codebook: jax.Array, *, block_k: int = DEFAULT_BLOCK_K
-) -> jax.Array:
-  """Scans over blocks of codes keeping a running (min, argmin) per row.
+def default_block_n(device: jax.Device | None = None) -> int | None:
+  """Rows per tile of the blocked path: on a CPU a [512, block_k] score
+  tile stays in cache between the matmul and the two reductions that read
+  it (bench/argmin.py); accelerators take all rows at once."""
+  device = jax.devices()[0] if device is None else device
+  return DEFAULT_BLOCK_N if device.platform == "cpu" else None
 
-  Peak extra memory is O(N * block_k) instead of O(N * K). Codes padded to
-  fill the last block get +inf distance so they can never win, and a block
-  only replaces the running argmin when strictly better, so ties resolve to
-  the lowest index as in `reference`.
+
+@functools.partial(jax.jit, static_argnames=("block_k", "block_n"))
+def blocked(
+    x: jax.Array, codebook: jax.Array, *, block_k: int = DEFAULT_BLOCK_K,
+    block_n: int | None = None,
+) -> jax.Array:
+  """Scans over blocks of codes keeping a running (min, argmin) per row;
+  with `block_n`, over tiles of that many rows one after another.
+
+  Peak extra memory is O(N * block_k) instead of O(N * K) (O(block_n *
+  block_k) with row tiles). Codes padded to fill the last block get +inf
+  distance so they can never win, and a block only replaces the running
+  argmin when strictly better, so ties resolve to the lowest index as in
+  `reference`.
   """
   _check_shapes(x, codebook)
   if block_k <= 0:
     raise ValueError(f"block_k must be positive, got {block_k}")
+  if block_n is not None and block_n <= 0:
+    raise ValueError(f"block_n must be positive or None, got {block_n}")
+  n = x.shape[0]
+  if block_n is None or n <= block_n:
+    return _blocked_codes(x, codebook, block_k)
+  pad = -n % block_n
+  x_mbd = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, block_n, x.shape[1])
+  return jax.lax.map(lambda x_bd: _blocked_codes(x_bd, codebook, block_k),
+                     x_mbd).reshape(-1)[:n]
+
+
+def _blocked_codes(x: jax.Array, codebook: jax.Array, block_k: int
+                   ) -> jax.Array:
+  """`blocked` over all rows at once."""
   num_codes, dim = codebook.shape
   block_k = min(block_k, num_codes)
   num_blocks = -(-num_codes // block_k)
@@ -185,5 +211,5 @@ def codebook_argmin(
   if impl == "reference":
     return reference(x, codebook)
   if impl == "xla":
-    return blocked(x, codebook, block_k=block_k)
+    return blocked(x, codebook, block_k=block_k, block_n=default_block_n())
   return _pallas(x, codebook, batch_axes)
