@@ -8,7 +8,7 @@ Run (embedded captioned photos, CPU):
   python -m cvqcar.train --config=configs/dq_transformer.py:tiny \
       --workdir=runs/dqt_tiny
 
-The two-stream model (cvqcar.car.dq_transformer) reads a left-padded prompt
+The two-stream model (cvqcar.dq.transformer) reads a left-padded prompt
 and generates the DQ-VAE's coarse-then-fine (code, position) sequence; the
 frozen tokenizer export encodes each training batch. Its grid, K and text
 vocabulary are read from the export and the text tokenizer at start-up.
@@ -38,7 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.max_text_len = 64 if tiny else 128
   config.cond_drop_prob = 0.1  # prompt dropped -> unconditional training
 
-  # Two qwen3 trunks (cvqcar.car.dq_transformer.DQConfig); grid, num_codes,
+  # Two qwen3 trunks (cvqcar.dq.transformer.DQConfig); grid, num_codes,
   # text_vocab and max_text_len are filled in from the export and tokenizer.
   config.model = ml_collections.ConfigDict({
       "grid": 0, "num_codes": 0, "num_classes": 1, "text_vocab": 0,

@@ -27,8 +27,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cvqcar import distributed, exit_codes, logs, workdir_lock
-from cvqcar.car import dq_trainer
 from cvqcar.car import trainer as car_trainer
+from cvqcar.dq import trainer as dq_trainer
 from cvqcar.tokenizer import trainer as tokenizer_trainer
 
 TRAINERS = {

@@ -26,9 +26,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from cvqcar import logs, visualize
-from cvqcar.car import dq_trainer
-from cvqcar.car import dq_transformer as dq
 from cvqcar.data import images as image_data
+from cvqcar.dq import trainer as dq_trainer
+from cvqcar.dq import transformer as dq
 from cvqcar.tokenizer import dynamic, export
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "DQ-VAE export.")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvqcar.car import dq_trainer
-from cvqcar.car import dq_transformer as dq
 from cvqcar.car import model as car_lib
+from cvqcar.dq import trainer as dq_trainer
+from cvqcar.dq import transformer as dq
 
 CONFIG = dq.DQConfig(grid=4, num_codes=32, num_classes=4)
 R, END, L = CONFIG.num_regions, CONFIG.end, CONFIG.max_len  # 4, 20, 16

@@ -10,9 +10,9 @@ from PIL import Image
 from configs import cvq_tokenizer, dq_transformer
 from conftest import tiny_config
 from cvqcar import checkpoint, train_dq
-from cvqcar.car import dq_trainer
-from cvqcar.car import dq_transformer as dq
 from cvqcar.data import images as image_data
+from cvqcar.dq import trainer as dq_trainer
+from cvqcar.dq import transformer as dq
 from cvqcar.tokenizer import dynamic, export
 from cvqcar.tokenizer import model as tokenizer_lib
 from cvqcar.tokenizer import trainer as tokenizer_trainer
@@ -133,6 +133,12 @@ def test_config_errors_name_the_field():
   bad = _config(nested_dropout_alpha=0.25)
   with pytest.raises(ValueError, match="nested channel dropout"):
     tokenizer_lib.check_model_config(bad.model)
+  for temperature in (0.0, -1.0):
+    bad = _config()
+    bad.model.dynamic.temperature = temperature
+    with pytest.raises(ValueError, match=r"dynamic.temperature .* must be"
+                       rf" > 0, got {temperature}"):
+      tokenizer_lib.Tokenizer(bad.model, rngs=nnx.Rngs(0))
 
 
 def test_dq_vae_tokens_are_valid_dq_transformer_sequences():

@@ -1,6 +1,6 @@
 """The package's import graph follows its architecture, read from source.
 
-commands -> car -> tokenizer -> kernels, with the shared top-level modules
+commands -> dq -> car -> tokenizer -> kernels, with the shared top-level modules
 usable from every room; data imports no model code; nothing but a command
 imports a command; no import circles.
 """
@@ -19,7 +19,7 @@ SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "fingerprint", "logs",
      "metrics", "visualize", "optim", "figures", "exit_codes", "loop", "perf",
      "preemption", "workdir_lock"})
-SUBPACKAGES = ("kernels", "tokenizer", "car", "data", "evaluation")
+SUBPACKAGES = ("kernels", "tokenizer", "car", "dq", "data", "evaluation")
 # Which rooms each room may import (besides itself).
 ALLOWED = {
     "kernels": set(),
@@ -28,7 +28,10 @@ ALLOWED = {
     "evaluation": {"shared", "data"},  # image sets to score
     "tokenizer": {"shared", "kernels", "data", "evaluation"},
     "car": {"shared", "kernels", "data", "tokenizer", "evaluation"},
-    "command": {"shared", "kernels", "data", "tokenizer", "car",
+    # The DQ-Transformer builds on CAR's backbone and sampling; CAR never
+    # imports it.
+    "dq": {"shared", "kernels", "data", "tokenizer", "car", "evaluation"},
+    "command": {"shared", "kernels", "data", "tokenizer", "car", "dq",
                 "evaluation"},
 }
 
@@ -39,7 +42,7 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def room(module: str) -> str:
-  """'kernels', 'tokenizer', 'car', 'data', 'shared' or 'command'."""
+  """'kernels', 'tokenizer', 'car', 'dq', 'data', 'shared' or 'command'."""
   parts = module.split(".")
   if len(parts) == 1:  # the package itself
     return "shared"
@@ -152,6 +155,8 @@ def test_kernels_import_nothing_of_the_project():
     ("cvqcar.metrics", "from cvqcar.tokenizer import quantize",
      "cvqcar.metrics (shared) imports cvqcar.tokenizer.quantize"),
     ("cvqcar.car.model", "from cvqcar.car import pipeline", "import circle"),
+    ("cvqcar.car.sampling", "from cvqcar.dq import transformer",
+     "cvqcar.car.sampling (car) imports cvqcar.dq.transformer (dq)"),
     ("cvqcar.tokenizer.quantize", "import cvqcar.car.qwen3",
      "cvqcar.tokenizer.quantize (tokenizer) imports cvqcar.car.qwen3 (car)"),
     ("cvqcar.data.text", "from .images import Preprocess", None),

@@ -92,7 +92,7 @@ def main():
   elif ARGS.kind == "car":
     from cvqcar.car import trainer  # noqa: PLC0415
   else:
-    from cvqcar.car import dq_trainer as trainer  # noqa: PLC0415
+    from cvqcar.dq import trainer  # noqa: PLC0415
   summary = trainer.train_and_evaluate(config, ARGS.workdir, on_log=on_log)
   losses = {k: v["train/loss"] for k, v in summary.train.items()}
   print("RESULT " + json.dumps(losses), flush=True)

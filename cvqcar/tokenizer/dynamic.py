@@ -104,6 +104,9 @@ class DynamicQuantizer(nnx.Module):
                        f" {height}x{width}")
     if not 0.0 <= fine_fraction <= 1.0:
       raise ValueError(f"fine_fraction must be in [0, 1], got {fine_fraction}")
+    if not temperature > 0:  # 0: NaN gradients; < 0 inverts the gate
+      raise ValueError("config.model.dynamic.temperature (the router's"
+                       f" Gumbel-softmax) must be > 0, got {temperature}")
     self.height, self.width = height, width
     self.num_regions = (height // 2) * (width // 2)
     self.fine_fraction, self.temperature = fine_fraction, temperature

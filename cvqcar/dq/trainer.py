@@ -36,9 +36,9 @@ import optax
 from flax import nnx
 
 from cvqcar import fingerprint, loop, optim, sharding, visualize
-from cvqcar.car import dq_transformer as dq
 from cvqcar.car import state as car_state
 from cvqcar.data import pairs, text
+from cvqcar.dq import transformer as dq
 from cvqcar.tokenizer import dynamic, export
 
 # What must match between a workdir and the config that resumes it.

@@ -32,7 +32,7 @@ classifier-free guidance; otherwise a left-padded prompt (text ids and mask
 [B, L], L <= max_text_len) followed by a learned begin token, as
 cvqcar.car.model.CAR.prefix does, the empty prompt being the null case.
 Training drops the condition for a `cond_drop_prob` share of rows
-(cvqcar.car.dq_trainer).
+(cvqcar.dq.trainer).
 """
 
 from __future__ import annotations
