@@ -147,6 +147,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.dynamic = ml_collections.ConfigDict()
   m.dynamic.fine_fraction = 0.5  # target share of regions coded fine
   m.dynamic.temperature = 1.0  # of the router's Gumbel-softmax
+  # What the decoder adds to the mixed latent: 'fourier+learned' (as the
+  # original) or 'none'.
+  m.dynamic.position = "fourier+learned"
   # The quantizer of each token's row: 'vq' (the codebook above) or the
   # codebook-free 'fsq', 'lfq', 'bsq' (cvqcar/tokenizer/scalar.py), whose
   # num_codes follows from their own settings.

@@ -55,7 +55,8 @@ def test_sequence_order_lengths_and_round_trip():
 
 
 def test_coarse_region_decodes_from_one_code_and_fine_from_four():
-  q = dynamic.DynamicQuantizer(32, 6, 4, 4, rngs=nnx.Rngs(0))
+  q = dynamic.DynamicQuantizer(32, 6, 4, 4, position="none",
+                               rngs=nnx.Rngs(0))
   rng = np.random.default_rng(1)
   coarse = jnp.asarray(rng.integers(0, 32, (3, 4)))
   fine = jnp.asarray(rng.integers(0, 32, (3, 4, 4)))
@@ -73,6 +74,30 @@ def test_coarse_region_decodes_from_one_code_and_fine_from_four():
       jnp.arange(16)[None] >= tokens.lengths[:, None], 31, tokens.codes))
   np.testing.assert_array_equal(q.lookup(noisy), q.lookup(tokens))
   assert dynamic.from_regions(cells, 4, 4).shape == (3, 4, 4, 6)
+
+
+def test_position_embedding_tells_a_coarse_regions_cells_apart():
+  q = dynamic.DynamicQuantizer(32, 6, 4, 4, rngs=nnx.Rngs(0))
+  plain = dynamic.DynamicQuantizer(32, 6, 4, 4, position="none",
+                                   rngs=nnx.Rngs(0))
+  tokens = dynamic.sequence(jnp.full((1, 4), 5), jnp.zeros((1, 4, 4), int),
+                            jnp.zeros((1, 4), bool))  # all coarse
+  with_pos, without = q.lookup(tokens), plain.lookup(tokens)
+  cells = dynamic.to_regions(with_pos)[0]  # [R, 4, C]
+  assert float(jnp.min(jnp.abs(cells[:, 1:] - cells[:, :1]))) > 0
+  # The embedding: sin(W [x, y] + b) + row + column, x, y in [-1, 1].
+  pe = q.position
+  w, b = np.asarray(pe.fourier.kernel[...]), np.asarray(pe.fourier.bias[...])
+  rows, cols = np.asarray(pe.rows_hc[...]), np.asarray(pe.cols_wc[...])
+  grid = np.linspace(-1, 1, 4)
+  want = np.stack([np.stack([np.sin(np.array([grid[j], grid[i]]) @ w + b)
+                             + rows[i] + cols[j] for j in range(4)])
+                   for i in range(4)])
+  np.testing.assert_allclose(np.asarray(with_pos - without)[0], want,
+                             atol=1e-5)
+  assert np.abs(w).max() <= (9 / 2) ** 0.5 and np.abs(rows).max() <= 2
+  with pytest.raises(ValueError, match="dynamic.position must be one of"):
+    dynamic.DynamicQuantizer(32, 6, 4, 4, position="sine", rngs=nnx.Rngs(0))
 
 
 def test_encode_decode_round_trips_the_quantized_latent():

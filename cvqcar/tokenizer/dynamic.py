@@ -9,7 +9,8 @@ of its cells, all from one shared codebook. A router picks per region
 (Gumbel-softmax with a straight-through hard gate in training, argmax at
 eval); a budget loss pulls the share of fine regions toward a target. The
 decoder reads the mixture on the fine grid: a coarse region's code fills
-its four cells.
+its four cells, and position embeddings (Fourier + learned, as the
+original's decoder) let the four copies decode differently.
 
 The router sees the region's features and its relative detail (the mean
 squared deviation of its four cells from their mean, over their mean
@@ -93,12 +94,49 @@ def unsequence(tokens: DynamicTokens, num_regions: int):
           seen[:, r:5 * r].reshape(b, r, 4)[..., 0])
 
 
+POSITIONS = ("fourier+learned", "none")
+
+
+class PositionEmbedding(nnx.Module):
+  """What the decoder adds to the mixed latent so the four cells of a coarse
+  region (one codeword copied) decode differently: Fourier features
+  sin(W [x, y] + b) of coordinates in [-1, 1] plus learned row and column
+  embeddings, as the original's 'fourier+learned' decoder (W ~ U(+-sqrt(9/2)),
+  b ~ U(+-sqrt(1/2)) as its 1x1 conv; rows and columns ~ N(0, 1) cut at 2)."""
+
+  def __init__(self, height: int, width: int, channels: int, *,
+               rngs: nnx.Rngs):
+    self.height, self.width = height, width
+    bound = (9 / 2) ** 0.5
+    self.fourier = nnx.Linear(
+        2, channels, rngs=rngs,
+        kernel_init=nnx.initializers.uniform(2 * bound),
+        bias_init=nnx.initializers.uniform(2 * 0.5 ** 0.5))
+    # nnx's uniform draws from [0, scale): centre both on zero.
+    self.fourier.kernel[...] -= bound
+    self.fourier.bias[...] -= 0.5 ** 0.5
+    normal = nnx.initializers.truncated_normal(1.0, lower=-2.0, upper=2.0)
+    self.rows_hc = nnx.Param(normal(rngs.params(), (height, channels)))
+    self.cols_wc = nnx.Param(normal(rngs.params(), (width, channels)))
+
+  def __call__(self, z_bhwc: jax.Array) -> jax.Array:
+    y, x = jnp.meshgrid(jnp.linspace(-1.0, 1.0, self.height),
+                        jnp.linspace(-1.0, 1.0, self.width), indexing="ij")
+    fourier_hwc = jnp.sin(self.fourier(jnp.stack([x, y], axis=-1)))
+    learned_hwc = self.rows_hc[...][:, None] + self.cols_wc[...][None]
+    return z_bhwc + (fourier_hwc + learned_hwc).astype(z_bhwc.dtype)
+
+
 class DynamicQuantizer(nnx.Module):
-  """Coarse-or-fine quantization of a [B, s, s, C] latent (see module doc)."""
+  """Coarse-or-fine quantization of a [B, s, s, C] latent (see module doc).
+
+  `position='fourier+learned'` adds PositionEmbedding to the mixture the
+  decoder reads ('none': the mixture as it is)."""
 
   def __init__(self, num_codes: int, num_channels: int, height: int,
                width: int, *, fine_fraction: float = 0.5,
-               temperature: float = 1.0, rngs: nnx.Rngs, **vq_kwargs):
+               temperature: float = 1.0, position: str = "fourier+learned",
+               rngs: nnx.Rngs, **vq_kwargs):
     if height % 2 or width % 2:
       raise ValueError(f"dynamic quantization needs an even latent grid, got"
                        f" {height}x{width}")
@@ -107,6 +145,9 @@ class DynamicQuantizer(nnx.Module):
     if not temperature > 0:  # 0: NaN gradients; < 0 inverts the gate
       raise ValueError("config.model.dynamic.temperature (the router's"
                        f" Gumbel-softmax) must be > 0, got {temperature}")
+    if position not in POSITIONS:
+      raise ValueError("config.model.dynamic.position must be one of"
+                       f" {POSITIONS}, got {position!r}")
     self.height, self.width = height, width
     self.num_regions = (height // 2) * (width // 2)
     self.fine_fraction, self.temperature = fine_fraction, temperature
@@ -122,6 +163,12 @@ class DynamicQuantizer(nnx.Module):
     # by a few units within hundreds of steps at the usual learning rates.
     self.detail_scale = nnx.Param(jnp.ones((), jnp.float32))
     self.threshold = nnx.Param(jnp.full((), 0.2, jnp.float32))
+    self.position = (PositionEmbedding(height, width, c, rngs=rngs)
+                     if position != "none" else None)
+
+  def decoder_input(self, mixed_bhwc: jax.Array) -> jax.Array:
+    """The mixed latent with the decoder's position signal added."""
+    return mixed_bhwc if self.position is None else self.position(mixed_bhwc)
 
   def route(self, z_brkc: jax.Array) -> jax.Array:
     """The router's fine logit per region, [B, R]."""
@@ -174,7 +221,8 @@ class DynamicQuantizer(nnx.Module):
     q_coarse = out.quantized[:b * r].reshape(b, r, 1, c)
     q_fine = out.quantized[b * r:].reshape(b, r, 4, c)
     g = gate_br[..., None, None].astype(q_fine.dtype)
-    mixed = from_regions(g * q_fine + (1 - g) * q_coarse, h, w)
+    mixed = self.decoder_input(
+        from_regions(g * q_fine + (1 - g) * q_coarse, h, w))
     idx_coarse = out.indices[:b * r].reshape(b, r)
     idx_fine = out.indices[b * r:].reshape(b, r, 4)
     budget = jnp.square(jnp.mean(gate_br) - self.fine_fraction)
@@ -189,5 +237,5 @@ class DynamicQuantizer(nnx.Module):
     q_coarse = self.vq.lookup(coarse_br)[:, :, None, :]
     q_fine = self.vq.lookup(fine_brk)
     g = fine_br[..., None, None]
-    return from_regions(jnp.where(g, q_fine, q_coarse), self.height,
-                        self.width)
+    return self.decoder_input(from_regions(jnp.where(g, q_fine, q_coarse),
+                                           self.height, self.width))

@@ -205,7 +205,9 @@ class Tokenizer(nnx.Module):
       self.quantizer = dynamic.DynamicQuantizer(
           cfg.num_codes, cfg.latent_channels, s, s,
           fine_fraction=d.get("fine_fraction", 0.5),
-          temperature=d.get("temperature", 1.0), **vq)
+          temperature=d.get("temperature", 1.0),
+          # Exports from before the position embedding decode without one.
+          position=d.get("position", "none"), **vq)
     else:
       self.quantizer = quantize.PatchQuantizer(
           cfg.num_codes, cfg.latent_channels, **vq)
