@@ -150,6 +150,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # What the decoder adds to the mixed latent: 'fourier+learned' (as the
   # original) or 'none'.
   m.dynamic.position = "fourier+learned"
+  # Running mean of the logit quantile that codes fine_fraction of the
+  # regions fine: the eval threshold (cvqcar/tokenizer/dynamic.py).
+  m.dynamic.calibration_decay = 0.99
   # The quantizer of each token's row: 'vq' (the codebook above) or the
   # codebook-free 'fsq', 'lfq', 'bsq' (cvqcar/tokenizer/scalar.py), whose
   # num_codes follows from their own settings.
@@ -167,7 +170,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   loss.reconstruction_weight = 5.0
   loss.quantization_weight = 5.0
   loss.beta = 0.25  # commitment
-  loss.budget_weight = 1.0  # dynamic: (fine share - target)^2
+  # dynamic: times (fine share - target)^2. The original's budget term is
+  # 2 x gamma (= 10) x that against an L1 pixel loss of weight 1: 20 x the
+  # pixel weight, which here is reconstruction_weight = 5.
+  loss.budget_weight = 100.0
   loss.perceptual_weight = 1.0
   loss.perceptual_weights = ""  # .npz of LPIPS weights; empty turns it off
   loss.gan_weight = 0.75  # times the adaptive weight

@@ -203,7 +203,11 @@ def sweep_table(runs: list[Run]) -> str:
              else f"{tokens} x {dim}")
     if model["quantize"] == "dynamic" and "eval/tokens" in ev:
       most, tokens = tokens, ev["eval/tokens"]  # the eval set's mean
-      shown = f"{tokens:.1f} (at most {most}) x {dim}"
+      fine = ""
+      if "eval/fine_share" in ev:  # measured where encode runs, vs target
+        fine = (f"; fine {ev['eval/fine_share']:.2f}, target"
+                f" {model['dynamic']['fine_fraction']:.2f}")
+      shown = f"{tokens:.1f} (at most {most}{fine}) x {dim}"
     z, e = (_last_train(run, "train/latent_norm"),
             _last_train(run, "train/codeword_norm"))
     rows.append(

@@ -102,6 +102,8 @@ def test_rfid_on_the_embedded_set(tokenizer_export, tmp_path):
 class _Fixed:
   """A stand-in tokenizer with a given reconstruction."""
 
+  quantize = "patch"
+
   def __init__(self, reconstructions):
     self.reconstructions = reconstructions
 

@@ -6,8 +6,9 @@ s x s latent grid (the fine grid, downsample factor f) is cut into
 R = (s/2)^2 regions of 2 x 2 cells (2f x 2f pixels). Each region is coded
 either coarse, by one code of a pooled feature, or fine, by the four codes
 of its cells, all from one shared codebook. A router picks per region
-(Gumbel-softmax with a straight-through hard gate in training, argmax at
-eval); a budget loss pulls the share of fine regions toward a target. The
+(Gumbel-softmax with a straight-through hard gate in training; at eval a
+threshold calibrated on the training batches' logits, so the share coded
+fine meets the target); a budget loss pulls the training share toward it. The
 decoder reads the mixture on the fine grid: a coarse region's code fills
 its four cells, and position embeddings (Fourier + learned, as the
 original's decoder) let the four copies decode differently.
@@ -97,6 +98,10 @@ def unsequence(tokens: DynamicTokens, num_regions: int):
 POSITIONS = ("fourier+learned", "none")
 
 
+class Calibration(nnx.Variable):
+  """Router state set from training batches, not by gradients."""
+
+
 class PositionEmbedding(nnx.Module):
   """What the decoder adds to the mixed latent so the four cells of a coarse
   region (one codeword copied) decode differently: Fourier features
@@ -136,7 +141,8 @@ class DynamicQuantizer(nnx.Module):
   def __init__(self, num_codes: int, num_channels: int, height: int,
                width: int, *, fine_fraction: float = 0.5,
                temperature: float = 1.0, position: str = "fourier+learned",
-               rngs: nnx.Rngs, **vq_kwargs):
+               calibration_decay: float = 0.99, rngs: nnx.Rngs,
+               **vq_kwargs):
     if height % 2 or width % 2:
       raise ValueError(f"dynamic quantization needs an even latent grid, got"
                        f" {height}x{width}")
@@ -150,7 +156,17 @@ class DynamicQuantizer(nnx.Module):
                        f" {POSITIONS}, got {position!r}")
     self.height, self.width = height, width
     self.num_regions = (height // 2) * (width // 2)
+    if not 0.0 <= calibration_decay < 1.0:
+      raise ValueError("config.model.dynamic.calibration_decay must be in"
+                       f" [0, 1), got {calibration_decay}")
     self.fine_fraction, self.temperature = fine_fraction, temperature
+    self.calibration_decay = calibration_decay
+    # The logit above which a region is fine at eval: a running mean of the
+    # training batches' (1 - fine_fraction) quantile of the router logits,
+    # so `encode` codes the target share fine (training's Gumbel gate picks
+    # fine with probability sigmoid(logit), which logit > 0 does not match).
+    # NaN until the first training step: logit > 0 until then.
+    self.eval_threshold = Calibration(jnp.full((), jnp.nan, jnp.float32))
     c = num_channels
     self.vq = VectorQuantizer(num_codes, c, rngs=rngs, **vq_kwargs)
     self.coarse = nnx.Linear(4 * c, c, rngs=rngs)  # a region's 4 cells -> 1
@@ -208,8 +224,9 @@ class DynamicQuantizer(nnx.Module):
                             / self.temperature)
       hard = (soft > 0.5).astype(jnp.float32)
       gate_br = hard + soft - jax.lax.stop_gradient(soft)
+      self._calibrate(jax.lax.stop_gradient(logit_br))
     else:
-      gate_br = (logit_br > 0).astype(jnp.float32)
+      gate_br = (logit_br > self.threshold_at_eval()).astype(jnp.float32)
     fine_br = jax.lax.stop_gradient(gate_br) > 0.5
     # One lookup for both granularities: the shared codebook, and losses
     # and counts over the codes actually used.
@@ -230,6 +247,18 @@ class DynamicQuantizer(nnx.Module):
         vq=out._replace(quantized=mixed), fine_gate=gate_br,
         fine_prob=fine_prob, budget_loss=budget,
         tokens=sequence(idx_coarse, idx_fine, fine_br))
+
+  def threshold_at_eval(self) -> jax.Array:
+    """The calibrated eval threshold (0 before any training step)."""
+    tau = self.eval_threshold[...]
+    return jnp.where(jnp.isnan(tau), 0.0, tau)
+
+  def _calibrate(self, logit_br: jax.Array) -> None:
+    quantile = jnp.quantile(logit_br.astype(jnp.float32),
+                            1.0 - self.fine_fraction)
+    tau, decay = self.eval_threshold[...], self.calibration_decay
+    self.eval_threshold[...] = jnp.where(
+        jnp.isnan(tau), quantile, decay * tau + (1 - decay) * quantile)
 
   def lookup(self, tokens: DynamicTokens) -> jax.Array:
     """Token sequences -> the [B, s, s, C] latent the decoder reads."""

@@ -73,6 +73,10 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
           "ssim": jnp.sum(mask * metrics.ssim(recon, images))}
   if perceptual is not None:
     sums["lpips"] = jnp.sum(mask * perceptual(recon, images))
+  if model.quantize == "dynamic":  # R + 3 x (fine regions) codes an image
+    codes_b = jnp.sum(out.index_weight, axis=1)
+    regions = model.quantizer.num_regions
+    sums["fine_share"] = jnp.sum(mask * (codes_b / regions - 1) / 3)
   decoded = {"reconstructions": recon}
   for k in prefixes:
     # The first k channels' codes (residual VQ: a channel's adjacent).
@@ -162,6 +166,8 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
   result["codebook_usage"] = metrics.codebook_usage(counts)
   result["codebook_perplexity"] = metrics.codebook_perplexity(counts)
   result["num_codes"] = int(counts.shape[0])
+  if config.model.quantize == "dynamic":
+    result["fine_share_target"] = config.model.dynamic.fine_fraction
   if "recon" in stats:
     reference = (fid.load_stats(ref_stats) if ref_stats
                  else stats["real"].mu_sigma())
@@ -180,10 +186,16 @@ def write_results(out: str, result: dict[str, Any], name: str) -> str:
   cols = [(rfid, "rfid", "{:.2f}"), ("PSNR", "psnr", "{:.2f}"),
           ("SSIM", "ssim", "{:.4f}"), ("LPIPS", "lpips", "{:.4f}"),
           ("usage %", "codebook_usage", "{:.1%}"),
+          ("fine share (target)", "fine_share", "{:.3f}"),
           ("perplexity", "codebook_perplexity", "{:.1f}")]
+  if "fine_share" not in result:  # DQ-VAE only
+    cols = [c for c in cols if c[1] != "fine_share"]
   row = [name, str(result["images"])] + [
       fmt.format(result[key]).rstrip("%") if key in result else "n/a"
       for _, key, fmt in cols]
+  if "fine_share_target" in result:
+    i = 2 + [c[1] for c in cols].index("fine_share")
+    row[i] += f" ({result['fine_share_target']:.2f})"
   header = ["tokenizer", "images"] + [c[0] for c in cols]
   table = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) +
            "\n| " + " | ".join(row) + " |\n")

@@ -207,7 +207,8 @@ class Tokenizer(nnx.Module):
           fine_fraction=d.get("fine_fraction", 0.5),
           temperature=d.get("temperature", 1.0),
           # Exports from before the position embedding decode without one.
-          position=d.get("position", "none"), **vq)
+          position=d.get("position", "none"),
+          calibration_decay=d.get("calibration_decay", 0.99), **vq)
     else:
       self.quantizer = quantize.PatchQuantizer(
           cfg.num_codes, cfg.latent_channels, **vq)
