@@ -50,6 +50,7 @@ class Run(NamedTuple):
   train: dict[int, dict[str, float]]  # step -> train/* scalars
   eval: dict[str, float]  # the final eval's eval/* scalars
   finished: bool
+  evals: dict[int, dict[str, float]] = {}  # step -> eval/* scalars, all
 
 
 def codebook_name(cb: dict[str, Any]) -> str:
@@ -133,7 +134,7 @@ def load_run(path: str) -> Run:
   train = {s: {k: v for k, v in m.items() if k.startswith("train/")}
            for s, m in steps.items()}
   return Run(path, config, {s: m for s, m in train.items() if m},
-             evals[last], last >= config["num_train_steps"])
+             evals[last], last >= config["num_train_steps"], evals)
 
 
 def find_runs(root: str) -> dict[str, list[Run]]:
@@ -285,6 +286,15 @@ def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
                          series, xlabel="bits per image (codes x log2 K)",
                          ylabel=ylabel, logx=True,
                          title=f"{name}: {what} at equal bits"))
+  trained = [r for r in runs if len(r.evals) >= 3]  # a few long runs
+  if trained and len(runs) <= 6 and len(trained) == len(runs):
+    label = lambda r: f"{model(r)['quantize']}, {quantizer_name(model(r))}"
+    series = _series(runs, label, lambda r: sorted(r.evals)[1:],
+                     lambda r, step: r.evals[step]["eval/psnr"])
+    paths.append(_plot(os.path.join(out_dir, f"{stem}_psnr_vs_step.png"),
+                       series, xlabel="training step",
+                       ylabel="PSNR on held-out crops (dB)",
+                       title=f"{name}: eval PSNR during training"))
   if len({model(r)["num_codes"] for r in runs}) > 1 and not paths:
     series = _series(
         runs, lambda r: f"{model(r)['quantize']}, "

@@ -89,6 +89,25 @@ def test_report_rebuilds_tables_and_plots(tmp_path):
   assert out.read_text().count("<!-- report:budget -->") == 1
 
 
+def test_report_plots_eval_psnr_against_steps_for_long_runs(tmp_path):
+  root = tmp_path / "runs"
+  for q, psnr in (("channel", 20.0), ("patch", 22.0)):
+    _fake_run(root / "long" / q, quantize=q, psnr=psnr, steps=400)
+    log = logs.MetricsFile(str(root / "long" / q))
+    for step in (0, 100, 200):  # earlier evals than the last one
+      log.write(step, {"eval/psnr": psnr - 3 + step / 100, "eval/ssim": 0.4,
+                       "eval/codebook_usage": 0.5, "eval/images": 16,
+                       "eval/codebook_perplexity": 8.0})
+  out = tmp_path / "results.md"
+  assert report.main(["--runs", str(root), "--out", str(out)]) == 0
+  png = tmp_path / "results" / "long_psnr_vs_step.png"
+  assert np.asarray(Image.open(png)).std() > 10
+  assert "(results/long_psnr_vs_step.png)" in out.read_text()
+  run = report.load_run(str(root / "long" / "patch"))
+  assert sorted(run.evals) == [0, 100, 200, 400]
+  assert run.eval["eval/psnr"] == 22.0  # the last eval is the one tabled
+
+
 def test_report_names_every_quantizer_and_plots_equal_bits(tmp_path):
   root = tmp_path / "runs"
   runs = {  # config arguments -> (quantizer column, tokens x dim, bits)
