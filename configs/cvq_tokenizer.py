@@ -153,6 +153,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Running mean of the logit quantile that codes fine_fraction of the
   # regions fine: the eval threshold (cvqcar/tokenizer/dynamic.py).
   m.dynamic.calibration_decay = 0.99
+  # 'learned' (a gate on the features, trained with the budget loss) or
+  # 'entropy' (the original's released router: a region is fine when its
+  # grey-level entropy is over the fine_fraction quantile; no budget loss).
+  m.dynamic.router = "learned"
   # The quantizer of each token's row: 'vq' (the codebook above) or the
   # codebook-free 'fsq', 'lfq', 'bsq' (cvqcar/tokenizer/scalar.py), whose
   # num_codes follows from their own settings.

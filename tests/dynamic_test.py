@@ -279,3 +279,46 @@ def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
   with pytest.raises(ValueError, match=r"the workdir .*dqt was made with the"
                      r" tokenizer export .*export \(sha256 [0-9a-f]{12}"):
     dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))
+
+
+def test_patch_entropy_matches_the_originals_formula():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  images[0, :4, :4] = 0.2  # a flat region: one grey level
+  got = np.asarray(dynamic.patch_entropy(jnp.asarray(images), 2))
+  grey = ((images + 1) / 2) @ np.array([0.2989, 0.5870, 0.1140])
+  bins = np.linspace(0, 1, 32)
+  for b in range(2):
+    for i in range(2):
+      for j in range(2):
+        v = grey[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(-1)
+        pdf = np.exp(-0.5 * ((v[:, None] - bins) / 0.01) ** 2).mean(0)
+        pdf = pdf / (pdf.sum() + 1e-40) + 1e-40
+        np.testing.assert_allclose(got[b, 2 * i + j],
+                                   -np.sum(pdf * np.log(pdf)), rtol=1e-4,
+                                   atol=1e-5)
+  assert got[0, 0] < 1.0 < 2.0 < got[0, 1]  # flat vs uniform noise
+
+
+@pytest.mark.parametrize("target", [0.25, 0.75])
+def test_entropy_router_codes_the_target_share_of_its_batch(target):
+  config = _config()
+  config.model.dynamic.router = "entropy"
+  config.model.dynamic.fine_fraction = target
+  config.model.dynamic.calibration_decay = 0.0
+  model = tokenizer_lib.Tokenizer(config.model, rngs=nnx.Rngs(0))
+  photos = image_data.embedded_photos("train")
+  crops = np.stack([np.asarray(p["image"][:32, :32], np.float32) / 127.5 - 1
+                    for p in photos[:8]])
+  # A little noise: no two regions of equal entropy at the threshold.
+  noise = np.random.default_rng(0).uniform(-1e-3, 1e-3, crops.shape)
+  images = jnp.asarray(np.clip(crops + noise, -1, 1), jnp.float32)
+  out = model(images, train=True, key=jax.random.key(0))
+  assert float(out.fine_share) == target  # exact on the training batch
+  assert float(out.budget_loss) == 0.0
+  # Calibrated on that batch, encode codes the same share of it fine.
+  tokens = model.encode(images)
+  share = float(jnp.mean((tokens.lengths / 16 - 1) / 3))
+  assert abs(share - target) <= 1 / (8 * 16)
+  with pytest.raises(ValueError, match="dynamic.router must be one of"):
+    dynamic.DynamicQuantizer(32, 6, 4, 4, router="random", rngs=nnx.Rngs(0))

@@ -96,6 +96,32 @@ def unsequence(tokens: DynamicTokens, num_regions: int):
 
 
 POSITIONS = ("fourier+learned", "none")
+ROUTERS = ("learned", "entropy")
+ENTROPY_BINS, ENTROPY_SIGMA = 32, 0.01  # as the original's threshold tool
+
+
+def patch_entropy(images_bhwc: jax.Array, regions_per_side: int
+                  ) -> jax.Array:
+  """[B, H, W, 3] in [-1, 1] -> [B, R] entropy (nats) of each region's grey
+  levels, as the original entropy router measures it: grey = 0.2989 R +
+  0.5870 G + 0.1140 B in [0, 1], a Gaussian-kernel histogram (sigma 0.01)
+  over 32 bins in [0, 1], -sum p log p. Regions in row-major order."""
+  b, h, w, _ = images_bhwc.shape
+  n = regions_per_side
+  rgb = (images_bhwc.astype(jnp.float32) + 1.0) / 2.0
+  grey = jnp.tensordot(rgb, jnp.asarray([0.2989, 0.5870, 0.1140]), axes=1,
+                       precision=jax.lax.Precision.HIGHEST)
+  patches = grey.reshape(b, n, h // n, n, w // n).transpose(0, 1, 3, 2, 4)
+  values_brp = patches.reshape(b, n * n, -1)
+  bins = jnp.linspace(0.0, 1.0, ENTROPY_BINS)
+  kernel = jnp.exp(-0.5 * jnp.square(
+      (values_brp[..., None] - bins) / ENTROPY_SIGMA))
+  pdf = jnp.mean(kernel, axis=2)  # [B, R, bins]
+  # The original adds 1e-40, which float32 flushes to 0 on CPUs and TPUs
+  # (0 * log 0 = NaN); 1e-30 changes the entropy by < 1e-27.
+  eps = 1e-30
+  pdf = pdf / (jnp.sum(pdf, axis=-1, keepdims=True) + eps) + eps
+  return -jnp.sum(pdf * jnp.log(pdf), axis=-1)
 
 
 class Calibration(nnx.Variable):
@@ -141,8 +167,8 @@ class DynamicQuantizer(nnx.Module):
   def __init__(self, num_codes: int, num_channels: int, height: int,
                width: int, *, fine_fraction: float = 0.5,
                temperature: float = 1.0, position: str = "fourier+learned",
-               calibration_decay: float = 0.99, rngs: nnx.Rngs,
-               **vq_kwargs):
+               calibration_decay: float = 0.99, router: str = "learned",
+               rngs: nnx.Rngs, **vq_kwargs):
     if height % 2 or width % 2:
       raise ValueError(f"dynamic quantization needs an even latent grid, got"
                        f" {height}x{width}")
@@ -151,6 +177,10 @@ class DynamicQuantizer(nnx.Module):
     if not temperature > 0:  # 0: NaN gradients; < 0 inverts the gate
       raise ValueError("config.model.dynamic.temperature (the router's"
                        f" Gumbel-softmax) must be > 0, got {temperature}")
+    if router not in ROUTERS:
+      raise ValueError("config.model.dynamic.router must be one of"
+                       f" {ROUTERS}, got {router!r}")
+    self.router = router
     if position not in POSITIONS:
       raise ValueError("config.model.dynamic.position must be one of"
                        f" {POSITIONS}, got {position!r}")
@@ -201,8 +231,9 @@ class DynamicQuantizer(nnx.Module):
             + self.detail_scale[...] * jnp.log(detail + 1e-4)
             + 10.0 * self.threshold[...])
 
-  def __call__(self, z_bhwc, *, train: bool = False, key=None
-               ) -> DynamicOutput:
+  def __call__(self, z_bhwc, *, train: bool = False, key=None,
+               images=None) -> DynamicOutput:
+    """`images` [B, H, W, 3]: what the entropy router reads."""
     b, h, w, c = z_bhwc.shape
     if (h, w) != (self.height, self.width):
       raise ValueError(f"dynamic quantizer was built for {self.height}x"
@@ -210,6 +241,26 @@ class DynamicQuantizer(nnx.Module):
     r = self.num_regions
     z_brkc = to_regions(z_bhwc)
     coarse_brc = self.coarse(z_brkc.reshape(b, r, 4 * c))
+    vq_key = key
+    if self.router == "entropy":
+      if images is None:
+        raise ValueError("the entropy router needs the images")
+      # Fine where a region's grey levels are busiest: in training the
+      # fine_fraction of the batch's regions of highest entropy (the exact
+      # share; ties to the earlier region), at eval those over a running
+      # mean of the batches' quantile. No learned gate, no budget loss.
+      entropy_br = patch_entropy(images, h // 2)
+      if train:
+        self._calibrate(entropy_br)
+        count = round(self.fine_fraction * entropy_br.size)
+        order = jnp.argsort(-entropy_br.reshape(-1), stable=True)
+        gate_br = jnp.zeros((entropy_br.size,), jnp.float32).at[
+            order[:count]].set(1.0).reshape(entropy_br.shape)
+      else:
+        gate_br = (entropy_br > self.threshold_at_eval()).astype(
+            jnp.float32)
+      return self._quantize(z_bhwc, z_brkc, coarse_brc, gate_br, gate_br,
+                            jnp.zeros((), jnp.float32), train, vq_key)
     logit_br = self.route(z_brkc)
     fine_prob = jax.nn.sigmoid(logit_br)
     vq_key = None
@@ -227,6 +278,15 @@ class DynamicQuantizer(nnx.Module):
       self._calibrate(jax.lax.stop_gradient(logit_br))
     else:
       gate_br = (logit_br > self.threshold_at_eval()).astype(jnp.float32)
+    budget = jnp.square(jnp.mean(gate_br) - self.fine_fraction)
+    return self._quantize(z_bhwc, z_brkc, coarse_brc, gate_br, fine_prob,
+                          budget, train, vq_key)
+
+  def _quantize(self, z_bhwc, z_brkc, coarse_brc, gate_br, fine_prob,
+                budget, train, vq_key) -> DynamicOutput:
+    """Both granularities through one codebook lookup, mixed by the gate."""
+    b, h, w, c = z_bhwc.shape
+    r = self.num_regions
     fine_br = jax.lax.stop_gradient(gate_br) > 0.5
     # One lookup for both granularities: the shared codebook, and losses
     # and counts over the codes actually used.
@@ -242,7 +302,6 @@ class DynamicQuantizer(nnx.Module):
         from_regions(g * q_fine + (1 - g) * q_coarse, h, w))
     idx_coarse = out.indices[:b * r].reshape(b, r)
     idx_fine = out.indices[b * r:].reshape(b, r, 4)
-    budget = jnp.square(jnp.mean(gate_br) - self.fine_fraction)
     return DynamicOutput(
         vq=out._replace(quantized=mixed), fine_gate=gate_br,
         fine_prob=fine_prob, budget_loss=budget,

@@ -208,7 +208,8 @@ class Tokenizer(nnx.Module):
           temperature=d.get("temperature", 1.0),
           # Exports from before the position embedding decode without one.
           position=d.get("position", "none"),
-          calibration_decay=d.get("calibration_decay", 0.99), **vq)
+          calibration_decay=d.get("calibration_decay", 0.99),
+          router=d.get("router", "learned"), **vq)
     else:
       self.quantizer = quantize.PatchQuantizer(
           cfg.num_codes, cfg.latent_channels, **vq)
@@ -239,7 +240,7 @@ class Tokenizer(nnx.Module):
         keep_bc = jnp.arange(c)[None, :] < channels_kept_b[:, None]
     zero = jnp.zeros((), jnp.float32)
     if self.quantize == "dynamic":
-      dyn = self.quantizer(z_bhwc, train=train, key=vq_key)
+      dyn = self.quantizer(z_bhwc, train=train, key=vq_key, images=images)
       out, indices = dyn.vq, dyn.tokens.codes
       index_weight = (dyn.tokens.positions
                       < 5 * self.quantizer.num_regions).astype(jnp.float32)
@@ -266,7 +267,7 @@ class Tokenizer(nnx.Module):
     DynamicTokens of padded codes, positions and lengths)."""
     check_images(images, self.resolution)
     if self.quantize == "dynamic":
-      return self.quantizer(self.encoder(images)).tokens
+      return self.quantizer(self.encoder(images), images=images).tokens
     return self.quantizer(self.encoder(images)).indices
 
   def decode(self, tokens, levels: int | None = None) -> jax.Array:
