@@ -157,6 +157,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # 'entropy' (the original's released router: a region is fine when its
   # grey-level entropy is over the fine_fraction quantile; no budget loss).
   m.dynamic.router = "learned"
+  # 'dual': coarse codes from one more downsampling of the encoder, with
+  # its own attention mid-block and head (as the original); 'pooled': a
+  # linear map of a region's four fine cells.
+  m.dynamic.encoder = "dual"
   # The quantizer of each token's row: 'vq' (the codebook above) or the
   # codebook-free 'fsq', 'lfq', 'bsq' (cvqcar/tokenizer/scalar.py), whose
   # num_codes follows from their own settings.

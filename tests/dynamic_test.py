@@ -103,8 +103,9 @@ def test_position_embedding_tells_a_coarse_regions_cells_apart():
 def test_encode_decode_round_trips_the_quantized_latent():
   model = tokenizer_lib.Tokenizer(_config().model, rngs=nnx.Rngs(0))
   images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1)
-  z = model.encoder(images)
-  out = model.quantizer(z)
+  fine, coarse = model.encoder(images)  # the dual-grain encoder
+  assert fine.shape == (4, 8, 8, 64) and coarse.shape == (4, 4, 4, 64)
+  out = model.quantizer(fine, coarse_bhwc=coarse)
   tokens = model.encode(images)
   np.testing.assert_allclose(model.quantizer.lookup(tokens),
                              out.vq.quantized, atol=1e-6)
@@ -136,7 +137,8 @@ def test_calibrated_threshold_codes_the_target_share_fine(target):
   """After a training step with decay 0, encode on the same latents codes
   exactly the target share of regions fine (up to one region)."""
   q = dynamic.DynamicQuantizer(64, 6, 8, 8, fine_fraction=target,
-                               calibration_decay=0.0, rngs=nnx.Rngs(0))
+                               calibration_decay=0.0, pooled_coarse=True,
+                               rngs=nnx.Rngs(0))
   z = jax.random.normal(jax.random.key(0), (8, 8, 8, 6))
   assert float(q.threshold_at_eval()) == 0.0  # before any training step
   q(z, train=True, key=jax.random.key(1))
@@ -279,6 +281,42 @@ def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
   with pytest.raises(ValueError, match=r"the workdir .*dqt was made with the"
                      r" tokenizer export .*export \(sha256 [0-9a-f]{12}"):
     dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))
+
+
+def test_coarse_codes_come_from_the_deeper_stage():
+  """With the dual-grain encoder a coarse region is coded from the coarse
+  features: changing them changes coarse regions only."""
+  model = tokenizer_lib.Tokenizer(_config().model, rngs=nnx.Rngs(0))
+  images = jax.random.uniform(jax.random.key(3), (2, 32, 32, 3), minval=-1)
+  fine, coarse = model.encoder(images)
+  q = model.quantizer
+  # Half the regions coarse: the eval threshold at the median logit.
+  q.eval_threshold[...] = jnp.median(q.route(dynamic.to_regions(fine)))
+  a = q(fine, coarse_bhwc=coarse)
+  b = q(fine, coarse_bhwc=coarse + 3.0)
+  coarse_br = a.fine_gate < 0.5
+  assert bool(jnp.any(coarse_br)) and bool(jnp.any(~coarse_br))
+  changed = jnp.any(dynamic.to_regions(a.vq.quantized)
+                    != dynamic.to_regions(b.vq.quantized), axis=(2, 3))
+  np.testing.assert_array_equal(np.asarray(changed & ~coarse_br), False)
+  assert bool(jnp.all(changed | ~coarse_br))
+  with pytest.raises(ValueError, match="needs coarse features"):
+    q(fine)
+
+
+def test_attention_block_matches_its_formula():
+  from cvqcar.tokenizer import vqgan
+
+  block = vqgan.AttnBlock(8, 4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+  y = block.norm(x).reshape(2, 9, 8)
+  lin = lambda conv: (y @ conv.kernel[...].reshape(8, 8) + conv.bias[...])
+  q, k, v = lin(block.q), lin(block.k), lin(block.v)
+  w = jax.nn.softmax(q @ jnp.swapaxes(k, 1, 2) / np.sqrt(8), axis=-1)
+  out = (w @ v) @ block.out.kernel[...].reshape(8, 8) + block.out.bias[...]
+  np.testing.assert_allclose(np.asarray(block(x)),
+                             np.asarray(x + out.reshape(2, 3, 3, 8)),
+                             atol=1e-5)
 
 
 def test_patch_entropy_matches_the_originals_formula():

@@ -168,7 +168,7 @@ class DynamicQuantizer(nnx.Module):
                width: int, *, fine_fraction: float = 0.5,
                temperature: float = 1.0, position: str = "fourier+learned",
                calibration_decay: float = 0.99, router: str = "learned",
-               rngs: nnx.Rngs, **vq_kwargs):
+               pooled_coarse: bool = False, rngs: nnx.Rngs, **vq_kwargs):
     if height % 2 or width % 2:
       raise ValueError(f"dynamic quantization needs an even latent grid, got"
                        f" {height}x{width}")
@@ -199,7 +199,10 @@ class DynamicQuantizer(nnx.Module):
     self.eval_threshold = Calibration(jnp.full((), jnp.nan, jnp.float32))
     c = num_channels
     self.vq = VectorQuantizer(num_codes, c, rngs=rngs, **vq_kwargs)
-    self.coarse = nnx.Linear(4 * c, c, rngs=rngs)  # a region's 4 cells -> 1
+    # Coarse features: the dual-grain encoder's (passed in), or a linear
+    # map of a region's four fine cells (`pooled_coarse`, the older form).
+    self.coarse = (nnx.Linear(4 * c, c, rngs=rngs) if pooled_coarse
+                   else None)
     self.router_hidden = nnx.Linear(5 * c, c, rngs=rngs)
     self.router_out = nnx.Linear(
         c, 1, kernel_init=nnx.initializers.zeros, rngs=rngs)
@@ -232,15 +235,25 @@ class DynamicQuantizer(nnx.Module):
             + 10.0 * self.threshold[...])
 
   def __call__(self, z_bhwc, *, train: bool = False, key=None,
-               images=None) -> DynamicOutput:
-    """`images` [B, H, W, 3]: what the entropy router reads."""
+               images=None, coarse_bhwc=None) -> DynamicOutput:
+    """`z_bhwc`: the fine latent [B, s, s, C]; `coarse_bhwc`: the coarse
+    one [B, s/2, s/2, C] (unless `pooled_coarse`); `images` [B, H, W, 3]:
+    what the entropy router reads."""
     b, h, w, c = z_bhwc.shape
     if (h, w) != (self.height, self.width):
       raise ValueError(f"dynamic quantizer was built for {self.height}x"
                        f"{self.width} latents, got {h}x{w}")
     r = self.num_regions
     z_brkc = to_regions(z_bhwc)
-    coarse_brc = self.coarse(z_brkc.reshape(b, r, 4 * c))
+    if self.coarse is not None:
+      coarse_brc = self.coarse(z_brkc.reshape(b, r, 4 * c))
+    elif coarse_bhwc is None or coarse_bhwc.shape != (b, h // 2, w // 2, c):
+      raise ValueError(
+          f"the dual-grain quantizer needs coarse features [{b}, {h // 2},"
+          f" {w // 2}, {c}], got"
+          f" {None if coarse_bhwc is None else coarse_bhwc.shape}")
+    else:
+      coarse_brc = coarse_bhwc.reshape(b, r, c)  # regions in row-major order
     vq_key = key
     if self.router == "entropy":
       if images is None:

@@ -186,7 +186,16 @@ class Tokenizer(nnx.Module):
                num_res_blocks=cfg.num_res_blocks,
                latent_channels=cfg.latent_channels,
                norm_groups=cfg.norm_groups, rngs=rngs)
-    self.encoder = vqgan.Encoder(**net)
+    d = cfg.get("dynamic") or {}
+    # Exports from before the dual-grain encoder pooled the fine cells.
+    self.dual_grain = (cfg.quantize == "dynamic"
+                       and d.get("encoder", "pooled") == "dual")
+    if cfg.quantize == "dynamic" and d.get("encoder", "pooled") not in (
+        "dual", "pooled"):
+      raise ValueError("config.model.dynamic.encoder must be 'dual' or"
+                       f" 'pooled', got {d.get('encoder')!r}")
+    self.encoder = (vqgan.DualGrainEncoder(**net) if self.dual_grain
+                    else vqgan.Encoder(**net))
     self.decoder = vqgan.Decoder(**net)
     cb = cfg.codebook
     vq = dict(cosine=cb.cosine, simvq=cb.simvq, ema=cb.ema,
@@ -200,7 +209,6 @@ class Tokenizer(nnx.Module):
     if cfg.quantize == "channel":
       self.quantizer = quantize.ChannelQuantizer(cfg.num_codes, s, s, **vq)
     elif cfg.quantize == "dynamic":
-      d = cfg.get("dynamic") or {}
       del vq["rows"]
       self.quantizer = dynamic.DynamicQuantizer(
           cfg.num_codes, cfg.latent_channels, s, s,
@@ -209,7 +217,8 @@ class Tokenizer(nnx.Module):
           # Exports from before the position embedding decode without one.
           position=d.get("position", "none"),
           calibration_decay=d.get("calibration_decay", 0.99),
-          router=d.get("router", "learned"), **vq)
+          router=d.get("router", "learned"),
+          pooled_coarse=not self.dual_grain, **vq)
     else:
       self.quantizer = quantize.PatchQuantizer(
           cfg.num_codes, cfg.latent_channels, **vq)
@@ -227,7 +236,7 @@ class Tokenizer(nnx.Module):
                key: jax.Array | None = None) -> ForwardOutput:
     """Training/eval forward. Nested dropout and EMA updates only in train."""
     check_images(images, self.resolution)
-    z_bhwc = self.encoder(images)
+    z_bhwc, coarse_bhwc = self._latents(images)
     b, c = images.shape[0], self.latent_channels
     channels_kept_b = jnp.full((b,), c, jnp.int32)
     keep_bc, vq_key = None, None
@@ -240,7 +249,8 @@ class Tokenizer(nnx.Module):
         keep_bc = jnp.arange(c)[None, :] < channels_kept_b[:, None]
     zero = jnp.zeros((), jnp.float32)
     if self.quantize == "dynamic":
-      dyn = self.quantizer(z_bhwc, train=train, key=vq_key, images=images)
+      dyn = self.quantizer(z_bhwc, train=train, key=vq_key, images=images,
+                           coarse_bhwc=coarse_bhwc)
       out, indices = dyn.vq, dyn.tokens.codes
       index_weight = (dyn.tokens.positions
                       < 5 * self.quantizer.num_regions).astype(jnp.float32)
@@ -267,8 +277,15 @@ class Tokenizer(nnx.Module):
     DynamicTokens of padded codes, positions and lengths)."""
     check_images(images, self.resolution)
     if self.quantize == "dynamic":
-      return self.quantizer(self.encoder(images), images=images).tokens
+      z_bhwc, coarse_bhwc = self._latents(images)
+      return self.quantizer(z_bhwc, images=images,
+                            coarse_bhwc=coarse_bhwc).tokens
     return self.quantizer(self.encoder(images)).indices
+
+  def _latents(self, images):
+    """(the latent [B, s, s, C], the dual-grain coarse one or None)."""
+    z = self.encoder(images)
+    return z if self.dual_grain else (z, None)
 
   def decode(self, tokens, levels: int | None = None) -> jax.Array:
     """Tokens [B, T] -> images [B, H, W, 3]. Channel tokens may be a prefix;

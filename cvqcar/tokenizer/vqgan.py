@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from cvqcar import sharding
@@ -93,6 +94,85 @@ class Encoder(nnx.Module):
     for block in self.blocks:
       h = block(h)
     return self.conv_out(nnx.swish(self.norm_out(h)))
+
+
+class AttnBlock(nnx.Module):
+  """Single-head self-attention over the positions of a [B, h, w, C] map
+  (GroupNorm, 1x1 q/k/v, softmax(q.k / sqrt C), 1x1 out), residual."""
+
+  def __init__(self, ch: int, groups: int, *, rngs: nnx.Rngs):
+    self.norm = _norm(ch, groups, rngs)
+    self.q, self.k, self.v, self.out = (
+        _conv(ch, ch, rngs, kernel=1) for _ in range(4))
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    y = self.norm(x)
+    q, k, v = (f(y).reshape(b, h * w, c) for f in (self.q, self.k, self.v))
+    weights = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / c ** 0.5,
+                             axis=-1)
+    attended = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, h, w, c)
+    return x + self.out(attended)
+
+
+class _Head(nnx.Module):
+  """Mid block (ResBlock, attention, ResBlock), norm, swish, conv out."""
+
+  def __init__(self, ch: int, latent_channels: int, groups: int, *,
+               rngs: nnx.Rngs):
+    self.block1 = ResBlock(ch, ch, groups, rngs=rngs)
+    self.attn = AttnBlock(ch, groups, rngs=rngs)
+    self.block2 = ResBlock(ch, ch, groups, rngs=rngs)
+    self.norm_out = _norm(ch, groups, rngs)
+    self.conv_out = _conv(ch, latent_channels, rngs)
+
+  def __call__(self, h):
+    h = self.block2(self.attn(self.block1(h)))
+    return self.conv_out(nnx.swish(self.norm_out(h)))
+
+
+class DualGrainEncoder(nnx.Module):
+  """[B, H, W, 3] -> (fine [B, H/f, W/f, C], coarse [B, H/2f, W/2f, C]).
+
+  DQ-VAE's dual-grain encoder: the Encoder's levels and one more
+  downsampling (at the last level's width); the fine grain is read after
+  the level at H/f, the coarse one after the extra level, each through its
+  own head (mid ResBlock, attention, ResBlock, norm, conv), so a coarse code
+  sees a wider field through non-linear layers, not a pooling of the four
+  fine cells.
+  """
+
+  def __init__(self, *, base_channels: int, channel_mults: Sequence[int],
+               num_res_blocks: int, latent_channels: int, norm_groups: int,
+               rngs: nnx.Rngs):
+    widths = _widths(base_channels, tuple(channel_mults)
+                     + (channel_mults[-1],))
+    self.conv_in = _conv(3, widths[0], rngs)
+    levels, downs, cin = [], [], widths[0]
+    for cout in widths:
+      blocks = []
+      for _ in range(num_res_blocks):
+        blocks.append(ResBlock(cin, cout, norm_groups, rngs=rngs))
+        cin = cout
+      levels.append(nnx.List(blocks))
+      downs.append(Downsample(cin, rngs=rngs))
+    self.levels = nnx.List(levels)
+    self.downs = nnx.List(downs[:-1])  # none after the coarse level
+    self.fine_head = _Head(widths[-2], latent_channels, norm_groups,
+                           rngs=rngs)
+    self.coarse_head = _Head(widths[-1], latent_channels, norm_groups,
+                             rngs=rngs)
+
+  def __call__(self, x):
+    h, fine = self.conv_in(x), None
+    for i, blocks in enumerate(self.levels):
+      for block in blocks:
+        h = block(h)
+      if i == len(self.levels) - 2:
+        fine = h
+      if i < len(self.downs):
+        h = self.downs[i](h)
+    return self.fine_head(fine), self.coarse_head(h)
 
 
 class Decoder(nnx.Module):
