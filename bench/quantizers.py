@@ -270,6 +270,8 @@ def main():
             "pytorch has none).")
     section = ("quantizers" if args.rows == 65536 else
                f"quantizers (N = {args.rows:,})")
+    if args.names != parser.get_default("names"):  # a subset: its own table
+      section += f" ({args.names.replace(',', ', ')})"
     report.write_section(section, f"{note}\n\n{table}\n\n{summary}")
 
 
