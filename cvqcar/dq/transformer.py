@@ -345,9 +345,10 @@ def check_sequences(positions_bl, lengths_b, num_regions: int) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "graphdef", "temperature", "top_k", "top_p", "cfg_scale"))
+    "graphdef", "temperature", "top_k", "top_p", "cfg_scale", "use_cache",
+    "position_top_k", "position_temperature"))
 def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
-              cfg_scale):
+              cfg_scale, use_cache, position_top_k, position_temperature):
   model = nnx.merge(graphdef, state)
   c = model.config
   b = jax.tree.leaves(cond)[0].shape[0]
@@ -361,6 +362,16 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
                           if guided else logits)
   pick = functools.partial(sampling.pick, temperature=temperature,
                            top_p=top_p)
+  pick_code = functools.partial(pick, top_k=top_k)
+  pick_position = functools.partial(
+      sampling.pick, temperature=position_temperature, top_p=top_p,
+      top_k=min(position_top_k, c.num_positions))
+  init = (jnp.zeros((b, c.max_len), jnp.int32),
+          jnp.full((b, c.max_len), c.end, jnp.int32),
+          jnp.zeros((b, c.num_regions), bool), jnp.full((b,), -1, jnp.int32))
+  if use_cache:
+    return _generate_cached(model, cond, key, init, twice, guide,
+                            pick_code, pick_position)
 
   def step(carry, i):
     codes, positions, coarse_br, last_b = carry
@@ -369,45 +380,100 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
     hidden = model.position_hidden(cond, twice(codes), twice(positions))
     logits = guide(model.position_logits(hidden[:, i]))
     allowed = next_position_mask(coarse_br, last_b, c.num_regions)
-    pos = pick(mask_logits(logits, allowed), key_pos,
-               top_k=min(top_k, c.num_positions))
+    pos = pick_position(mask_logits(logits, allowed), key_pos)
     positions = positions.at[:, i].set(pos)
     code_logits = model.code_logits(hidden[:, :-1], twice(positions))[:, i]
-    code = pick(guide(code_logits), key_code, top_k=top_k)
+    code = pick_code(guide(code_logits), key_code)
     codes = codes.at[:, i].set(jnp.where(pos == c.end, 0, code))
     coarse_br |= jax.nn.one_hot(pos, c.num_regions, dtype=bool)
     return (codes, positions, coarse_br, pos), None
 
-  init = (jnp.zeros((b, c.max_len), jnp.int32),
-          jnp.full((b, c.max_len), c.end, jnp.int32),
-          jnp.zeros((b, c.num_regions), bool), jnp.full((b,), -1, jnp.int32))
   (codes, positions, _, _), _ = jax.lax.scan(step, init,
                                              jnp.arange(c.max_len))
   return codes, positions, jnp.sum(positions != c.end, axis=1)
 
 
+def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
+                     pick_code, pick_position):
+  """`_generate` with a KV cache per stream: the condition is read once,
+  then each step feeds one token to each stream (4R steps of one token
+  instead of 4R full passes over the buffer); the same tokens as the full
+  recompute (tests/dq_transformer_test.py)."""
+  c = model.config
+  prefix, prefix_mask = model.condition(cond)
+  rows = prefix.shape[0]
+  positions_p = car_lib.positions_from_mask(prefix_mask)
+  pos_cache = model.position_stream.init_cache(
+      rows, prefix.shape[1] + c.max_len)
+  hidden, pos_cache = model.position_stream.forward_embeddings(
+      prefix, positions_p, pos_cache, attention_mask=prefix_mask)
+  content_cache = model.content_stream.init_cache(rows, c.max_len)
+
+  def step(carry, i):
+    (codes, positions, coarse_br, last_b), hidden_b1d, caches, next_pos = (
+        carry)
+    pos_cache, content_cache = caches
+    key_pos, key_code = jax.random.split(jax.random.fold_in(key, i))
+    logits = guide(model.position_logits(hidden_b1d[:, 0]))
+    allowed = next_position_mask(coarse_br, last_b, c.num_regions)
+    pos = pick_position(mask_logits(logits, allowed), key_pos)
+    x = hidden_b1d + model.embed_next(twice(pos)[:, None]).astype(
+        hidden_b1d.dtype)
+    h, content_cache = model.content_stream.forward_embeddings(
+        x, cache=content_cache)
+    code_logits = model.content_stream.logits(h)[:, 0].astype(jnp.float32)
+    code = pick_code(guide(code_logits), key_code)
+    code = jnp.where(pos == c.end, 0, code)
+    tokens = (model.position_stream.embed(twice(code)[:, None]) +
+              model.embed_pos(twice(pos)[:, None]))
+    hidden_b1d, pos_cache = model.position_stream.forward_embeddings(
+        tokens.astype(prefix.dtype), next_pos[:, None], pos_cache)
+    state = (codes.at[:, i].set(code), positions.at[:, i].set(pos),
+             coarse_br | jax.nn.one_hot(pos, c.num_regions, dtype=bool), pos)
+    return (state, hidden_b1d, (pos_cache, content_cache), next_pos + 1), None
+
+  carry = (init, hidden[:, -1:], (pos_cache, content_cache),
+           positions_p[:, -1] + 1)
+  (state, _, _, _), _ = jax.lax.scan(step, carry, jnp.arange(c.max_len))
+  codes, positions = state[0], state[1]
+  return codes, positions, jnp.sum(positions != c.end, axis=1)
+
+
 def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
-             top_p=1.0, cfg_scale=1.0):
+             top_p=1.0, cfg_scale=1.0, position_temperature=None,
+             position_top_k=None, use_cache=True):
   """Samples (codes [B, 4R], positions [B, 4R], lengths [B]) for a
   condition: class ids [B] (num_classes: the null class) or (text ids,
   text mask) [B, L] (an all-zero mask: the empty prompt).
 
   One jitted lax.scan of exactly 4R steps; a finished row keeps emitting
-  END with code 0. Each step recomputes both streams over the whole
-  buffer (no KV cache): fine at this model's size. Positions are drawn
-  from the guided logits masked to `next_position_mask`, so every sample is
-  valid; temperature, top_k (clamped to the 5R + 1 ids) and top_p apply to
-  both streams, temperature 0 being greedy. cfg_scale s gives null + s (cond
-  - null) (cvqcar.car.model.guided_logits): 1 is conditional only (and
-  runs no null rows), 0 unconditional.
+  END with code 0. With `use_cache` each stream keeps a KV cache and a
+  step feeds it one token; without, every step recomputes both streams
+  over the whole buffer (the reference the cached path is tested against).
+  Positions are drawn from the guided logits masked to
+  `next_position_mask`, so every sample is valid; temperature, top_k and
+  top_p apply to the codes, and to the positions unless
+  `position_temperature` / `position_top_k` are given (top_k is clamped to
+  the 5R + 1 position ids), temperature 0 being greedy. cfg_scale s gives
+  null + s (cond - null) (cvqcar.car.model.guided_logits): 1 is
+  conditional only (and runs no null rows), 0 unconditional.
   """
   c = model.config
+  position_temperature = (temperature if position_temperature is None
+                          else position_temperature)
+  position_top_k = top_k if position_top_k is None else position_top_k
   sampling.check_settings(temperature=temperature, top_k=top_k, top_p=top_p,
                           num_codes=c.num_codes)
+  sampling.check_settings(temperature=position_temperature,
+                          top_k=min(position_top_k, c.num_positions),
+                          top_p=top_p, num_codes=c.num_positions)
   check_condition(c, cond)
   cond = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32),
                       tuple(cond) if c.text_vocab else cond)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, cond, key,
                    temperature=float(temperature), top_k=int(top_k),
-                   top_p=float(top_p), cfg_scale=float(cfg_scale))
+                   top_p=float(top_p), cfg_scale=float(cfg_scale),
+                   use_cache=bool(use_cache),
+                   position_top_k=int(position_top_k),
+                   position_temperature=float(position_temperature))
