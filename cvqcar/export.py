@@ -1,14 +1,16 @@
-"""Params-only export of a training workdir, tokenizer or CAR alike.
+"""Params-only export of a training workdir: tokenizer, CAR or DQ-Transformer.
 
   python -m cvqcar.export --workdir=runs/cvq_tiny --out=exports/cvq_tiny
   python -m cvqcar.export --workdir=runs/car2_tiny --out=exports/car2_tiny
 
 The workdir's saved config names its trainer, which decides the export:
-a tokenizer export (EMA weights and codebook) for `load_tokenizer`, or a
-CAR export (trained and frozen parameters) for `load_car`. Exporting the
-same weights to an existing export is fine; replacing a different one
-(another step, a retrained run) needs --overwrite, since runs made with
-the old one would no longer match it (they refuse it by fingerprint).
+a tokenizer export (EMA weights and codebook) for `load_tokenizer`, a
+CAR export (trained and frozen parameters) for `load_car`, or a
+DQ-Transformer export (its parameters) for `cvqcar.dq.export.load_dq`.
+Exporting the same weights to an existing export is fine; replacing a
+different one (another step, a retrained run) needs --overwrite, since runs
+made with the old one would no longer match it (they refuse it by
+fingerprint).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from absl import app, flags, logging
 
 from cvqcar import checkpoint, logs
 from cvqcar.car import export as car_export
+from cvqcar.dq import export as dq_export
 from cvqcar.tokenizer import export as tokenizer_export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.")
@@ -40,9 +43,16 @@ def main(argv):
       raise app.UsageError("--step is not supported for CAR workdirs")
     car_export.export_car(_WORKDIR.value, _OUT.value,
                           overwrite=_OVERWRITE.value)
+  elif trainer == "dq":
+    if _STEP.value is not None:
+      raise app.UsageError("--step is not supported for DQ-Transformer"
+                           " workdirs")
+    dq_export.export_dq(_WORKDIR.value, _OUT.value,
+                        overwrite=_OVERWRITE.value)
   else:
     raise app.UsageError(f"{_WORKDIR.value}: its config names trainer"
-                         f" {trainer!r}; expected 'tokenizer' or 'car'")
+                         f" {trainer!r}; expected 'tokenizer', 'car' or"
+                         " 'dq'")
   logging.info("exported %s (%s) to %s", _WORKDIR.value, trainer, _OUT.value)
 
 

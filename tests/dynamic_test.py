@@ -268,6 +268,21 @@ def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
     for name in ("train/loss", "train/grad_norm"):
       np.testing.assert_allclose(resumed.train[step][name],
                                  full.train[step][name], rtol=1e-5)
+  # The params-only export loads back the trained weights and samples.
+  from cvqcar.dq import export as dq_export  # noqa: PLC0415
+
+  out = dq_export.export_dq(str(tmp_path / "dqt"), str(tmp_path / "dq_out"))
+  loaded, saved = dq_export.load_dq(out)
+  trained, _ = dq_export.restore_params(str(tmp_path / "dqt"))
+  fresh = nnx.state(dq.DQTransformer(dq_export.model_config(saved),
+                                     rngs=nnx.Rngs(config.seed)))
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded)),
+                  jax.tree.leaves(trained), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(f)) for a, f in
+             zip(jax.tree.leaves(trained), jax.tree.leaves(fresh),
+                 strict=True))
+  assert (tmp_path / "dq_out" / "tokenizer_export.json").exists()
   config.model.width = 64
   with pytest.raises(ValueError, match="model.width"):
     dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))
