@@ -114,7 +114,8 @@ def kmeans_init(state: TrainState, images: list, key, *, config,
   else:
     fit = kmeans.fit(rows_nd, vq.num_codes, key=key, iters=cb.kmeans_iters,
                      cosine=vq.cosine, argmin_impl=cb.argmin_impl)
-  vq.set_codebook(fit.centroids_kd, fit.counts_k / (len(images) * depth))
+  # EMA counts are hits per step; every level adds its rows to a step.
+  vq.set_codebook(fit.centroids_kd, fit.counts_k / len(images))
   _, params, buffers = nnx.split(model, nnx.Param, ...)
   return state.replace(params=params, buffers=buffers,
                        ema_params=jax.tree.map(jnp.copy, params)
