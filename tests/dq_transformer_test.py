@@ -179,6 +179,30 @@ def test_cfg_scale_zero_is_the_null_class_and_top_k_one_is_greedy(model):
 TEXT = dq.DQConfig(grid=4, num_codes=32, text_vocab=40, max_text_len=6)
 
 
+def test_free_fine_positions_cover_every_fine_cell_once(model):
+  """The model may order the fine cells itself: the coarse ids still come
+  first and ascending, then each cell of every non-coarse region exactly
+  once in some order, then END; cached and full recompute agree."""
+  classes = jnp.arange(24) % CONFIG.num_classes
+  key = jax.random.key(5)
+  out = dq.generate(model, classes, key, temperature=1.0, free_positions=True)
+  full = dq.generate(model, classes, key, temperature=1.0,
+                     free_positions=True, use_cache=False)
+  for a, b in zip(out, full, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  reordered = 0
+  for row, n in zip(np.asarray(out[1]), np.asarray(out[2]), strict=True):
+    coarse = [p for p in row[:n] if p < R]
+    assert coarse == sorted(coarse) and row[:len(coarse)].tolist() == coarse
+    fine = row[len(coarse):n]
+    want = {R + 4 * r + k for r in range(R) if r not in coarse
+            for k in range(4)}
+    assert sorted(fine.tolist()) == sorted(want)
+    assert (row[n:] == END).all()
+    reordered += fine.tolist() != sorted(fine.tolist())
+  assert reordered > 0  # not the fixed order in disguise
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_cached_sampling_equals_full_recompute(model, cfg_scale):
   """Both streams' KV caches give the tokens of recomputing every step, at

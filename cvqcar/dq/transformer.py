@@ -150,6 +150,25 @@ def next_position_mask(coarse_r: jax.Array, last: jax.Array,
   return coarse_ok | (ids == forced[..., None])
 
 
+def free_next_position_mask(coarse_r: jax.Array, emitted_c: jax.Array,
+                            last: jax.Array, num_regions: int) -> jax.Array:
+  """As `next_position_mask`, with the fine cells in any order: after the
+  coarse ids (ascending, as there), any cell [..., 4R] not yet `emitted_c`
+  of a region not coded coarse; END once none is left."""
+  r, end = num_regions, 5 * num_regions
+  ids = jnp.arange(end + 1)
+  last = jnp.asarray(last)
+  coarse_phase = last < r
+  coarse_ok = (ids < r) & (ids > last[..., None]) & coarse_phase[..., None]
+  cells = jnp.arange(4 * r)
+  open_c = ~jnp.take(coarse_r, cells // 4, axis=-1) & ~emitted_c
+  done = ~jnp.any(open_c, axis=-1) | (last == end)
+  cell_ok = jnp.concatenate(
+      [jnp.zeros(last.shape + (r,), bool), open_c & ~(last == end)[..., None],
+       done[..., None]], axis=-1)
+  return coarse_ok | cell_ok
+
+
 def valid_next_positions(positions_bl: jax.Array,
                          num_regions: int) -> jax.Array:
   """Allowed next positions [B, L + 1, 5R + 1] after each prefix of
@@ -346,9 +365,10 @@ def check_sequences(positions_bl, lengths_b, num_regions: int) -> None:
 
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "temperature", "top_k", "top_p", "cfg_scale", "use_cache",
-    "position_top_k", "position_temperature"))
+    "position_top_k", "position_temperature", "free_positions"))
 def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
-              cfg_scale, use_cache, position_top_k, position_temperature):
+              cfg_scale, use_cache, position_top_k, position_temperature,
+              free_positions):
   model = nnx.merge(graphdef, state)
   c = model.config
   b = jax.tree.leaves(cond)[0].shape[0]
@@ -369,9 +389,19 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
   init = (jnp.zeros((b, c.max_len), jnp.int32),
           jnp.full((b, c.max_len), c.end, jnp.int32),
           jnp.zeros((b, c.num_regions), bool), jnp.full((b,), -1, jnp.int32))
+
+  def allowed_next(positions, coarse_br, last_b):
+    if not free_positions:
+      return next_position_mask(coarse_br, last_b, c.num_regions)
+    emitted = jnp.zeros((b, 4 * c.num_regions + 1), bool).at[
+        jnp.arange(b)[:, None],
+        jnp.clip(positions - c.num_regions, -1, 4 * c.num_regions)].set(True)
+    return free_next_position_mask(
+        coarse_br, emitted[:, :4 * c.num_regions], last_b, c.num_regions)
+
   if use_cache:
     return _generate_cached(model, cond, key, init, twice, guide,
-                            pick_code, pick_position)
+                            pick_code, pick_position, allowed_next)
 
   def step(carry, i):
     codes, positions, coarse_br, last_b = carry
@@ -379,7 +409,7 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
     # Full recompute: the step's state depends only on tokens < i.
     hidden = model.position_hidden(cond, twice(codes), twice(positions))
     logits = guide(model.position_logits(hidden[:, i]))
-    allowed = next_position_mask(coarse_br, last_b, c.num_regions)
+    allowed = allowed_next(positions, coarse_br, last_b)
     pos = pick_position(mask_logits(logits, allowed), key_pos)
     positions = positions.at[:, i].set(pos)
     code_logits = model.code_logits(hidden[:, :-1], twice(positions))[:, i]
@@ -394,7 +424,7 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
 
 
 def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
-                     pick_code, pick_position):
+                     pick_code, pick_position, allowed_next):
   """`_generate` with a KV cache per stream: the condition is read once,
   then each step feeds one token to each stream (4R steps of one token
   instead of 4R full passes over the buffer); the same tokens as the full
@@ -415,7 +445,7 @@ def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
     pos_cache, content_cache = caches
     key_pos, key_code = jax.random.split(jax.random.fold_in(key, i))
     logits = guide(model.position_logits(hidden_b1d[:, 0]))
-    allowed = next_position_mask(coarse_br, last_b, c.num_regions)
+    allowed = allowed_next(positions, coarse_br, last_b)
     pos = pick_position(mask_logits(logits, allowed), key_pos)
     x = hidden_b1d + model.embed_next(twice(pos)[:, None]).astype(
         hidden_b1d.dtype)
@@ -441,7 +471,7 @@ def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
 
 def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
              top_p=1.0, cfg_scale=1.0, position_temperature=None,
-             position_top_k=None, use_cache=True):
+             position_top_k=None, use_cache=True, free_positions=False):
   """Samples (codes [B, 4R], positions [B, 4R], lengths [B]) for a
   condition: class ids [B] (num_classes: the null class) or (text ids,
   text mask) [B, L] (an all-zero mask: the empty prompt).
@@ -451,7 +481,9 @@ def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
   step feeds it one token; without, every step recomputes both streams
   over the whole buffer (the reference the cached path is tested against).
   Positions are drawn from the guided logits masked to
-  `next_position_mask`, so every sample is valid; temperature, top_k and
+  `next_position_mask` (with `free_positions`, `free_next_position_mask`:
+  the model also orders the fine cells), so every sample decodes;
+  temperature, top_k and
   top_p apply to the codes, and to the positions unless
   `position_temperature` / `position_top_k` are given (top_k is clamped to
   the 5R + 1 position ids), temperature 0 being greedy. cfg_scale s gives
@@ -476,4 +508,5 @@ def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
                    top_p=float(top_p), cfg_scale=float(cfg_scale),
                    use_cache=bool(use_cache),
                    position_top_k=int(position_top_k),
-                   position_temperature=float(position_temperature))
+                   position_temperature=float(position_temperature),
+                   free_positions=bool(free_positions))
