@@ -194,8 +194,14 @@ def sweep_table(runs: list[Run]) -> str:
                "SSIM"] + [k.split("/")[1].upper() for k in optional]
             + ["PSNR gain, last 1/4", "token / codeword norm"])
   rows = []
-  for run in sorted(runs, key=lambda r: [repr(f[1](r.config))
-                                         for f in varying]):
+  def order(run):
+    key = [repr(f[1](run.config)) for f in varying]
+    if _is_zoo(runs):  # by budget first, then axis and quantizer
+      key.insert(0, bits_per_image(run.config["model"],
+                                   num_tokens(run.config["model"])[0]))
+    return key
+
+  for run in sorted(runs, key=order):
     tokens, dim = num_tokens(run.config["model"])
     ev = run.eval
     model = run.config["model"]
@@ -223,6 +229,15 @@ def sweep_table(runs: list[Run]) -> str:
         + [_fmt(_late_gain(run), "+.2f"),
            "n/a" if z is None or e is None else f"{z:.2f} / {e:.2f}"])
   return markdown_table(header, rows)
+
+
+def _is_zoo(runs: list[Run]) -> bool:
+  """Several quantizers at several budgets: tables by budget, plots by
+  bits."""
+  models = [r.config["model"] for r in runs]
+  return (len({quantizer_name(m) for m in models}) > 2 and
+          len({round(bits_per_image(m, num_tokens(m)[0])) for m in models})
+          > 1)
 
 
 def _series(runs: list[Run], key, x_of, y_of):
@@ -272,8 +287,7 @@ def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
   stem, paths = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"), []
   model = lambda r: r.config["model"]
   bits = lambda r: round(bits_per_image(model(r), num_tokens(model(r))[0]))
-  if (len({quantizer_name(model(r)) for r in runs}) > 2
-      and len({bits(r) for r in runs}) > 1):  # a zoo at several budgets
+  if _is_zoo(runs):
     label = lambda r: f"{quantizer_name(model(r))}, {model(r)['quantize']}"
     for key, ylabel, what in (
         ("eval/psnr", "PSNR (dB)", "psnr"),

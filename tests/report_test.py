@@ -126,9 +126,11 @@ def test_report_names_every_quantizer_and_plots_equal_bits(tmp_path):
   assert report.main(["--runs", str(root), "--out", str(out)]) == 0
   rows = _rows(out.read_text(), "zoo")
   col = {name: i for i, name in enumerate(rows[0])}
-  got = {(r[col["quantizer"]], r[col["tokens x dim"]], r[col["bits"]])
-         for r in rows[1:]}
-  assert got == set(runs.values())
+  got = [(r[col["quantizer"]], r[col["tokens x dim"]], r[col["bits"]])
+         for r in rows[1:]]
+  assert set(got) == set(runs.values())
+  bits = [int(b.replace(",", "")) for _, _, b in got]
+  assert bits == sorted(bits)  # by budget first
   init = {r[col["quantizer"]]: r[col["init scale"]] for r in rows[1:]}
   assert init["plain, rotation"] == "k-means, 8 batches"
   assert init["IBQ"] == "0.1" and init["BSQ"] == "-"
