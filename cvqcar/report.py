@@ -281,6 +281,49 @@ def _plot(path: str, series: dict[str, list], *, xlabel: str, ylabel: str,
   return path
 
 
+def _zoo_bars(path: str, runs: list[Run], bits_of, value_of, ylabel: str,
+              title: str, zero_based: bool = True) -> str:
+  """One panel per budget in bits, a pair of bars (channel, patch) per
+  quantizer."""
+  import matplotlib  # noqa: PLC0415 (only the plots need it)
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+
+  budgets = sorted({bits_of(r) for r in runs}, reverse=True)
+  names = sorted({quantizer_name(r.config["model"]) for r in runs})
+  axes_names = sorted({r.config["model"]["quantize"] for r in runs})
+  fig, axes = plt.subplots(1, len(budgets), dpi=100, squeeze=False,
+                           figsize=(0.9 * len(names) * len(budgets) + 2, 4.5))
+  width = 0.8 / len(axes_names)
+  for ax, budget in zip(axes[0], budgets, strict=True):
+    for j, axis in enumerate(axes_names):
+      xs, ys = [], []
+      for i, name in enumerate(names):
+        hits = [value_of(r) for r in runs if bits_of(r) == budget
+                and r.config["model"]["quantize"] == axis
+                and quantizer_name(r.config["model"]) == name]
+        if hits:
+          xs.append(i + (j - (len(axes_names) - 1) / 2) * width)
+          ys.append(hits[0])
+      bars = ax.bar(xs, ys, width=width, label=axis, color=f"C{j}")
+      ax.bar_label(bars, fmt="%.1f", fontsize=6)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right",
+                  fontsize=8)
+    ax.set(title=f"{budget:,} bits per image", ylabel=ylabel)
+    if not zero_based:  # differences of a few dB: not from zero
+      values = [value_of(r) for r in runs]
+      ax.set_ylim(min(values) - 1, max(values) + 0.5)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
 def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
   """Usage against K (when K varies) and PSNR against kept channels (when
   channel runs differ in alpha); the PNG paths written."""
@@ -288,18 +331,16 @@ def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
   model = lambda r: r.config["model"]
   bits = lambda r: round(bits_per_image(model(r), num_tokens(model(r))[0]))
   if _is_zoo(runs):
-    label = lambda r: f"{quantizer_name(model(r))}, {model(r)['quantize']}"
     for key, ylabel, what in (
         ("eval/psnr", "PSNR (dB)", "psnr"),
         ("eval/codebook_usage", "codebook usage on held-out crops (%)",
          "usage")):
       scale = 100 if "usage" in key else 1
-      series = _series(runs, label, lambda r: [bits(r)],
-                       lambda r, _, key=key, scale=scale: scale * r.eval[key])
-      paths.append(_plot(os.path.join(out_dir, f"{stem}_{what}_vs_bits.png"),
-                         series, xlabel="bits per image (codes x log2 K)",
-                         ylabel=ylabel, logx=True,
-                         title=f"{name}: {what} at equal bits"))
+      paths.append(_zoo_bars(
+          os.path.join(out_dir, f"{stem}_{what}_vs_bits.png"), runs, bits,
+          lambda r, key=key, scale=scale: scale * r.eval[key], ylabel,
+          f"{name}: {what} at equal bits per image",
+          zero_based=what == "usage"))
   trained = [r for r in runs if len(r.evals) >= 3]  # a few long runs
   if trained and len(runs) <= 6 and len(trained) == len(runs):
     label = lambda r: f"{model(r)['quantize']}, {quantizer_name(model(r))}"
