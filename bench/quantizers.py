@@ -43,6 +43,7 @@ from cvqcar.tokenizer import quantize, residual, scalar  # noqa: E402
 
 FSQ_LEVELS = (8, 8, 8, 6, 5)
 RVQ_DEPTH = 4
+TORCH_TIMEOUT_S = 600  # a reference step slower than this is a row, not a wait
 
 
 def ours(name: str, dim: int, codes: int, bits: int):
@@ -131,7 +132,13 @@ def time_vqp(name, rows, dim, codes, bits, reps):
   cmd = [sys.executable, __file__, f"--torch_only={name}", f"--rows={rows}",
          f"--dim={dim}", f"--codes={codes}", f"--bits={bits}",
          f"--reps={reps}"]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=TORCH_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    why = f"stopped after {TORCH_TIMEOUT_S} s"
+    print(f"{name}: vector-quantize-pytorch {why}", flush=True)
+    return why
   if proc.returncode != 0:
     why = ("killed (out of memory)" if proc.returncode == -9 else
            f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
