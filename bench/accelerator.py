@@ -94,7 +94,7 @@ def tokenizer_config(smoke: bool) -> Config:
       dynamic=Config(fine_fraction=0.5, temperature=1.0))
   loss = Config(
       reconstruction="l2", reconstruction_weight=5.0, quantization_weight=5.0,
-      beta=0.25, budget_weight=1.0, perceptual_weight=1.0,
+      beta=0.25, budget_weight=100.0, perceptual_weight=1.0,
       perceptual_weights="", gan_weight=0.75, gan_start_step=20_000,
       disc_base_channels=64, disc_num_layers=3)
   optimizer = Config(learning_rate=1e-4, disc_learning_rate=1e-4,

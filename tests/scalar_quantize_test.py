@@ -206,7 +206,8 @@ def test_train_export_evaluate(arg, tmp_path):
   out = export.export(str(tmp_path / "w"), str(tmp_path / "export"))
   tokenizer = export.load_tokenizer(out)
   assert tokenizer.quantizer.vq.num_codes == config.model.num_codes == 64
-  assert tokenizer.num_tokens == 8 * config.model.rvq_depth
+  assert tokenizer.num_tokens == model_lib.num_tokens(config.model)
+  assert tokenizer.codes_per_token == config.model.rvq_depth
   result = eval_job.evaluate_export(out, out=str(tmp_path / "eval"),
                                     batch_size=8, num_images=16)
   assert result["images"] == 16 and 0 < result["codebook_usage"] <= 1

@@ -73,7 +73,7 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
           "ssim": jnp.sum(mask * metrics.ssim(recon, images))}
   if perceptual is not None:
     sums["lpips"] = jnp.sum(mask * perceptual(recon, images))
-  if model.quantize == "dynamic":  # R + 3 x (fine regions) codes an image
+  if getattr(model, "quantize", None) == "dynamic":  # R + 3 x fine codes
     codes_b = jnp.sum(out.index_weight, axis=1)
     regions = model.quantizer.num_regions
     sums["fine_share"] = jnp.sum(mask * (codes_b / regions - 1) / 3)
@@ -81,7 +81,7 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
   for k in prefixes:
     # The first k channels' codes (residual VQ: a channel's adjacent).
     first = decoded[f"prefix_{k}"] = model.decode(
-        out.indices[:, :k * model.codes_per_token])
+        out.indices[:, :k * getattr(model, "codes_per_token", 1)])
     sums[f"psnr_first_{k}"] = jnp.sum(mask * metrics.psnr(first, images))
     if perceptual is not None:
       sums[f"lpips_first_{k}"] = jnp.sum(mask * perceptual(first, images))
