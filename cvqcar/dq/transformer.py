@@ -126,6 +126,16 @@ def dq_positions(fine_mask_br: jax.Array):
   return tokens.positions, tokens.lengths
 
 
+def _coarse_phase(last, r: int):
+  """(position ids, last, in the coarse phase, the coarse ids allowed):
+  coarse regions come ascending, so any region after `last`."""
+  ids = jnp.arange(5 * r + 1)
+  last = jnp.asarray(last)
+  coarse_phase = last < r
+  coarse_ok = (ids < r) & (ids > last[..., None]) & coarse_phase[..., None]
+  return ids, last, coarse_phase, coarse_ok
+
+
 def next_position_mask(coarse_r: jax.Array, last: jax.Array,
                        num_regions: int) -> jax.Array:
   """Allowed next position ids [..., 5R + 1] after a prefix whose coarse
@@ -137,10 +147,7 @@ def next_position_mask(coarse_r: jax.Array, last: jax.Array,
   the next cell of a non-coarse region, else END. After END only END.
   """
   r, end = num_regions, 5 * num_regions
-  ids = jnp.arange(end + 1)
-  last = jnp.asarray(last)
-  coarse_phase = last < r
-  coarse_ok = (ids < r) & (ids > last[..., None]) & coarse_phase[..., None]
+  ids, last, coarse_phase, coarse_ok = _coarse_phase(last, r)
   cells = jnp.arange(4 * r)
   after = jnp.where(coarse_phase, -1, last - r)[..., None]
   cell_ok = ~jnp.take(coarse_r, cells // 4, axis=-1) & (cells > after)
@@ -156,10 +163,7 @@ def free_next_position_mask(coarse_r: jax.Array, emitted_c: jax.Array,
   coarse ids (ascending, as there), any cell [..., 4R] not yet `emitted_c`
   of a region not coded coarse; END once none is left."""
   r, end = num_regions, 5 * num_regions
-  ids = jnp.arange(end + 1)
-  last = jnp.asarray(last)
-  coarse_phase = last < r
-  coarse_ok = (ids < r) & (ids > last[..., None]) & coarse_phase[..., None]
+  ids, last, coarse_phase, coarse_ok = _coarse_phase(last, r)
   cells = jnp.arange(4 * r)
   open_c = ~jnp.take(coarse_r, cells // 4, axis=-1) & ~emitted_c
   done = ~jnp.any(open_c, axis=-1) | (last == end)

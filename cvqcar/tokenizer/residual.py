@@ -53,8 +53,9 @@ class ResidualQuantizer(nnx.Module):
     codes = jnp.pad(indices, [(0, 0)] * (indices.ndim - 1) + [(0, pad)])
     used = (jnp.arange(tokens * self.depth) < length) & (
         jnp.arange(tokens * self.depth) % self.depth < levels)
-    rows = jnp.take(self.codebook(), codes, axis=0) * used[:, None].astype(
-        self.codebook().dtype)
+    codebook_kd = self.codebook()
+    rows = jnp.take(codebook_kd, codes, axis=0) * used[:, None].astype(
+        codebook_kd.dtype)
     return rows.reshape(*indices.shape[:-1], tokens, self.depth,
                         self.dim).sum(axis=-2)
 
