@@ -11,7 +11,10 @@ ImageNet at 256 px, 256 channel tokens of 16x16 (a pod job):
 Arguments after ':' are comma-separated: `tiny` shrinks everything to run on
 a CPU, `patch` selects the patch-wise VQGAN baseline on the same encoder,
 `dynamic` DQ-VAE's dynamic quantization (at most h*w tokens: a region of
-2 x 2 latent cells takes one code or four; about half fine by default),
+2 x 2 latent cells takes one code or four; about half fine by default;
+`dynamic=3` its three-granularity form: a region of 4 x 4 cells takes 1,
+4 or 16 codes, 30% of the regions fine and 30% medium, as the original's
+triple-grain model),
 `ema` / `plain` / `cosine` / `simvq` select the codebook variant, `res=N`
 sets the resolution, `fashion` trains on Fashion-MNIST (local IDX files,
 config.data.data_dir; empty: where Debian's dataset-fashion-mnist puts
@@ -143,16 +146,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # of this many training batches (cvqcar/tokenizer/kmeans.py).
   cb.kmeans_batches = 0
   cb.kmeans_iters = 10
-  # quantize='dynamic': a region of 2 x 2 latent cells takes 1 code or 4.
+  # quantize='dynamic': a region of 2 x 2 latent cells takes 1 code or 4
+  # (levels=3: a region of 4 x 4 cells takes 1, 4 or 16).
   m.dynamic = ml_collections.ConfigDict()
+  m.dynamic.levels = 2
   m.dynamic.fine_fraction = 0.5  # target share of regions coded fine
+  m.dynamic.medium_fraction = 0.0  # levels=3: target share coded medium
   m.dynamic.temperature = 1.0  # of the router's Gumbel-softmax
   # What the decoder adds to the mixed latent: 'fourier+learned' (as the
   # original) or 'none'.
   m.dynamic.position = "fourier+learned"
-  # Running mean of the logit quantile that codes fine_fraction of the
-  # regions fine: the eval threshold (cvqcar/tokenizer/dynamic.py).
-  m.dynamic.calibration_decay = 0.99
+  # The eval thresholds: the router-score quantiles that code the target
+  # shares at each level on this many training batches (the first ones,
+  # the same each time), with the EMA weights eval uses, set before each
+  # eval and checkpoint (cvqcar/tokenizer/dynamic.py).
+  m.dynamic.calibration_batches = 16
+  m.dynamic.calibration_decay = 0.99  # DynamicQuantizer.calibrate's mean
   # 'learned' (a gate on the features, trained with the budget loss) or
   # 'entropy' (the original's released router: a region is fine when its
   # grey-level entropy is over the fine_fraction quantile; no budget loss).
@@ -288,6 +297,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if axis in args:
       m.quantize = axis
       m.nested_dropout_alpha = 0.0
+  if args.get("dynamic"):  # dynamic=L: L granularities
+    if args["dynamic"] not in ("2", "3"):
+      raise ValueError("config argument dynamic=L takes L = 2 or 3"
+                       f" granularities, got {args['dynamic']!r}")
+    m.dynamic.levels = int(args["dynamic"])
+    if m.dynamic.levels == 3:  # the original's triple-grain targets
+      m.dynamic.fine_fraction = m.dynamic.medium_fraction = 0.3
   if "ema" in args:
     cb.ema, cb.simvq = True, False
   if "plain" in args:

@@ -38,10 +38,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.max_text_len = 64 if tiny else 128
   config.cond_drop_prob = 0.1  # prompt dropped -> unconditional training
 
-  # Two qwen3 trunks (cvqcar.dq.transformer.DQConfig); grid, num_codes,
-  # text_vocab and max_text_len are filled in from the export and tokenizer.
+  # Two qwen3 trunks (cvqcar.dq.transformer.DQConfig); grid, levels,
+  # num_codes, text_vocab and max_text_len are filled in from the export and
+  # tokenizer.
   config.model = ml_collections.ConfigDict({
-      "grid": 0, "num_codes": 0, "num_classes": 1, "text_vocab": 0,
+      "grid": 0, "levels": 2, "num_codes": 0, "num_classes": 1,
+      "text_vocab": 0,
       "max_text_len": 0, "width": 128 if tiny else 1024,
       "position_layers": 2 if tiny else 12,
       "content_layers": 2 if tiny else 12, "num_heads": 4 if tiny else 16,

@@ -81,6 +81,9 @@ class Task:
   summed: tuple[str, ...] = ()  # metrics logged as sums, not means
   finish_keys: tuple[str, ...] | None = None  # eval keys in the last line
   on_start: Callable[[], None] | None = None  # after the lock is taken
+  # refresh(state) -> state, before each eval and checkpoint: state a step
+  # does not keep current (the DQ-VAE's eval thresholds).
+  refresh: Callable[[Any], Any] | None = None
 
 
 # Written by a run stopped with a checkpoint, removed when the next starts:
@@ -215,7 +218,15 @@ def _train(config, workdir, task: Task, ckpt, state, data: _Data,
     if on_log is not None:
       on_log(step, total, scalars)
 
+  refreshed = [None]  # the step whose state `refresh` saw last
+
+  def refresh(step):
+    nonlocal state
+    if task.refresh is not None and refreshed[0] != step:
+      state, refreshed[0] = task.refresh(state), step
+
   def evaluate(step):
+    refresh(step)
     summary.eval.clear()
     summary.eval.update(task.evaluate(step, state, writer))
     log(step, summary.eval)
@@ -262,6 +273,7 @@ def _train(config, workdir, task: Task, ckpt, state, data: _Data,
       if (step % config.eval_every == 0 or step == total) and not preempted:
         evaluate(step)
       if step % config.checkpoint_every == 0 or last:
+        refresh(step)
         ckpt.save(step, task.to_saved(state), data.iter, force=last,
                   position=data.position(step))
     if preempted:

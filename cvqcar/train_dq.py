@@ -66,7 +66,8 @@ def encode_photos(tokenizer, num_classes: int, crops: int, seed: int):
 def train_config(tokenizer, num_classes: int, steps: int, seed: int):
   q = tokenizer.quantizer
   return ml_collections.ConfigDict({
-      "model": {"grid": q.height, "num_codes": tokenizer.num_codes,
+      "model": {"grid": q.height, "levels": q.levels,
+                "num_codes": tokenizer.num_codes,
                 "num_classes": num_classes},
       "optimizer": {"learning_rate": 1e-3, "warmup_steps": min(50, steps // 4),
                     "b1": 0.9, "b2": 0.99, "weight_decay": 0.0,

@@ -293,3 +293,72 @@ def test_training_memorises_sequences_per_class():
   np.testing.assert_array_equal(out_pos, positions)
   np.testing.assert_array_equal(out_len, lengths)
   assert (np.asarray(out_codes) == codes).mean() > 0.9
+
+
+THREE = dq.DQConfig(grid=8, levels=3, num_codes=32, num_classes=4)
+
+
+def assert_valid_levels(positions, length, num_regions, levels, free=False):
+  """The L-level format's definition, written independently of the module:
+  every region once, at one level, all its 4^g cells; ids ascending (with
+  `free`, the finest level's cells in any order after the rest)."""
+  offsets = np.cumsum([0] + [num_regions * 4 ** g for g in range(levels)])
+  end = offsets[-1]
+  positions = [int(p) for p in positions]
+  seq, pad = positions[:length], positions[length:]
+  assert all(p == end for p in pad) and all(0 <= p < end for p in seq)
+  assert len(set(seq)) == len(seq)
+  cells = {}
+  for p in seq:
+    g = int(np.searchsorted(offsets, p, side="right")) - 1
+    r, k = divmod(p - offsets[g], 4 ** g)
+    cells.setdefault(r, set()).add((g, k))
+  assert sorted(cells) == list(range(num_regions)), positions
+  for got in cells.values():
+    g = {lvl for lvl, _ in got}
+    assert len(g) == 1 and len(got) == 4 ** g.pop(), positions
+  finest = offsets[-2]
+  head = [p for p in seq if p < finest]
+  assert seq[:len(head)] == sorted(head), positions
+  tail = seq[len(head):]
+  assert all(p >= finest for p in tail)
+  if not free:
+    assert tail == sorted(tail), positions
+
+
+def test_three_level_masks_accept_real_sequences_and_sampling_stays_valid():
+  from cvqcar.tokenizer import dynamic
+
+  r = THREE.num_regions  # 4 regions of 4 x 4 cells; T = 64, END = 84
+  assert (r, THREE.max_len, THREE.end) == (4, 64, 84)
+  rng = np.random.default_rng(0)
+  level = jnp.asarray(rng.integers(0, 3, (32, r)))
+  codes = [jnp.zeros((32, r, 4 ** g), jnp.int32) for g in range(3)]
+  tokens = dynamic.sequence_levels(codes, level)
+  dq.check_sequences(tokens.positions, tokens.lengths, r, levels=3)
+  for row, n in zip(np.asarray(tokens.positions), np.asarray(tokens.lengths),
+                    strict=True):
+    assert_valid_levels(row, n, r, 3)
+  swapped = np.asarray(tokens.positions).copy()
+  i = int(np.argmax(np.asarray(tokens.lengths) > 2))
+  swapped[i, [0, 1]] = swapped[i, [1, 0]]
+  with pytest.raises(ValueError, match="row 0 is not a valid DQ sequence"):
+    dq.check_sequences(swapped[i:i + 1], tokens.lengths[i:i + 1], r,
+                       levels=3)
+  model = dq.DQTransformer(THREE, rngs=nnx.Rngs(0))
+  classes = jnp.arange(16) % THREE.num_classes
+  for free in (False, True):
+    key = jax.random.key(9)
+    cached = dq.generate(model, classes, key, temperature=1.0,
+                         free_positions=free)
+    full = dq.generate(model, classes, key, temperature=1.0,
+                       free_positions=free, use_cache=False)
+    for a, b in zip(cached, full, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    positions, lengths = np.asarray(cached[1]), np.asarray(cached[2])
+    for row, n in zip(positions, lengths, strict=True):
+      assert_valid_levels(row, n, r, 3, free=free)
+    # Not vacuous: all three levels are sampled.
+    used = {int(np.searchsorted([4, 20, 84], p, side="right"))
+            for p in positions[positions < THREE.end]}
+    assert used == {0, 1, 2}, used

@@ -115,6 +115,7 @@ def prepare(config, workdir: str | None = None):
   text_tok = text.load_text_tokenizer(config.text_tokenizer)
   m = config.model
   m.grid = tokenizer.quantizer.height
+  m.levels = tokenizer.quantizer.levels
   m.num_codes = tokenizer.num_codes
   m.text_vocab = text_tok.vocab_size
   m.max_text_len = config.max_text_len
@@ -241,8 +242,9 @@ def train(config, codes_nl, positions_nl, lengths_n, class_ids_n,
   if codes_nl.shape != positions_nl.shape or class_ids_n.shape != (n,):
     raise ValueError(f"codes {codes_nl.shape}, positions"
                      f" {positions_nl.shape}, class_ids {class_ids_n.shape};"
-                     " expected [N, 4R], [N, 4R], [N]")
-  dq.check_sequences(positions_nl, lengths_n, model_cfg.num_regions)
+                     " expected [N, T], [N, T], [N]")
+  dq.check_sequences(positions_nl, lengths_n, model_cfg.num_regions,
+                     levels=model_cfg.levels)
   if codes_nl.min() < 0 or codes_nl.max() >= model_cfg.num_codes:
     raise ValueError(f"codes span {codes_nl.min()}..{codes_nl.max()};"
                      f" expected 0..{model_cfg.num_codes - 1}")

@@ -2,26 +2,31 @@
 
 Huang et al., CVPR 2023 ("Towards Accurate Image Coding: Improved
 Autoregressive Image Generation with Dynamic Vector Quantization"). A DQ-VAE
-codes each 2x2 region of its s x s fine latent grid either coarse (one code)
-or fine (four codes), so an image is a variable-length sequence of
-(code, position) tokens. The sequence format, shared with the tokenizer:
+codes each region of its s x s fine latent grid at one of L levels (two:
+coarse, one code, or fine, four; three: 1, 4 or 16 codes of a 4 x 4
+region), so an image is a variable-length sequence of (code, position)
+tokens. The sequence format, shared with the tokenizer
+(cvqcar.tokenizer.dynamic.Format):
 
-- R = (s/2)^2 regions, raster order over the (s/2) x (s/2) coarse grid.
-- Position ids: coarse region r -> r; fine cell k = 2*di + dj of region r ->
-  R + 4*r + k; END = 5R closes a sequence (5R + 1 position ids). Codes are
-  0..K-1.
-- All coarse codes first by ascending position, then all fine codes by
-  region then k: i.e. ascending position id. Every region appears exactly
-  once, coarse or as its 4 fine cells; L = #coarse + 4 #fine is in R..4R.
-  Batches are padded to 4R steps with position END (code 0) and `lengths`.
+- R regions, raster order over the coarsest grid.
+- Position ids: cell k of region r at level g -> offset_g + 4^g r + k,
+  offset_g = R (1 + 4 + ... + 4^(g-1)); two levels: coarse region r -> r,
+  fine cell k = 2*di + dj of region r -> R + 4r + k, END = 5R (three:
+  END = 21R). Codes are 0..K-1.
+- Ascending position ids: the level-0 codes, then level 1's by region and
+  cell, and so on. Every region appears exactly once, at one level;
+  L_seq is in R..4^(L-1) R. Batches are padded to 4^(L-1) R steps with
+  position END (code 0) and `lengths`.
 
-The model chooses only the coarse set (ascending coarse regions, or the
-switch to the fine phase); the fine positions and END are then forced
-(`valid_next_positions`), so every sampled sequence is valid.
+The model chooses each level's set of regions below the finest (ascending
+regions, by the id of a region's first cell, or a switch to a later
+level); the rest of a region's cells, the finest level's cells and END are
+then forced (`next_position_mask`), so every sampled sequence is valid.
+With `free_positions` the model also orders the finest cells.
 
 Streams. The position transformer reads [begin(class)] + (embed_code(c_t) +
 embed_pos(p_t)) causally; its output at step t predicts p_t (logits over the
-5R + 1 ids, step L predicting END). The content transformer reads that
+END + 1 ids, the step after the last token predicting END). The content transformer reads that
 hidden state plus embed_next(p_t), the position of the code to predict, and
 predicts c_t; it is causal too, so step t sees tokens < t and p_t. Both are
 cvqcar.car.qwen3 trunks (RMSNorm, GQA with RoPE over the step index, SwiGLU).
@@ -55,7 +60,7 @@ from cvqcar.tokenizer import dynamic
 class DQConfig:
   """Sizes of a DQ-Transformer; the defaults are a CPU-sized toy."""
 
-  grid: int = 4  # s: the tokenizer's fine latent side (even)
+  grid: int = 4  # s: the tokenizer's fine latent side
   num_codes: int = 64  # K
   num_classes: int = 10  # plus one null class for guidance
   text_vocab: int = 0  # > 0: prompt-conditioned (class ids unused)
@@ -68,11 +73,17 @@ class DQConfig:
   head_dim: int = 16
   mlp_dim: int = 128
   dtype: str = "float32"
+  levels: int = 2  # the tokenizer's granularities (2 or 3)
 
   def __post_init__(self):
-    if not isinstance(self.grid, int) or self.grid < 2 or self.grid % 2:
-      raise ValueError(f"DQConfig.grid={self.grid!r}; expected an even int"
-                       " >= 2 (the fine latent side s)")
+    if self.levels not in dynamic.LEVELS:
+      raise ValueError(f"DQConfig.levels={self.levels!r}; expected one of"
+                       f" {dynamic.LEVELS}")
+    n = 2 ** (self.levels - 1)
+    if not isinstance(self.grid, int) or self.grid < n or self.grid % n:
+      raise ValueError(f"DQConfig.grid={self.grid!r}; expected an int"
+                       f" multiple of {n} (the fine latent side s at"
+                       f" {self.levels} levels)")
     for name in ("num_codes", "num_classes"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"DQConfig.{name}={getattr(self, name)!r}; expected"
@@ -82,19 +93,24 @@ class DQConfig:
                        f" max_text_len >= 1, got {self.max_text_len}")
 
   @property
+  def format(self) -> dynamic.Format:
+    return dynamic.Format((self.grid // 2 ** (self.levels - 1)) ** 2,
+                          self.levels)
+
+  @property
   def num_regions(self) -> int:  # R
-    return (self.grid // 2) ** 2
+    return self.format.num_regions
 
   @property
-  def max_len(self) -> int:  # 4R: the padded sequence length
-    return 4 * self.num_regions
+  def max_len(self) -> int:  # 4^(L-1) R: the padded sequence length
+    return self.format.max_len
 
   @property
-  def end(self) -> int:  # 5R
-    return 5 * self.num_regions
+  def end(self) -> int:  # 5R at two levels
+    return self.format.end
 
   @property
-  def num_positions(self) -> int:  # 5R + 1
+  def num_positions(self) -> int:  # END + 1
     return self.end + 1
 
   @property
@@ -114,9 +130,9 @@ class DQConfig:
 
 
 def dq_positions(fine_mask_br: jax.Array):
-  """Fine masks [B, R] (true: region coded fine) -> (positions [B, 4R] in
-  sequence order, END-padded; lengths [B]): the tokenizer's own format
-  (cvqcar.tokenizer.dynamic.sequence)."""
+  """Two levels: fine masks [B, R] (true: region coded fine) -> (positions
+  [B, 4R] in sequence order, END-padded; lengths [B]): the tokenizer's own
+  format (cvqcar.tokenizer.dynamic.sequence)."""
   fine_mask_br = jnp.asarray(fine_mask_br, bool)
   if fine_mask_br.ndim != 2:
     raise ValueError(f"fine mask {fine_mask_br.shape}; expected [B, R]")
@@ -126,65 +142,99 @@ def dq_positions(fine_mask_br: jax.Array):
   return tokens.positions, tokens.lengths
 
 
-def _coarse_phase(last, r: int):
-  """(position ids, last, in the coarse phase, the coarse ids allowed):
-  coarse regions come ascending, so any region after `last`."""
-  ids = jnp.arange(5 * r + 1)
-  last = jnp.asarray(last)
-  coarse_phase = last < r
-  coarse_ok = (ids < r) & (ids > last[..., None]) & coarse_phase[..., None]
-  return ids, last, coarse_phase, coarse_ok
+def _id_tables(fmt: dynamic.Format):
+  """(level, region, cell) of every position id, END included (level L)."""
+  level, region, cell = fmt.tables()
+  return (jnp.asarray(np.append(level, fmt.levels), jnp.int32),
+          jnp.asarray(np.append(region, 0), jnp.int32),
+          jnp.asarray(np.append(cell, 0), jnp.int32))
 
 
-def next_position_mask(coarse_r: jax.Array, last: jax.Array,
-                       num_regions: int) -> jax.Array:
-  """Allowed next position ids [..., 5R + 1] after a prefix whose coarse
-  regions so far are coarse_r [..., R] (bool) and whose last position is
-  `last` [...] (-1 for the empty prefix).
+def assigned_by(pos, fmt: dynamic.Format) -> jax.Array:
+  """[...] position ids -> [..., R]: the region each id assigns to a level
+  below the finest (all false for finest cells and END)."""
+  level, region, _ = _id_tables(fmt)
+  pos = jnp.asarray(pos)
+  below = jnp.take(level, pos) < fmt.levels - 1
+  return jax.nn.one_hot(jnp.take(region, pos), fmt.num_regions,
+                        dtype=bool) & below[..., None]
 
-  Coarse phase (last < R): any coarse region > last, or the first fine cell
-  of the lowest region not coded coarse (END if there is none). Fine phase:
-  the next cell of a non-coarse region, else END. After END only END.
+
+def next_position_mask(assigned_r: jax.Array, last: jax.Array,
+                       num_regions: int, *, levels: int = 2,
+                       emitted_c: jax.Array | None = None) -> jax.Array:
+  """Allowed next position ids [..., END + 1] after a prefix whose regions
+  assigned to a level below the finest are assigned_r [..., R] (bool; at
+  two levels: the coarse ones) and whose last position is `last` [...]
+  (-1 for the empty prefix).
+
+  Inside a region of a level below the finest: its next cell. Otherwise,
+  before the finest level: the first cell of an unassigned region, at the
+  current level after the last region or at any later level below the
+  finest, or the first finest cell of the lowest unassigned region (END if
+  there is none). Finest level: the next cell of an unassigned region,
+  else END. After END only END. With `emitted_c` [..., R 4^(L-1)] (the
+  finest cells emitted so far) the finest cells come in any order: any
+  one not emitted of an unassigned region wherever the finest one is
+  allowed above, END once none is left.
   """
-  r, end = num_regions, 5 * num_regions
-  ids, last, coarse_phase, coarse_ok = _coarse_phase(last, r)
-  cells = jnp.arange(4 * r)
-  after = jnp.where(coarse_phase, -1, last - r)[..., None]
-  cell_ok = ~jnp.take(coarse_r, cells // 4, axis=-1) & (cells > after)
-  next_cell = jnp.min(jnp.where(cell_ok, cells, 4 * r), axis=-1)
-  forced = jnp.where((last == end) | (next_cell == 4 * r), end,
-                     r + next_cell)
-  return coarse_ok | (ids == forced[..., None])
+  fmt = dynamic.Format(num_regions, levels)
+  finest, end, cells = levels - 1, fmt.end, fmt.cells
+  level_i, region_i, cell_i = _id_tables(fmt)
+  ids = jnp.arange(end + 1)
+  last = jnp.asarray(last)
+  at = jnp.clip(last, 0, end)
+  last_level = jnp.where(last < 0, 0, jnp.take(level_i, at))
+  last_region = jnp.where(last < 0, -1, jnp.take(region_i, at))
+  last_cell = jnp.take(cell_i, at)
+  inside = ((last >= 0) & (last_level < finest)
+            & (last_cell < 4 ** last_level - 1))
+  choosing = (last_level < finest) & ~inside
+  unassigned = ~jnp.take(assigned_r, region_i, axis=-1)  # [..., END + 1]
+  ll, lr = last_level[..., None], last_region[..., None]
+  chosen = ((cell_i == 0) & (level_i < finest) & unassigned
+            & (((level_i == ll) & (region_i > lr)) | (level_i > ll)))
+  fine = jnp.arange(num_regions * cells)
+  open_c = ~jnp.take(assigned_r, fine // cells, axis=-1)
+  if emitted_c is None:
+    after = jnp.where(last_level == finest, last - fmt.offsets[finest], -1)
+    ok = open_c & (fine > after[..., None])
+    nxt = jnp.min(jnp.where(ok, fine, num_regions * cells), axis=-1)
+    forced = jnp.where((last == end) | (nxt == num_regions * cells), end,
+                       fmt.offsets[finest] + nxt)
+    finest_ok = ids == forced[..., None]
+  else:
+    open_c &= ~emitted_c
+    done = ~jnp.any(open_c, axis=-1) | (last == end)
+    finest_ok = jnp.concatenate(
+        [jnp.zeros(last.shape + (fmt.offsets[finest],), bool),
+         open_c & ~(last == end)[..., None], done[..., None]], axis=-1)
+  step_in = ids == (last + 1)[..., None]
+  return jnp.where(inside[..., None], step_in,
+                   (chosen & choosing[..., None]) | finest_ok)
 
 
 def free_next_position_mask(coarse_r: jax.Array, emitted_c: jax.Array,
-                            last: jax.Array, num_regions: int) -> jax.Array:
-  """As `next_position_mask`, with the fine cells in any order: after the
-  coarse ids (ascending, as there), any cell [..., 4R] not yet `emitted_c`
-  of a region not coded coarse; END once none is left."""
-  r, end = num_regions, 5 * num_regions
-  ids, last, coarse_phase, coarse_ok = _coarse_phase(last, r)
-  cells = jnp.arange(4 * r)
-  open_c = ~jnp.take(coarse_r, cells // 4, axis=-1) & ~emitted_c
-  done = ~jnp.any(open_c, axis=-1) | (last == end)
-  cell_ok = jnp.concatenate(
-      [jnp.zeros(last.shape + (r,), bool), open_c & ~(last == end)[..., None],
-       done[..., None]], axis=-1)
-  return coarse_ok | cell_ok
+                            last: jax.Array, num_regions: int, *,
+                            levels: int = 2) -> jax.Array:
+  """`next_position_mask` with the finest cells in any order."""
+  return next_position_mask(coarse_r, last, num_regions, levels=levels,
+                            emitted_c=emitted_c)
 
 
-def valid_next_positions(positions_bl: jax.Array,
-                         num_regions: int) -> jax.Array:
-  """Allowed next positions [B, L + 1, 5R + 1] after each prefix of
+def valid_next_positions(positions_bl: jax.Array, num_regions: int, *,
+                         levels: int = 2) -> jax.Array:
+  """Allowed next positions [B, L + 1, END + 1] after each prefix of
   positions [B, L] (prefix lengths 0..L)."""
+  fmt = dynamic.Format(num_regions, levels)
   b = positions_bl.shape[0]
-  # one_hot of a fine or END id is all zeros: only coarse ids count.
-  coarse = jnp.cumsum(jax.nn.one_hot(positions_bl, num_regions,
-                                     dtype=jnp.int32), axis=1) > 0
-  coarse = jnp.concatenate([jnp.zeros((b, 1, num_regions), bool), coarse], 1)
+  assigned = jnp.cumsum(assigned_by(positions_bl, fmt).astype(jnp.int32),
+                        axis=1) > 0
+  assigned = jnp.concatenate([jnp.zeros((b, 1, num_regions), bool),
+                              assigned], 1)
   last = jnp.concatenate([jnp.full((b, 1), -1, positions_bl.dtype),
                           positions_bl], 1)
-  return next_position_mask(coarse, last, num_regions)
+  return next_position_mask(assigned, last, num_regions, levels=levels)
 
 
 def mask_logits(logits: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -233,7 +283,8 @@ def check_condition(config: DQConfig, cond) -> None:
 
 
 class DQTransformer(nnx.Module):
-  """(condition, codes [B, 4R], positions [B, 4R]) -> raw logits; the
+  """(condition, codes [B, T], positions [B, T]) -> raw logits, T = 4^(L-1)
+  R the padded sequence length (4R at two levels); the
   condition is class ids [B] or (text ids, text mask) [B, L]."""
 
   def __init__(self, config: DQConfig, *, rngs: nnx.Rngs):
@@ -264,7 +315,7 @@ class DQTransformer(nnx.Module):
     want = (codes_bl.shape[0], self.config.max_len)
     if codes_bl.shape != want or positions_bl.shape != want:
       raise ValueError(f"codes {codes_bl.shape} and positions"
-                       f" {positions_bl.shape}; expected both [B, 4R] ="
+                       f" {positions_bl.shape}; expected both [B, T] ="
                        f" {want}")
 
   def condition(self, cond):
@@ -281,7 +332,7 @@ class DQTransformer(nnx.Module):
     return jnp.concatenate([text, begin], axis=1), mask
 
   def position_hidden(self, cond, codes_bl, positions_bl):
-    """Position-stream states [B, 4R + 1, D] from the begin token on: step
+    """Position-stream states [B, T + 1, D] from the begin token on: step
     t has seen the condition and tokens < t."""
     self._check(codes_bl, positions_bl)
     prefix, mask = self.condition(cond)
@@ -295,18 +346,18 @@ class DQTransformer(nnx.Module):
     return hidden[:, prefix.shape[1] - 1:]
 
   def position_logits(self, hidden):
-    """[..., D] -> next-position logits [..., 5R + 1] (unmasked)."""
+    """[..., D] -> next-position logits [..., END + 1] (unmasked)."""
     return self.position_head(hidden).astype(jnp.float32)
 
   def code_logits(self, hidden_bld, positions_bl):
-    """Position-stream states [B, 4R, D] and the positions to fill [B, 4R]
-    -> code logits [B, 4R, K]."""
+    """Position-stream states [B, T, D] and the positions to fill [B, T]
+    -> code logits [B, T, K]."""
     x = hidden_bld + self.embed_next(positions_bl).astype(hidden_bld.dtype)
     h = self.content_stream.forward_embeddings(x)[0]
     return self.content_stream.logits(h).astype(jnp.float32)
 
   def __call__(self, cond, codes_bl, positions_bl):
-    """(position logits [B, 4R + 1, 5R + 1], code logits [B, 4R, K]),
+    """(position logits [B, T + 1, END + 1], code logits [B, T, K]),
     teacher-forced and unmasked: step t predicts p_t and c_t."""
     hidden = self.position_hidden(cond, codes_bl, positions_bl)
     return (self.position_logits(hidden),
@@ -318,7 +369,8 @@ def loss_fn(model: DQTransformer, cond, codes_bl, positions_bl, lengths_b):
   END prediction at step L included; invalid positions masked out."""
   c = model.config
   pos_logits, code_logits = model(cond, codes_bl, positions_bl)
-  allowed = valid_next_positions(positions_bl, c.num_regions)
+  allowed = valid_next_positions(positions_bl, c.num_regions,
+                                 levels=c.levels)
   b = positions_bl.shape[0]
   targets = jnp.concatenate(
       [positions_bl, jnp.full((b, 1), c.end, positions_bl.dtype)], 1)
@@ -341,20 +393,22 @@ def loss_fn(model: DQTransformer, cond, codes_bl, positions_bl, lengths_b):
                 "code_loss": code_loss, "code_accuracy": accuracy}
 
 
-def check_sequences(positions_bl, lengths_b, num_regions: int) -> None:
+def check_sequences(positions_bl, lengths_b, num_regions: int, *,
+                    levels: int = 2) -> None:
   """Raises naming the first row whose positions are not a valid sequence
   of the format above (length and END padding included)."""
+  fmt = dynamic.Format(num_regions, levels)
   positions_bl = jnp.asarray(positions_bl)
   b, steps = positions_bl.shape
-  if steps != 4 * num_regions or jnp.shape(lengths_b) != (b,):
+  if steps != fmt.max_len or jnp.shape(lengths_b) != (b,):
     raise ValueError(f"positions {positions_bl.shape}, lengths"
-                     f" {jnp.shape(lengths_b)}; expected [B, {4 * num_regions}]"
-                     " and [B]")
-  end = 5 * num_regions
+                     f" {jnp.shape(lengths_b)}; expected [B, {fmt.max_len}]"
+                     f" and [B] (R = {num_regions}, {levels} levels)")
+  end = fmt.end
   targets = jnp.concatenate([positions_bl, jnp.full((b, 1), end)], 1)
   in_range = (targets >= 0) & (targets <= end)
   targets = jnp.clip(targets, 0, end)
-  allowed = valid_next_positions(targets[:, :-1], num_regions)
+  allowed = valid_next_positions(targets[:, :-1], num_regions, levels=levels)
   ok = jnp.take_along_axis(allowed, targets[..., None], -1)[..., 0]
   # END exactly from step `length` on.
   padded = jnp.arange(steps + 1) >= jnp.asarray(lengths_b)[:, None]
@@ -362,7 +416,7 @@ def check_sequences(positions_bl, lengths_b, num_regions: int) -> None:
   bad = np.flatnonzero(~np.asarray(ok).all(axis=1))
   if bad.size:
     raise ValueError(f"row {bad[0]} is not a valid DQ sequence (R ="
-                     f" {num_regions}): positions"
+                     f" {num_regions}, {levels} levels): positions"
                      f" {np.asarray(positions_bl[bad[0]]).tolist()}, length"
                      f" {int(lengths_b[bad[0]])}")
 
@@ -393,15 +447,21 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
   init = (jnp.zeros((b, c.max_len), jnp.int32),
           jnp.full((b, c.max_len), c.end, jnp.int32),
           jnp.zeros((b, c.num_regions), bool), jnp.full((b,), -1, jnp.int32))
+  fmt = c.format
+  first_fine, fine_cells = fmt.offsets[-2], c.max_len
 
-  def allowed_next(positions, coarse_br, last_b):
+  def allowed_next(positions, assigned_br, last_b):
     if not free_positions:
-      return next_position_mask(coarse_br, last_b, c.num_regions)
-    emitted = jnp.zeros((b, 4 * c.num_regions + 1), bool).at[
-        jnp.arange(b)[:, None],
-        jnp.clip(positions - c.num_regions, -1, 4 * c.num_regions)].set(True)
-    return free_next_position_mask(
-        coarse_br, emitted[:, :4 * c.num_regions], last_b, c.num_regions)
+      return next_position_mask(assigned_br, last_b, c.num_regions,
+                                levels=c.levels)
+    # Emitted finest cells (ids below them land in the dropped slot -1).
+    slot = positions - first_fine
+    slot = jnp.where((slot < 0) | (slot >= fine_cells), fine_cells, slot)
+    emitted = jnp.zeros((b, fine_cells + 1), bool).at[
+        jnp.arange(b)[:, None], slot].set(True)
+    return next_position_mask(assigned_br, last_b, c.num_regions,
+                              levels=c.levels,
+                              emitted_c=emitted[:, :fine_cells])
 
   if use_cache:
     return _generate_cached(model, cond, key, init, twice, guide,
@@ -419,7 +479,7 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
     code_logits = model.code_logits(hidden[:, :-1], twice(positions))[:, i]
     code = pick_code(guide(code_logits), key_code)
     codes = codes.at[:, i].set(jnp.where(pos == c.end, 0, code))
-    coarse_br |= jax.nn.one_hot(pos, c.num_regions, dtype=bool)
+    coarse_br |= assigned_by(pos, fmt)
     return (codes, positions, coarse_br, pos), None
 
   (codes, positions, _, _), _ = jax.lax.scan(step, init,
@@ -430,8 +490,8 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
 def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
                      pick_code, pick_position, allowed_next):
   """`_generate` with a KV cache per stream: the condition is read once,
-  then each step feeds one token to each stream (4R steps of one token
-  instead of 4R full passes over the buffer); the same tokens as the full
+  then each step feeds one token to each stream (T steps of one token
+  instead of T full passes over the buffer); the same tokens as the full
   recompute (tests/dq_transformer_test.py)."""
   c = model.config
   prefix, prefix_mask = model.condition(cond)
@@ -463,7 +523,7 @@ def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
     hidden_b1d, pos_cache = model.position_stream.forward_embeddings(
         tokens.astype(prefix.dtype), next_pos[:, None], pos_cache)
     state = (codes.at[:, i].set(code), positions.at[:, i].set(pos),
-             coarse_br | jax.nn.one_hot(pos, c.num_regions, dtype=bool), pos)
+             coarse_br | assigned_by(pos, c.format), pos)
     return (state, hidden_b1d, (pos_cache, content_cache), next_pos + 1), None
 
   carry = (init, hidden[:, -1:], (pos_cache, content_cache),
@@ -476,11 +536,11 @@ def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
 def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
              top_p=1.0, cfg_scale=1.0, position_temperature=None,
              position_top_k=None, use_cache=True, free_positions=False):
-  """Samples (codes [B, 4R], positions [B, 4R], lengths [B]) for a
+  """Samples (codes [B, T], positions [B, T], lengths [B]) for a
   condition: class ids [B] (num_classes: the null class) or (text ids,
   text mask) [B, L] (an all-zero mask: the empty prompt).
 
-  One jitted lax.scan of exactly 4R steps; a finished row keeps emitting
+  One jitted lax.scan of exactly T = 4^(L-1) R steps; a finished row keeps emitting
   END with code 0. With `use_cache` each stream keeps a KV cache and a
   step feeds it one token; without, every step recomputes both streams
   over the whole buffer (the reference the cached path is tested against).
@@ -490,7 +550,7 @@ def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
   temperature, top_k and
   top_p apply to the codes, and to the positions unless
   `position_temperature` / `position_top_k` are given (top_k is clamped to
-  the 5R + 1 position ids), temperature 0 being greedy. cfg_scale s gives
+  the END + 1 position ids), temperature 0 being greedy. cfg_scale s gives
   null + s (cond - null) (cvqcar.car.model.guided_logits): 1 is
   conditional only (and runs no null rows), 0 unconditional.
   """

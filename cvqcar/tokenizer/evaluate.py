@@ -73,10 +73,12 @@ def batch_metrics(model, images, mask, weights: Weights, lpips_graphdef,
           "ssim": jnp.sum(mask * metrics.ssim(recon, images))}
   if perceptual is not None:
     sums["lpips"] = jnp.sum(mask * perceptual(recon, images))
-  if getattr(model, "quantize", None) == "dynamic":  # R + 3 x fine codes
-    codes_b = jnp.sum(out.index_weight, axis=1)
-    regions = model.quantizer.num_regions
-    sums["fine_share"] = jnp.sum(mask * (codes_b / regions - 1) / 3)
+  if getattr(model, "quantize", None) == "dynamic":  # shares of regions
+    levels = model.quantizer.levels
+    share = lambda g: jnp.mean(out.region_level == g, axis=1)
+    sums["fine_share"] = jnp.sum(mask * share(levels - 1))
+    if levels == 3:
+      sums["medium_share"] = jnp.sum(mask * share(1))
   decoded = {"reconstructions": recon}
   for k in prefixes:
     # The first k channels' codes (residual VQ: a channel's adjacent).
@@ -167,7 +169,10 @@ def evaluate(tokenizer, config: ml_collections.ConfigDict, batches,
   result["codebook_perplexity"] = metrics.codebook_perplexity(counts)
   result["num_codes"] = int(counts.shape[0])
   if config.model.quantize == "dynamic":
-    result["fine_share_target"] = config.model.dynamic.fine_fraction
+    d = config.model.dynamic
+    result["fine_share_target"] = d.fine_fraction
+    if d.get("levels", 2) == 3:
+      result["medium_share_target"] = d.get("medium_fraction", 0.0)
   if "recon" in stats:
     reference = (fid.load_stats(ref_stats) if ref_stats
                  else stats["real"].mu_sigma())
@@ -187,15 +192,18 @@ def write_results(out: str, result: dict[str, Any], name: str) -> str:
           ("SSIM", "ssim", "{:.4f}"), ("LPIPS", "lpips", "{:.4f}"),
           ("usage %", "codebook_usage", "{:.1%}"),
           ("fine share (target)", "fine_share", "{:.3f}"),
+          ("medium share (target)", "medium_share", "{:.3f}"),
           ("perplexity", "codebook_perplexity", "{:.1f}")]
-  if "fine_share" not in result:  # DQ-VAE only
-    cols = [c for c in cols if c[1] != "fine_share"]
+  for share in ("fine_share", "medium_share"):  # DQ-VAE only
+    if share not in result:
+      cols = [c for c in cols if c[1] != share]
   row = [name, str(result["images"])] + [
       fmt.format(result[key]).rstrip("%") if key in result else "n/a"
       for _, key, fmt in cols]
-  if "fine_share_target" in result:
-    i = 2 + [c[1] for c in cols].index("fine_share")
-    row[i] += f" ({result['fine_share_target']:.2f})"
+  for share in ("fine_share", "medium_share"):
+    if f"{share}_target" in result and share in result:
+      i = 2 + [c[1] for c in cols].index(share)
+      row[i] += f" ({result[f'{share}_target']:.2f})"
   header = ["tokenizer", "images"] + [c[0] for c in cols]
   table = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) +
            "\n| " + " | ".join(row) + " |\n")

@@ -42,6 +42,8 @@ class ForwardOutput(NamedTuple):
   index_weight: jax.Array  # [B, T] 1 for tokens in use (dynamic pads)
   budget_loss: jax.Array  # dynamic: (fine share - target)^2, else 0
   fine_share: jax.Array  # dynamic: share of regions coded fine, else 0
+  # dynamic: [B, R] each region's level (0 coarse .. L-1 fine), else [B, 0]
+  region_level: jax.Array
 
 
 def check_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -94,9 +96,13 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
         f" {implied_num_codes(cfg)} codes (its scalar settings): set"
         " num_codes to match")
   side = cfg.resolution // factor
-  if cfg.quantize == "dynamic" and side % 2:
-    raise ValueError(f"quantize='dynamic' needs an even latent grid (2 x 2"
-                     f" cells a region), got {side}x{side}")
+  if cfg.quantize == "dynamic":
+    levels = (cfg.get("dynamic") or {}).get("levels", 2)
+    n = 2 ** (levels - 1) if levels in dynamic.LEVELS else 1
+    if side % n:
+      raise ValueError(f"quantize='dynamic' at {levels} levels needs a"
+                       f" latent grid divisible by {n} ({n} x {n} cells a"
+                       f" region), got {side}x{side}")
 
 
 def num_tokens(cfg: ml_collections.ConfigDict) -> int:
@@ -194,8 +200,8 @@ class Tokenizer(nnx.Module):
         "dual", "pooled"):
       raise ValueError("config.model.dynamic.encoder must be 'dual' or"
                        f" 'pooled', got {d.get('encoder')!r}")
-    self.encoder = (vqgan.DualGrainEncoder(**net) if self.dual_grain
-                    else vqgan.Encoder(**net))
+    self.encoder = (vqgan.DualGrainEncoder(grains=d.get("levels", 2), **net)
+                    if self.dual_grain else vqgan.Encoder(**net))
     self.decoder = vqgan.Decoder(**net)
     cb = cfg.codebook
     vq = dict(cosine=cb.cosine, simvq=cb.simvq, ema=cb.ema,
@@ -213,6 +219,8 @@ class Tokenizer(nnx.Module):
       self.quantizer = dynamic.DynamicQuantizer(
           cfg.num_codes, cfg.latent_channels, s, s,
           fine_fraction=d.get("fine_fraction", 0.5),
+          medium_fraction=d.get("medium_fraction", 0.0),
+          levels=d.get("levels", 2),
           temperature=d.get("temperature", 1.0),
           # Exports from before the position embedding decode without one.
           position=d.get("position", "none"),
@@ -253,11 +261,13 @@ class Tokenizer(nnx.Module):
                            coarse_bhwc=coarse_bhwc)
       out, indices = dyn.vq, dyn.tokens.codes
       index_weight = (dyn.tokens.positions
-                      < 5 * self.quantizer.num_regions).astype(jnp.float32)
+                      < self.quantizer.format.end).astype(jnp.float32)
       budget_loss, fine_share = dyn.budget_loss, jnp.mean(dyn.fine_gate)
+      region_level = dyn.level
     else:
       out = self.quantizer(z_bhwc, keep_bc, train=train, key=vq_key)
       indices, budget_loss, fine_share = out.indices, zero, zero
+      region_level = jnp.zeros((b, 0), jnp.int32)
       index_weight = jnp.ones(indices.shape, jnp.float32)
     quantized = out.quantized
     if keep_bc is not None:
@@ -270,7 +280,7 @@ class Tokenizer(nnx.Module):
         commitment_loss=out.commitment_loss, code_counts=out.code_counts,
         channels_kept=channels_kept_b, latent_norm=out.input_norm,
         index_weight=index_weight, budget_loss=budget_loss,
-        fine_share=fine_share)
+        fine_share=fine_share, region_level=region_level)
 
   def encode(self, images: jax.Array):
     """[B, H, W, 3] in [-1, 1] -> tokens [B, T] int32 (dynamic: a
@@ -281,6 +291,21 @@ class Tokenizer(nnx.Module):
       return self.quantizer(z_bhwc, images=images,
                             coarse_bhwc=coarse_bhwc).tokens
     return self.quantizer(self.encoder(images)).indices
+
+  def router_scores(self, images: jax.Array) -> jax.Array:
+    """Dynamic quantization: the scores [B, R] the router's eval thresholds
+    cut (DynamicQuantizer.scores)."""
+    check_images(images, self.resolution)
+    z = None
+    if self.quantizer.router != "entropy":
+      z = self._latents(images)[0]
+    return jax.lax.stop_gradient(self.quantizer.scores(z, images))
+
+  def calibrate(self, images: jax.Array) -> None:
+    """Dynamic quantization: moves the eval thresholds toward the target
+    quantiles of this batch's scores (a running mean); the trainer sets
+    them exactly from several batches before each eval and checkpoint."""
+    self.quantizer.calibrate(self.router_scores(images))
 
   def _latents(self, images):
     """(the latent [B, s, s, C], the dual-grain coarse one or None)."""

@@ -231,6 +231,20 @@ def eval_step(params, buffers, images, mask, perceptual=None, *, config,
   return sums, counts, decoded
 
 
+def router_scores(params, buffers, images, *, setup: Setup):
+  """DQ-VAE: the router scores [B, R] the eval thresholds cut, as eval
+  computes them (pass the EMA weights)."""
+  return nnx.merge(setup.gen_graphdef, params, buffers).router_scores(images)
+
+
+def set_thresholds(params, buffers, scores, *, setup: Setup):
+  """DQ-VAE: buffers with the eval thresholds at the exact target
+  quantiles of `scores` (a list of [B, R])."""
+  model = nnx.merge(setup.gen_graphdef, params, buffers, copy=True)
+  model.quantizer.calibrate(jnp.concatenate(scores), decay=0.0)
+  return nnx.state(model, nnx.Not(nnx.Param))
+
+
 class Trainer:
   """Jitted, sharded steps over a mesh; state stays on device."""
 
@@ -258,6 +272,12 @@ class Trainer:
     self.eval_step = jax.jit(
         functools.partial(eval_step, config=config, setup=self.setup),
         out_shardings=(rep, rep, data_sharding))
+    self._router_scores = jax.jit(
+        functools.partial(router_scores, setup=self.setup),
+        out_shardings=data_sharding)
+    self._set_thresholds = jax.jit(
+        functools.partial(set_thresholds, setup=self.setup),
+        out_shardings=self.state_sharding.buffers)
     self._kmeans_init = jax.jit(
         functools.partial(kmeans_init, config=config, setup=self.setup),
         out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
@@ -282,6 +302,25 @@ class Trainer:
                  self.config.model.codebook.kmeans_iters, float(inertia),
                  time.time() - t0)
     return state
+
+  def calibrate(self, state: TrainState, local_batches) -> TrainState:
+    """DQ-VAE: `state` with the router's eval thresholds at the exact
+    target quantiles of the scores the EMA weights give these batches (the
+    fine and medium shares `encode` delivers on such images); unchanged
+    for other tokenizers or no batch."""
+    if self.config.model.quantize != "dynamic":
+      return state
+    scores = []
+    for local in local_batches:
+      batch = sharding.global_batch({"image": local["image"]}, self.mesh)
+      with jax.set_mesh(self.mesh):
+        scores.append(self._router_scores(state.ema_params, state.buffers,
+                                          batch["image"]))
+    if not scores:
+      return state
+    with jax.set_mesh(self.mesh):
+      buffers = self._set_thresholds(state.ema_params, state.buffers, scores)
+    return state.replace(buffers=buffers)
 
   def step(self, state, local_batch):
     batch = sharding.global_batch(local_batch, self.mesh)
@@ -353,8 +392,17 @@ def task(config: ml_collections.ConfigDict, workdir: str,
                  time.time() - t0, _fmt(eval_metrics), path)
     return eval_metrics
 
+  refresh = None
+  calibration = (config.model.get("dynamic") or {}).get(
+      "calibration_batches", 0)
+  if config.model.quantize == "dynamic" and calibration:
+    # The eval thresholds, exact for the weights eval and export use, from
+    # the same first training batches each time.
+    refresh = lambda state: trainer.calibrate(state, itertools.islice(
+        image_data.train_dataset(config, 0), calibration))
+
   return loop.Task(
-      what="tokenizer", mesh=trainer.mesh, init=init,
+      what="tokenizer", mesh=trainer.mesh, init=init, refresh=refresh,
       restore_target=trainer.abstract_state, step=trainer.train_step,
       step_args=(trainer.step_key, trainer.perceptual), evaluate=evaluate,
       train_data=lambda start: image_data.train_dataset(config, start),

@@ -132,21 +132,25 @@ class _Head(nnx.Module):
 
 
 class DualGrainEncoder(nnx.Module):
-  """[B, H, W, 3] -> (fine [B, H/f, W/f, C], coarse [B, H/2f, W/2f, C]).
+  """[B, H, W, 3] -> (fine [B, H/f, W/f, C], coarse [B, H/2f, W/2f, C]);
+  with grains=3, (fine, (coarse [B, H/4f, W/4f, C], medium [B, H/2f, ...])).
 
-  DQ-VAE's dual-grain encoder: the Encoder's levels and one more
-  downsampling (at the last level's width); the fine grain is read after
-  the level at H/f, the coarse one after the extra level, each through its
-  own head (mid ResBlock, attention, ResBlock, norm, conv), so a coarse code
-  sees a wider field through non-linear layers, not a pooling of the four
-  fine cells.
+  DQ-VAE's dual-grain (and triple-grain) encoder: the Encoder's levels and
+  one more downsampling per extra grain (at the last level's width); the
+  fine grain is read after the level at H/f, each coarser one after its
+  extra level, each through its own head (mid ResBlock, attention,
+  ResBlock, norm, conv), so a coarse code sees a wider field through
+  non-linear layers, not a pooling of the four finer cells.
   """
 
   def __init__(self, *, base_channels: int, channel_mults: Sequence[int],
                num_res_blocks: int, latent_channels: int, norm_groups: int,
-               rngs: nnx.Rngs):
+               grains: int = 2, rngs: nnx.Rngs):
+    if grains not in (2, 3):
+      raise ValueError(f"DualGrainEncoder has 2 or 3 grains, got {grains}")
+    self.grains = grains
     widths = _widths(base_channels, tuple(channel_mults)
-                     + (channel_mults[-1],))
+                     + (channel_mults[-1],) * (grains - 1))
     self.conv_in = _conv(3, widths[0], rngs)
     levels, downs, cin = [], [], widths[0]
     for cout in widths:
@@ -157,22 +161,27 @@ class DualGrainEncoder(nnx.Module):
       levels.append(nnx.List(blocks))
       downs.append(Downsample(cin, rngs=rngs))
     self.levels = nnx.List(levels)
-    self.downs = nnx.List(downs[:-1])  # none after the coarse level
-    self.fine_head = _Head(widths[-2], latent_channels, norm_groups,
-                           rngs=rngs)
-    self.coarse_head = _Head(widths[-1], latent_channels, norm_groups,
-                             rngs=rngs)
+    self.downs = nnx.List(downs[:-1])  # none after the coarsest level
+    head = lambda width: _Head(width, latent_channels, norm_groups, rngs=rngs)
+    self.fine_head = head(widths[-grains])
+    if grains == 3:
+      self.medium_head = head(widths[-2])
+    self.coarse_head = head(widths[-1])
 
   def __call__(self, x):
-    h, fine = self.conv_in(x), None
+    h, outs = self.conv_in(x), {}
+    first = len(self.levels) - self.grains
     for i, blocks in enumerate(self.levels):
       for block in blocks:
         h = block(h)
-      if i == len(self.levels) - 2:
-        fine = h
+      if i >= first:
+        outs[i - first] = h  # 0: fine, then coarser
       if i < len(self.downs):
         h = self.downs[i](h)
-    return self.fine_head(fine), self.coarse_head(h)
+    fine, coarse = self.fine_head(outs[0]), self.coarse_head(h)
+    if self.grains == 2:
+      return fine, coarse
+    return fine, (coarse, self.medium_head(outs[1]))
 
 
 class Decoder(nnx.Module):
