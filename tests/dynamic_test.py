@@ -311,6 +311,41 @@ def test_dynamic_tokenizer_trains_sharded_resumes_exactly_and_exports(
 
 
 @pytest.mark.slow
+def test_three_level_tokenizer_trains_exports_evaluates_and_generates(
+    tmp_path):
+  """dynamic=3 end to end: training (the eval thresholds calibrated by the
+  loop), export, `python -m cvqcar.evaluate`'s fine and medium shares
+  beside their targets, and the DQ-Transformer on its sequences."""
+  from cvqcar.tokenizer import eval_job
+
+  config = tiny_config("tiny,dynamic=3")  # 8 x 8 grid: 4 regions of 4 x 4
+  assert config.model.dynamic.levels == 3
+  config.num_train_steps = 4
+  summary = tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "w"))
+  assert 4 <= summary.eval["eval/tokens"] <= 64  # R..16R codes an image
+  assert "eval/medium_share" in summary.eval
+  out = export.export(str(tmp_path / "w"), str(tmp_path / "export"))
+  loaded = export.load_tokenizer(out)
+  assert (loaded.quantizer.levels, loaded.quantizer.num_regions) == (3, 4)
+  tau = loaded.quantizer.eval_threshold[...]
+  assert tau.shape == (2,) and np.all(np.isfinite(tau))  # calibrated
+  result = eval_job.evaluate_export(out, out=str(tmp_path / "eval"),
+                                    batch_size=8, num_images=16)
+  assert result["fine_share_target"] == result["medium_share_target"] == 0.3
+  assert 0 <= result["fine_share"] + result["medium_share"] <= 1
+  table = (tmp_path / "eval" / "metrics.md").read_text()
+  assert "medium share (target)" in table and "(0.30)" in table
+  batch = next(iter(image_data.eval_dataset(config)))["image"]
+  tokens = loaded.encode(batch)
+  np.testing.assert_allclose(loaded.decode(tokens),
+                             loaded(batch).reconstructions, atol=1e-5)
+  result = train_dq.run(out, str(tmp_path / "dq"), steps=3, crops=4,
+                        num_classes=2, samples=2, temperature=1.0)
+  assert np.isfinite(result["last_loss"])
+  assert 4 <= result["sample_mean_length"] <= 64
+
+
+@pytest.mark.slow
 def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
   """The prompt-conditioned DQ-Transformer on the trainer machinery: sharded
   over 4 x 2 devices, checkpointed with its data iterator, resumed exactly,

@@ -141,7 +141,7 @@ def _cast(dtype):
   return one
 
 
-def _to_local(tree, mesh: Mesh):
+def to_local(tree, mesh: Mesh):
   """Arrays of a mesh with a 'replica' axis over processes as arrays of
   this process's `mesh` (the same shards, no copy)."""
   def one(x):
@@ -187,7 +187,7 @@ class Sampler:
                                                         strict=True)))
     states = tuple(restored[k] for k in _PARTS)
     if load_mesh is not None:
-      states = _to_local(states, mesh_)
+      states = to_local(states, mesh_)
     logging.info("CAR %s on mesh %s (%s) in %s", path, dict(mesh_.shape),
                  "all processes" if spans else "this process", param_dtype)
     return cls(graphdef, states, config, mesh_, spans)

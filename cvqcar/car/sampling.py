@@ -141,7 +141,7 @@ def _guide(logits, batch, cfg_scale, scale):
   return car_lib.guided_logits(logits[:batch], logits[batch:], scale)
 
 
-def _row_keys(key, batch: int):
+def row_keys(key, batch: int):
   """A typed key: () for the whole batch or [B] per row (raw uint32 keys
   are wrapped)."""
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -182,7 +182,7 @@ def generate(graphdef, states, text_bl, mask_bl, key, *, temperature=1.0,
                  num_codes=model.num_codes)
   b = text_bl.shape[0]
   c = model.num_channels
-  key = _row_keys(key, b)
+  key = row_keys(key, b)
   scales_c = guidance_scales(cfg_scale, c, cfg_schedule)
   # Constant guidance keeps the Python float: the same program as before
   # schedules existed, so its tokens are bit for bit the same.

@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 
 from cvqcar import fingerprint, loop, optim, sharding, visualize
+from cvqcar.car import sampling
 from cvqcar.car import state as car_state
 from cvqcar.data import pairs, text
 from cvqcar.dq import transformer as dq
@@ -214,8 +215,13 @@ def sample_grid(config, graphdef, params, tokenizer, text_tok):
   prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
   ids, mask = text.batch_encode(text_tok, prompts, config.max_text_len,
                                 truncate=True)
+  # A sample is named by (seed, prompt, sample index): cvqcar.dq.sampler
+  # draws the same one on any mesh.
+  keys = sampling.sample_keys(
+      config.seed, np.repeat(np.arange(len(s.prompts)), s.per_prompt),
+      np.tile(np.arange(s.per_prompt), len(s.prompts)))
   codes, positions, lengths = dq.generate(
-      nnx.merge(graphdef, params), (ids, mask), jax.random.key(config.seed),
+      nnx.merge(graphdef, params), (ids, mask), keys,
       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
       cfg_scale=s.cfg_scale)
   images = jax.jit(tokenizer.decode)(

@@ -423,10 +423,11 @@ def check_sequences(positions_bl, lengths_b, num_regions: int, *,
 
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "temperature", "top_k", "top_p", "cfg_scale", "use_cache",
-    "position_top_k", "position_temperature", "free_positions"))
+    "position_top_k", "position_top_p", "position_temperature",
+    "free_positions"))
 def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
-              cfg_scale, use_cache, position_top_k, position_temperature,
-              free_positions):
+              cfg_scale, use_cache, position_top_k, position_top_p,
+              position_temperature, free_positions):
   model = nnx.merge(graphdef, state)
   c = model.config
   b = jax.tree.leaves(cond)[0].shape[0]
@@ -438,12 +439,12 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
   guide = lambda logits: (car_lib.guided_logits(logits[:b], logits[b:],
                                                 cfg_scale)
                           if guided else logits)
-  pick = functools.partial(sampling.pick, temperature=temperature,
-                           top_p=top_p)
-  pick_code = functools.partial(pick, top_k=top_k)
+  pick_code = functools.partial(
+      _draw, key=key, which=1, temperature=temperature, top_k=top_k,
+      top_p=top_p)
   pick_position = functools.partial(
-      sampling.pick, temperature=position_temperature, top_p=top_p,
-      top_k=min(position_top_k, c.num_positions))
+      _draw, key=key, which=0, temperature=position_temperature,
+      top_p=position_top_p, top_k=min(position_top_k, c.num_positions))
   init = (jnp.zeros((b, c.max_len), jnp.int32),
           jnp.full((b, c.max_len), c.end, jnp.int32),
           jnp.zeros((b, c.num_regions), bool), jnp.full((b,), -1, jnp.int32))
@@ -469,15 +470,14 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
 
   def step(carry, i):
     codes, positions, coarse_br, last_b = carry
-    key_pos, key_code = jax.random.split(jax.random.fold_in(key, i))
     # Full recompute: the step's state depends only on tokens < i.
     hidden = model.position_hidden(cond, twice(codes), twice(positions))
     logits = guide(model.position_logits(hidden[:, i]))
     allowed = allowed_next(positions, coarse_br, last_b)
-    pos = pick_position(mask_logits(logits, allowed), key_pos)
+    pos = pick_position(mask_logits(logits, allowed), step=i)
     positions = positions.at[:, i].set(pos)
     code_logits = model.code_logits(hidden[:, :-1], twice(positions))[:, i]
-    code = pick_code(guide(code_logits), key_code)
+    code = pick_code(guide(code_logits), step=i)
     codes = codes.at[:, i].set(jnp.where(pos == c.end, 0, code))
     coarse_br |= assigned_by(pos, fmt)
     return (codes, positions, coarse_br, pos), None
@@ -485,6 +485,17 @@ def _generate(graphdef, state, cond, key, *, temperature, top_k, top_p,
   (codes, positions, _, _), _ = jax.lax.scan(step, init,
                                              jnp.arange(c.max_len))
   return codes, positions, jnp.sum(positions != c.end, axis=1)
+
+
+def _draw(logits_bk, *, key, step, which: int, **settings):
+  """Step `step`'s draws [B]: the position (`which` 0) or the code (1)
+  from split(fold_in(key, step)), with one key for the batch () or one per
+  row [B] (a row's draws then do not depend on the other rows)."""
+  split = lambda k: jax.random.split(jax.random.fold_in(k, step))[which]
+  if key.ndim == 0:
+    return sampling.pick(logits_bk, split(key), **settings)
+  return jax.vmap(lambda logits_k, k: sampling.pick(
+      logits_k[None], split(k), **settings)[0])(logits_bk, key)
 
 
 def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
@@ -507,16 +518,15 @@ def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
     (codes, positions, coarse_br, last_b), hidden_b1d, caches, next_pos = (
         carry)
     pos_cache, content_cache = caches
-    key_pos, key_code = jax.random.split(jax.random.fold_in(key, i))
     logits = guide(model.position_logits(hidden_b1d[:, 0]))
     allowed = allowed_next(positions, coarse_br, last_b)
-    pos = pick_position(mask_logits(logits, allowed), key_pos)
+    pos = pick_position(mask_logits(logits, allowed), step=i)
     x = hidden_b1d + model.embed_next(twice(pos)[:, None]).astype(
         hidden_b1d.dtype)
     h, content_cache = model.content_stream.forward_embeddings(
         x, cache=content_cache)
     code_logits = model.content_stream.logits(h)[:, 0].astype(jnp.float32)
-    code = pick_code(guide(code_logits), key_code)
+    code = pick_code(guide(code_logits), step=i)
     code = jnp.where(pos == c.end, 0, code)
     tokens = (model.position_stream.embed(twice(code)[:, None]) +
               model.embed_pos(twice(pos)[:, None]))
@@ -535,22 +545,27 @@ def _generate_cached(model: DQTransformer, cond, key, init, twice, guide,
 
 def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
              top_p=1.0, cfg_scale=1.0, position_temperature=None,
-             position_top_k=None, use_cache=True, free_positions=False):
+             position_top_k=None, position_top_p=None, use_cache=True,
+             free_positions=False):
   """Samples (codes [B, T], positions [B, T], lengths [B]) for a
   condition: class ids [B] (num_classes: the null class) or (text ids,
   text mask) [B, L] (an all-zero mask: the empty prompt).
 
-  One jitted lax.scan of exactly T = 4^(L-1) R steps; a finished row keeps emitting
-  END with code 0. With `use_cache` each stream keeps a KV cache and a
-  step feeds it one token; without, every step recomputes both streams
-  over the whole buffer (the reference the cached path is tested against).
-  Positions are drawn from the guided logits masked to
-  `next_position_mask` (with `free_positions`, `free_next_position_mask`:
-  the model also orders the fine cells), so every sample decodes;
-  temperature, top_k and
-  top_p apply to the codes, and to the positions unless
-  `position_temperature` / `position_top_k` are given (top_k is clamped to
-  the END + 1 position ids), temperature 0 being greedy. cfg_scale s gives
+  `key`: one PRNG key for the batch, or one per row [B]
+  (cvqcar.car.sampling.sample_keys): a row's step t then draws from
+  fold_in(key[b], t) alone, whatever the other rows (what the sharded
+  DQSampler passes).
+
+  One jitted lax.scan of exactly T = 4^(L-1) R steps; a finished row keeps
+  emitting END with code 0. With `use_cache` each stream keeps a KV cache
+  and a step feeds it one token; without, every step recomputes both
+  streams over the whole buffer (the reference the cached path is tested
+  against). Positions are drawn from the guided logits masked to
+  `next_position_mask` (with `free_positions` the model also orders the
+  finest cells), so every sample decodes; temperature, top_k and top_p
+  apply to the codes, and to the positions unless `position_temperature`
+  / `position_top_k` / `position_top_p` are given (top_k is clamped to the
+  END + 1 position ids), temperature 0 being greedy. cfg_scale s gives
   null + s (cond - null) (cvqcar.car.model.guided_logits): 1 is
   conditional only (and runs no null rows), 0 unconditional.
   """
@@ -558,19 +573,22 @@ def generate(model: DQTransformer, cond, key, *, temperature=1.0, top_k=0,
   position_temperature = (temperature if position_temperature is None
                           else position_temperature)
   position_top_k = top_k if position_top_k is None else position_top_k
+  position_top_p = top_p if position_top_p is None else position_top_p
   sampling.check_settings(temperature=temperature, top_k=top_k, top_p=top_p,
                           num_codes=c.num_codes)
   sampling.check_settings(temperature=position_temperature,
                           top_k=min(position_top_k, c.num_positions),
-                          top_p=top_p, num_codes=c.num_positions)
+                          top_p=position_top_p, num_codes=c.num_positions)
   check_condition(c, cond)
   cond = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32),
                       tuple(cond) if c.text_vocab else cond)
+  key = sampling.row_keys(key, jax.tree.leaves(cond)[0].shape[0])
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, cond, key,
                    temperature=float(temperature), top_k=int(top_k),
                    top_p=float(top_p), cfg_scale=float(cfg_scale),
                    use_cache=bool(use_cache),
                    position_top_k=int(position_top_k),
+                   position_top_p=float(position_top_p),
                    position_temperature=float(position_temperature),
                    free_positions=bool(free_positions))
