@@ -215,6 +215,9 @@ def sweep_table(runs: list[Run]) -> str:
       if "eval/fine_share" in ev:  # measured where encode runs, vs target
         fine = (f"; fine {ev['eval/fine_share']:.2f}, target"
                 f" {model['dynamic']['fine_fraction']:.2f}")
+      if "eval/medium_share" in ev:
+        fine += (f"; medium {ev['eval/medium_share']:.2f}, target"
+                 f" {model['dynamic'].get('medium_fraction', 0.0):.2f}")
       shown = f"{tokens:.1f} (at most {most}{fine}) x {dim}"
     z, e = (_last_train(run, "train/latent_norm"),
             _last_train(run, "train/codeword_norm"))
@@ -346,8 +349,9 @@ def _zoo_bars(path: str, runs: list[Run], bits_of, value_of, ylabel: str,
 
 
 def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
-  """Usage against K (when K varies) and PSNR against kept channels (when
-  channel runs differ in alpha); the PNG paths written."""
+  """Usage against K (when K varies), PSNR against kept channels (when
+  channel runs differ in alpha), PSNR and SSIM against codes per image
+  (when DQ-VAE runs differ in fine share); the PNG paths written."""
   stem, paths = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"), []
   model = lambda r: r.config["model"]
   bits = budget_of(runs)
@@ -381,6 +385,20 @@ def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
                        series, xlabel="codebook size K", logx=True,
                        ylabel="codebook usage on held-out crops (%)",
                        title=f"{name}: codebook usage"))
+  dynamic = [r for r in runs if model(r)["quantize"] == "dynamic"
+             and "eval/tokens" in r.eval]
+  if len({model(r)["dynamic"]["fine_fraction"] for r in dynamic}) > 1:
+    router = lambda r: (f"{model(r)['dynamic'].get('router', 'learned')}"
+                        " router")
+    for key, ylabel, what in (("eval/psnr", "PSNR (dB)", "psnr"),
+                              ("eval/ssim", "SSIM", "ssim")):
+      series = _series(dynamic, router, lambda r: [r.eval["eval/tokens"]],
+                       lambda r, _, key=key: r.eval[key])
+      paths.append(_plot(
+          os.path.join(out_dir, f"{stem}_{what}_vs_tokens.png"), series,
+          xlabel="codes per held-out image (mean)",
+          ylabel=f"{ylabel} on held-out crops",
+          title=f"{name}: {what} against codes per image"))
   channel = [r for r in runs if model(r)["quantize"] == "channel"]
   if len({model(r)["nested_dropout_alpha"] for r in channel}) > 1:
     prefix = lambda r: sorted(int(k.rsplit("_", 1)[1]) for k in r.eval

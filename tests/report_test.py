@@ -183,3 +183,30 @@ def test_metrics_file_keeps_lines_on_resume_and_later_values_win(tmp_path):
   resumed.write(20, {"train/loss": 1.5})
   steps = logs.read_metrics(str(tmp_path / logs.METRICS_FILE))
   assert steps == {10: {"train/loss": 2.0}, 20: {"train/loss": 1.5}}
+
+
+def test_report_shows_dq_shares_beside_targets_and_plots_codes(tmp_path):
+  root = tmp_path / "runs"
+  for router in ("learned", "entropy"):
+    for share in (0.25, 0.75):
+      path = root / "dq" / f"{router}_{share}"
+      _fake_run(path, quantize="dynamic", psnr=18 + 4 * share,
+                args="tiny,budget=64,dynamic")
+      config = json.loads((path / "config.json").read_text())
+      config["model"]["dynamic"].update(router=router, fine_fraction=share)
+      (path / "config.json").write_text(json.dumps(config))
+      logs.MetricsFile(str(path)).write(400, {
+          "eval/tokens": 16 + 48 * (share - 0.02),
+          "eval/fine_share": share - 0.02})
+  path = root / "dq3" / "three"
+  _fake_run(path, quantize="dynamic", args="tiny,budget=64,dynamic=3")
+  logs.MetricsFile(str(path)).write(400, {
+      "eval/tokens": 30.0, "eval/fine_share": 0.29, "eval/medium_share": 0.31})
+  out = tmp_path / "results.md"
+  assert report.main(["--runs", str(root), "--out", str(out)]) == 0
+  page = out.read_text()
+  assert "fine 0.73, target 0.75" in page and "fine 0.23, target 0.25" in page
+  assert "fine 0.29, target 0.30; medium 0.31, target 0.30" in page
+  for what in ("psnr", "ssim"):
+    png = tmp_path / "results" / f"dq_{what}_vs_tokens.png"
+    assert np.asarray(Image.open(png)).std() > 10
