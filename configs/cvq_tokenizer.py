@@ -235,6 +235,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.profile_steps = ""
   # A workdir lock whose holder sent no heartbeat for this long is stale.
   config.lock_stale_after_s = 600.0
+  # Weights & Biases beside TensorBoard (cvqcar/wandb_writer.py): a project
+  # name turns it on; mode 'offline' (or WANDB_MODE) writes for `wandb sync`.
+  config.wandb = ml_collections.ConfigDict(
+      {"project": "", "entity": "", "name": "", "mode": ""})
   config.num_grid_images = 8
 
   if "res" in args:

@@ -49,6 +49,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from cvqcar import checkpoint, exit_codes, logs, perf, preemption, sharding
+from cvqcar import wandb_writer
 from cvqcar import workdir_lock as lock_lib
 
 
@@ -202,8 +203,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task,
 
 def _train(config, workdir, task: Task, ckpt, state, data: _Data,
            stop: preemption.StopRequest, on_log) -> Summary:
+  """The steps, writing to TensorBoard (clu) and, with config.wandb.project,
+  to Weights & Biases too (cvqcar.wandb_writer; process 0)."""
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
+  mirror = wandb_writer.create(config, workdir, jax.process_index())
+  if mirror is not None:
+    writer = metric_writers.MultiWriter([writer, mirror])
+  try:
+    return _train_steps(config, workdir, task, ckpt, state, data, stop,
+                        on_log, writer)
+  finally:
+    if mirror is not None:
+      mirror.close()
+
+
+def _train_steps(config, workdir, task: Task, ckpt, state, data: _Data,
+                 stop: preemption.StopRequest, on_log, writer) -> Summary:
   metrics_file = logs.MetricsFile(workdir)
   start, total = int(state.step), config.num_train_steps
   end = min(total, start + config.run_steps) if config.run_steps else total

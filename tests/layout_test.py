@@ -18,7 +18,7 @@ COMMANDS = frozenset(
 SHARED = frozenset(
     {"sharding", "distributed", "checkpoint", "fingerprint", "logs",
      "metrics", "visualize", "optim", "figures", "exit_codes", "loop", "perf",
-     "preemption", "workdir_lock"})
+     "preemption", "workdir_lock", "wandb_writer"})
 SUBPACKAGES = ("kernels", "tokenizer", "car", "dq", "data", "evaluation")
 # Which rooms each room may import (besides itself).
 ALLOWED = {
