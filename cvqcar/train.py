@@ -44,16 +44,33 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and images go.")
 
 
+def resolve_config_path(path: str) -> str:
+  """`path` if it is a file, else `configs/...` from the installed configs
+  package (an installed copy run outside the checkout), else `path`."""
+  if os.path.isfile(path) or not path.startswith("configs/"):
+    return path
+  import configs  # noqa: PLC0415 (installed with the package)
+
+  installed = os.path.join(os.path.dirname(configs.__file__),
+                           path[len("configs/"):])
+  return installed if os.path.isfile(installed) else path
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the flags and loads the config before anything starts; a
   missing config file, an unknown field or a bad value exits with one line
-  naming it (absl would print tracebacks)."""
-  for arg in argv[1:]:
+  naming it (absl would print tracebacks). `--config=configs/...` falls
+  back to the installed configs package."""
+  argv = list(argv)
+  for i, arg in enumerate(argv[1:], 1):
     if arg.startswith("--config="):
-      path = arg.split("=", 1)[1].split(":", 1)[0]
+      spec = arg.split("=", 1)[1]
+      path, sep, rest = spec.partition(":")
+      path = resolve_config_path(path)
       if not os.path.isfile(path):
         sys.exit(f"train: no config file {path!r} (--config=FILE[:ARGS],"
                  " e.g. configs/cvq_tokenizer.py:tiny)")
+      argv[i] = f"--config={path}{sep}{rest}"
   try:
     rest = flags.FLAGS(argv)
     _CONFIG.value  # noqa: B018 (loads the config: its errors surface here)

@@ -1,0 +1,1 @@
+"""CAR: channel-wise autoregression on a Qwen3 backbone."""

@@ -1,0 +1,45 @@
+"""Convert webdataset tars or parquet files to ArrayRecord pair shards.
+
+  python -m cvqcar.convert_pairs --input='data/laion/{00000..00009}.tar' \
+      --format=webdataset --out=shards/laion
+  python -m cvqcar.convert_pairs --input='data/cc3m/*.parquet' \
+      --format=parquet --image_column=image --caption_column=caption \
+      --out=shards/cc3m
+  python -m cvqcar.convert_pairs --format=embedded --out=shards/embedded
+
+The input formats and the skip rules are described in cvqcar/data/convert.py.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from cvqcar import logs
+from cvqcar.data import convert, pairs
+
+flags.DEFINE_string(
+    "input", None, "Files: comma list of paths, globs, {000..009} ranges"
+    " or directories (not needed for --format=embedded).")
+flags.DEFINE_enum("format", None, convert.FORMATS, "Input format.")
+flags.DEFINE_string("out", None, "Output directory for the shards.")
+flags.DEFINE_string("image_column", "image", "Parquet image column.")
+flags.DEFINE_string("caption_column", "caption", "Parquet caption column.")
+flags.DEFINE_integer("examples_per_shard", pairs.DEFAULT_EXAMPLES_PER_SHARD,
+                     "Examples per output shard.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.setup()
+  f = flags.FLAGS
+  if f.format != "embedded" and not f.input:
+    raise app.UsageError(f"--format={f.format} needs --input")
+  convert.convert(f.input, f.format, f.out, image_column=f.image_column,
+                  caption_column=f.caption_column,
+                  examples_per_shard=f.examples_per_shard)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["format", "out"])
+  app.run(main)

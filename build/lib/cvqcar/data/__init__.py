@@ -1,0 +1,1 @@
+"""Input pipelines: images, text-image pairs, text tokenizers. No model code."""

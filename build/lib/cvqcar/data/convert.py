@@ -1,0 +1,233 @@
+"""Convert webdataset tars or parquet files to ArrayRecord pair shards.
+
+webdataset: members KEY.jpg|jpeg|png|webp and KEY.txt sharing a KEY make
+one example. parquet: an image column of raw bytes or of structs with a
+'bytes' field (as HF datasets write it) and a str caption column. Examples
+whose image does not open or whose caption is empty are skipped and counted
+by reason. The record format is described in cvqcar/data/pairs.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+import os
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from absl import logging
+from PIL import Image
+
+from cvqcar.data import pairs
+
+FORMATS = ("webdataset", "parquet", "embedded")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",)}
+
+
+@dataclasses.dataclass
+class Stats:
+  """Running counts, logged as progress and returned at the end."""
+
+  read: int = 0
+  written: int = 0
+  skipped: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
+  start: float = dataclasses.field(default_factory=time.time)
+  log_every: int = 1000
+
+  def skip(self, reason: str, where: str) -> None:
+    self.skipped[reason] += 1
+    if self.skipped[reason] <= 3:  # The first few name the example.
+      logging.warning("skipped %s: %s", where, reason)
+
+  def wrote(self) -> None:
+    self.written += 1
+    if self.written % self.log_every == 0:
+      logging.info("%s", self.summary())
+
+  def summary(self) -> str:
+    skipped = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
+    return (f"read {self.read}, wrote {self.written}, skipped"
+            f" {sum(self.skipped.values())}{f' ({skipped})' if skipped else ''}"
+            f" in {time.time() - self.start:.0f}s")
+
+
+def expand_inputs(spec: str, fmt: str) -> list[str]:
+  """Files a comma list of paths, globs or directories names, sorted."""
+  paths = []
+  for part in filter(None, spec.split(",")):
+    if os.path.isdir(part):
+      paths += sorted(os.path.join(part, f) for f in os.listdir(part)
+                      if f.endswith(_EXTENSIONS[fmt]))
+    else:
+      for pattern in _brace_to_globs(part):
+        paths += sorted(glob.glob(pattern))
+  if not paths:
+    raise FileNotFoundError(f"--input={spec!r} matches no {fmt} files")
+  return paths
+
+
+def _brace_to_globs(pattern: str) -> list[str]:
+  """Expands webdataset's {00000..00009} ranges, which glob lacks."""
+  m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+  if not m:
+    return [pattern]
+  lo, hi = m.group(1), m.group(2)
+  out = []
+  for i in range(int(lo), int(hi) + 1):
+    out += _brace_to_globs(pattern[:m.start()] + str(i).zfill(len(lo))
+                           + pattern[m.end():])
+  return out
+
+
+def _check_image(image: bytes) -> str | None:
+  """None if PIL can open the bytes as an image, else the reason."""
+  try:
+    with Image.open(io.BytesIO(image)) as pil:
+      pil.verify()  # Parses the file structure without decoding pixels.
+  except Exception:  # PIL raises many types.  # noqa: BLE001
+    return "image does not open"
+  return None
+
+
+def _example(key: str, image: Any, caption: Any, where: str,
+             stats: Stats) -> dict[str, Any] | None:
+  stats.read += 1
+  if image is None:
+    stats.skip("no image", where)
+    return None
+  if isinstance(caption, bytes):
+    try:
+      caption = caption.decode("utf-8")
+    except UnicodeDecodeError:
+      stats.skip("caption is not UTF-8", where)
+      return None
+  caption = (caption or "").strip()
+  if not caption:
+    stats.skip("no caption", where)
+    return None
+  reason = _check_image(image)
+  if reason:
+    stats.skip(reason, where)
+    return None
+  return {"image": image, "caption": caption, "key": key}
+
+
+def webdataset_examples(path: str, stats: Stats) -> Iterator[dict[str, Any]]:
+  """Examples of one webdataset tar; streams when keys come in order."""
+  pending: dict[str, dict[str, bytes]] = {}
+  with tarfile.open(path) as tar:
+    for member in tar:
+      if not member.isfile():
+        continue
+      # webdataset: the key is the path up to the first dot of the name.
+      folder, name = os.path.split(member.name)
+      stem, _, ext = name.partition(".")
+      ext = ext.lower()
+      if ext != "txt" and ext not in IMAGE_EXTENSIONS:
+        continue
+      key = os.path.join(folder, stem)
+      parts = pending.setdefault(key, {})
+      parts["caption" if ext == "txt" else "image"] = tar.extractfile(
+          member).read()
+      if len(parts) == 2:
+        del pending[key]
+        example = _example(key, parts["image"], parts["caption"],
+                           f"{path}:{key}", stats)
+        if example:
+          yield example
+  for key, parts in pending.items():
+    _example(key, parts.get("image"), parts.get("caption"), f"{path}:{key}",
+             stats)
+
+
+def _image_bytes(value: Any) -> bytes | None:
+  if isinstance(value, dict):  # HF datasets: {'bytes': ..., 'path': ...}
+    value = value.get("bytes")
+  return value
+
+
+def parquet_examples(path: str, stats: Stats, *, image_column: str,
+                     caption_column: str,
+                     batch_rows: int = 256) -> Iterator[dict[str, Any]]:
+  """Examples of one parquet file, read a few hundred rows at a time."""
+  import pyarrow as pa  # Only parquet conversion needs it.
+  import pyarrow.parquet as pq
+
+  file = pq.ParquetFile(path)
+  schema = file.schema_arrow
+  for column in (image_column, caption_column):
+    if column not in schema.names:
+      raise ValueError(f"{path} has no column {column!r}; its columns are"
+                       f" {schema.names} (set --image_column/--caption_column)")
+  image_type = schema.field(image_column).type
+  if pa.types.is_struct(image_type):
+    fields = [image_type.field(i).name for i in range(image_type.num_fields)]
+    if "bytes" not in fields:
+      raise ValueError(f"{path}: column {image_column!r} is a struct with"
+                       f" fields {fields}, expected a 'bytes' field")
+  elif not (pa.types.is_binary(image_type)
+            or pa.types.is_large_binary(image_type)):
+    raise ValueError(f"{path}: column {image_column!r} has type {image_type},"
+                     " expected binary image bytes or struct<bytes: binary>")
+  row = 0
+  for batch in file.iter_batches(batch_size=batch_rows,
+                                 columns=[image_column, caption_column]):
+    images = batch.column(image_column).to_pylist()
+    captions = batch.column(caption_column).to_pylist()
+    for image, caption in zip(images, captions, strict=True):
+      key = f"{os.path.basename(path)}:{row}"
+      example = _example(key, _image_bytes(image), caption,
+                         f"{path} row {row}", stats)
+      row += 1
+      if example:
+        yield example
+
+
+def embedded_examples(stats: Stats) -> Iterator[dict[str, Any]]:
+  """The embedded captioned photos (both splits), as PNG bytes."""
+  for split in ("train", "eval"):
+    for record in pairs.embedded_pairs(split):
+      stats.read += 1
+      yield {"image": pairs.encode_png(record["image"]),
+             "caption": record["caption"], "key": record["key"]}
+
+
+def convert(input_spec: str, fmt: str, out: str, *,
+            image_column: str = "image", caption_column: str = "caption",
+            examples_per_shard: int | None = None) -> Stats:
+  """Reads every input file and writes the pair shards under `out`."""
+  if fmt not in FORMATS:
+    raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+  stats = Stats()
+  if fmt == "embedded":
+    examples = embedded_examples(stats)
+  else:
+    paths = expand_inputs(input_spec or "", fmt)
+    logging.info("converting %d %s files", len(paths), fmt)
+
+    def examples_of_all():
+      for path in paths:
+        if fmt == "webdataset":
+          yield from webdataset_examples(path, stats)
+        else:
+          yield from parquet_examples(path, stats, image_column=image_column,
+                                      caption_column=caption_column)
+        logging.info("done %s: %s", path, stats.summary())
+
+    examples = examples_of_all()
+
+  def counted():
+    for example in examples:
+      yield example
+      stats.wrote()
+
+  pairs.write_shards(counted(), out, examples_per_shard=examples_per_shard)
+  logging.info("finished: %s", stats.summary())
+  return stats

@@ -1,0 +1,369 @@
+"""Grain image pipelines: ImageNet from TFDS, image folders, embedded photos,
+Fashion-MNIST."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from cvqcar.data import fashion
+
+# Photos bundled in the scikit-image wheel that stay out of training and give
+# the embedded eval set (a cat, a coffee cup and a gravel texture).
+EMBEDDED_EVAL_FILES = ("chelsea.png", "coffee.png", "gravel.png")
+_EMBEDDED_SUFFIXES = (".png", ".jpg")
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def embedded_photos(split: str) -> list[dict[str, Any]]:
+  """scikit-image's bundled photographs as records {'image': uint8 [H, W, 3]}.
+
+  'train' holds every photo but EMBEDDED_EVAL_FILES; 'eval' holds those.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"embedded split must be 'train' or 'eval', got {split!r}")
+  root = importlib.resources.files("skimage") / "data"
+  names = sorted(p.name for p in root.iterdir()
+                 if p.name.endswith(_EMBEDDED_SUFFIXES))
+  names = [n for n in names if (n in EMBEDDED_EVAL_FILES) == (split == "eval")]
+  records = []
+  for name in names:
+    with Image.open(io.BytesIO((root / name).read_bytes())) as image:
+      records.append({"image": _to_rgb(image), "name": name})
+  if not records:
+    raise FileNotFoundError(f"no photos found under {root}")
+  return records
+
+
+def decode_image(image: Any) -> np.ndarray | None:
+  """uint8 [H, W, 3] from encoded bytes or an array; None if undecodable."""
+  if isinstance(image, (bytes, np.bytes_)):
+    try:
+      with Image.open(io.BytesIO(image)) as pil:
+        return _to_rgb(pil)
+    except Exception:  # PIL raises many types on corrupt data.  # noqa: BLE001
+      return None
+  array = np.asarray(image)
+  if array.ndim == 2:
+    array = np.repeat(array[..., None], 3, axis=-1)
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(
+      array.shape[:2]) == 0:
+    return None
+  if array.shape[-1] == 1:
+    array = np.repeat(array, 3, axis=-1)
+  return array[..., :3].astype(np.uint8)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  return np.asarray(Image.fromarray(image).resize(
+      size, Image.Resampling.BICUBIC, reducing_gap=2.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Record -> {'image': float32 [R, R, 3] in [-1, 1]} or {'corrupt': True}.
+
+  crop: 'center' (resize short side to R, center crop), 'random' (resize
+  short side to R, random crop) or 'random_scale' (square crop of a random
+  side in [min_scale, 1] x short side, then resize to R: many natural-image
+  patches from a few large photos).
+  """
+
+  resolution: int
+  crop: str = "center"
+  flip: bool = False
+  min_scale: float = 0.15
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator):
+    image = decode_image(record["image"])
+    if image is None:
+      return {"corrupt": True}
+    r = self.resolution
+    h, w = image.shape[:2]
+    if self.crop == "random_scale":
+      short = min(h, w)
+      side = int(rng.uniform(max(self.min_scale * short, min(r, short)),
+                             short + 1))
+      top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+      image = _resize(image[top:top + side, left:left + side], (r, r))
+    else:
+      scale = r / min(h, w)
+      nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+      image = _resize(image, (nw, nh))
+      if self.crop == "random":
+        top, left = rng.integers(0, nh - r + 1), rng.integers(0, nw - r + 1)
+      else:
+        top, left = (nh - r) // 2, (nw - r) // 2
+      image = image[top:top + r, left:left + r]
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {"image": image.astype(np.float32) / 127.5 - 1.0, "corrupt": False}
+
+
+class _SkipCorruptIterator(grain.DatasetIterator):
+  """Drops corrupt records; each kept element counts the drops before it."""
+
+  def __next__(self):
+    skipped = 0
+    while True:
+      element = next(self._parent)
+      if not element.pop("corrupt"):
+        element["skipped"] = np.int32(skipped)
+        return element
+      skipped += 1
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class SkipCorrupt(grain.IterDataset):
+  """A Grain stage that drops elements flagged 'corrupt' and counts them.
+
+  The count travels with the data (summed by batching) so it survives worker
+  processes and is reported in the training metrics as data/skipped.
+  """
+
+  def __iter__(self):
+    return _SkipCorruptIterator(self._parent.__iter__())
+
+
+def records_pipeline(
+    records: Sequence[Any],
+    transform,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    num_examples: int | None = None,
+    num_threads: int = 4,
+    worker_count: int = 0,
+    drop_remainder: bool = True,
+    start_example: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+  """Shuffled/repeated (train) or one-pass (eval) batches of this process.
+
+  `transform(record, rng)` returns an element dict with a 'corrupt' flag.
+  `batch_size` is global; each JAX process yields batches of batch_size /
+  process_count. `num_examples` takes the first num_examples records,
+  cycling if there are fewer (eval crops from a few photos).
+
+  Training reads one global stream, the same for any number of processes:
+  example i is record shuffle(i) of the repeated records, transformed with
+  a random generator seeded by (seed, i). Global batch t is examples
+  [start_example + t * batch_size, ... + batch_size), and process p of P
+  reads its contiguous block of batch_size / P of them. So a run that
+  resumes at step s on another process count, with start_example = the
+  examples consumed so far, sees exactly the examples an uninterrupted run
+  would (elastic resume; corrupt records shift a process's own block by
+  the number dropped). Eval splits the records one pass, p::P.
+  """
+  processes = jax.process_count() if process_count is None else process_count
+  index = jax.process_index() if process_index is None else process_index
+  if batch_size % processes:
+    raise ValueError(f"batch size {batch_size} is not divisible by the"
+                     f" {processes} JAX processes")
+  local = batch_size // processes
+  ds = grain.MapDataset.source(records)
+  if num_examples is not None:
+    n = len(records)
+    ds = grain.MapDataset.range(num_examples).map(lambda i: records[i % n])
+  if train:
+    stream = ds.shuffle(seed=seed).repeat().random_map(transform, seed=seed)
+
+    def global_index(j: int) -> int:  # this process's j-th example
+      return start_example + (j // local) * batch_size + index * local + (
+          j % local)
+
+    ds = grain.MapDataset.range(len(stream) - start_example).map(
+        lambda j: stream[global_index(j)])
+  else:
+    ds = ds[index::processes].random_map(transform, seed=seed)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
+  ds = SkipCorrupt(ds)
+  ds = ds.batch(local, drop_remainder=drop_remainder)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class FolderImages(Sequence):
+  """Records {'image': encoded bytes, 'name'} of the image files in a
+  directory (sorted by name), read when asked for."""
+
+  def __init__(self, directory: str):
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"image folder {directory!r} does not exist")
+    self.directory = directory
+    self.names = sorted(n for n in os.listdir(directory)
+                        if n.lower().endswith(IMAGE_SUFFIXES))
+    if not self.names:
+      raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} files in"
+                              f" {directory}")
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def __getitem__(self, i):
+    with open(os.path.join(self.directory, self.names[i]), "rb") as f:
+      return {"image": f.read(), "name": self.names[i]}
+
+
+def padded_eval_batches(records: Sequence[Any], preprocess, *,
+                        batch_size: int, seed: int = 0,
+                        num_examples: int | None = None,
+                        num_threads: int = 4) -> Iterator[dict[str, Any]]:
+  """One pass over every record, each counted exactly once.
+
+  Yields this process's batches of batch_size / process_count rows with a
+  'mask' (1 real, 0 padding): a short last batch is padded, never dropped,
+  and every process yields the same number of batches (the collectives of a
+  sharded eval step need that). The last batch also carries 'corrupt', this
+  process's count of undecodable records.
+  """
+  processes, index = jax.process_count(), jax.process_index()
+  n = len(records) if num_examples is None else num_examples
+  local = batch_size // processes
+  share = len(range(index, n, processes))
+  most = -(-n // processes)  # the largest process's share
+  num_batches = max(1, -(-most // local))
+  ds = records_pipeline(records, preprocess, batch_size=batch_size,
+                        seed=seed, train=False, num_examples=num_examples,
+                        num_threads=num_threads, drop_remainder=False)
+  it, real, template = iter(ds), 0, None
+  for i in range(num_batches):
+    batch = next(it, None)
+    if batch is not None:
+      batch.pop("skipped")
+      rows = len(batch["image"])
+      template = template or {k: v[:1] for k, v in batch.items()}
+    else:
+      rows = 0
+      batch = template and {k: v[:0] for k, v in template.items()}
+      if batch is None:  # no real image at all on this process
+        r = preprocess.resolution
+        batch = {"image": np.zeros((0, r, r, 3), np.float32)}
+    real += rows
+    out = {k: np.concatenate([v, np.zeros((local - rows,) + v.shape[1:],
+                                          v.dtype)])
+           for k, v in batch.items()}
+    out["mask"] = (np.arange(local) < rows).astype(np.float32)
+    if i == num_batches - 1:
+      out["corrupt"] = np.int64(share - real)
+    yield out
+
+
+def image_pipeline(records: Sequence[dict[str, Any]], *,
+                   preprocess: Preprocess, **kwargs) -> grain.IterDataset:
+  """Batches {'image' [b, R, R, 3] float32, 'skipped' [b]}; see
+  records_pipeline for the keyword arguments."""
+  return records_pipeline(records, preprocess, **kwargs)
+
+
+def imagenet_records(cfg: ml_collections.ConfigDict, split: str):
+  """TFDS imagenet2012 `split` in cfg.data_dir as a random-access source of
+  {'image': encoded bytes, 'label', ...}; nothing is downloaded."""
+  import tensorflow_datasets as tfds  # Heavy import; only ImageNet needs it.
+
+  if not cfg.data_dir:
+    raise ValueError("config.data.data_dir must point at a local TFDS"
+                     " directory holding imagenet2012 (nothing is downloaded)")
+  return tfds.data_source(
+      "imagenet2012", split=split, data_dir=cfg.data_dir, download=False,
+      decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def train_dataset(config: ml_collections.ConfigDict,
+                  start_example: int = 0) -> grain.IterDataset:
+  """The tokenizer config's training images from global example
+  `start_example` on (records_pipeline)."""
+  d, r = config.data, config.model.resolution
+  if d.name == "embedded":
+    records = embedded_photos("train")
+    preprocess = Preprocess(r, crop="random_scale", flip=True,
+                            min_scale=d.min_scale)
+  elif d.name == "imagenet2012":
+    records = imagenet_records(d, d.train_split)
+    preprocess = Preprocess(r, crop=d.train_crop, flip=True)
+  elif d.name == "fashion_mnist":
+    records = fashion.records(d.data_dir, "train")
+    preprocess = Preprocess(r, crop="center")
+  else:
+    raise ValueError(f"config.data.name must be 'embedded', 'imagenet2012'"
+                     f" or 'fashion_mnist',"
+                     f" got {d.name!r}")
+  logging.info("train data: %s, %d records", d.name, len(records))
+  return image_pipeline(records, preprocess=preprocess,
+                        batch_size=config.batch_size, seed=config.seed,
+                        train=True, num_threads=d.num_threads,
+                        worker_count=d.worker_count,
+                        start_example=start_example)
+
+
+def eval_records(config: ml_collections.ConfigDict):
+  """(records, preprocess, number of images) of config.data's eval set."""
+  d, r = config.data, config.model.resolution
+  if d.name == "embedded":
+    return (embedded_photos("eval"),
+            Preprocess(r, crop="random_scale", min_scale=d.min_scale),
+            d.num_eval_images)
+  if d.name == "folder":
+    records = FolderImages(d.eval_dir)
+  elif d.name == "fashion_mnist":
+    records = fashion.records(d.data_dir, "test")
+  else:
+    records = imagenet_records(d, d.eval_split)
+  num = min(d.num_eval_images or len(records), len(records))
+  return records, Preprocess(r, crop="center"), num
+
+
+def eval_batches(config: ml_collections.ConfigDict):
+  """The fixed eval set (the same images in the same order every time) as
+  padded, masked batches: see padded_eval_batches."""
+  records, preprocess, num = eval_records(config)
+  return padded_eval_batches(
+      records, preprocess, batch_size=config.eval_batch_size,
+      seed=config.seed + 1, num_examples=num,
+      num_threads=config.data.num_threads)
+
+
+def eval_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
+  """A fixed eval set: the same images in the same order at every eval."""
+  d, r = config.data, config.model.resolution
+  if d.name == "embedded":
+    records = embedded_photos("eval")
+    preprocess = Preprocess(r, crop="random_scale", min_scale=d.min_scale)
+    num = d.num_eval_images
+  else:
+    records = (fashion.records(d.data_dir, "test")
+               if d.name == "fashion_mnist"
+               else imagenet_records(d, d.eval_split))
+    preprocess = Preprocess(r, crop="center")
+    num = min(d.num_eval_images or len(records), len(records))
+  return image_pipeline(records, preprocess=preprocess,
+                        batch_size=config.eval_batch_size,
+                        seed=config.seed + 1, train=False, num_examples=num,
+                        num_threads=d.num_threads)
+

@@ -1,0 +1,1 @@
+"""DQ-Transformer: the autoregressive generator over DQ-VAE token sequences."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID Inception, Frechet distance, metric accumulation."""

@@ -1,0 +1,1 @@
+"""Pallas kernels, one file per op with its pure-jnp reference."""

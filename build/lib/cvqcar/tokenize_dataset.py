@@ -1,0 +1,38 @@
+"""Pre-tokenize pair shards with a frozen CVQ tokenizer export.
+
+  python -m cvqcar.tokenize_dataset --tokenizer=exports/cvq_tiny \
+      --input=shards/embedded --out=shards/embedded_tokens
+
+Writes {'tokens': int32 [C], 'caption'} shards that CAR training reads with
+`--config.data.name=shards`; see cvqcar/car/pretokenize.py.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from cvqcar import logs
+from cvqcar.car import pretokenize
+from cvqcar.data import pairs
+
+flags.DEFINE_string("tokenizer", None, "CVQ tokenizer export directory.")
+flags.DEFINE_string("input", None, "Image pair shards: a directory or a glob.")
+flags.DEFINE_string("out", None, "Output directory for token shards.")
+flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
+flags.DEFINE_integer("examples_per_shard", pairs.DEFAULT_EXAMPLES_PER_SHARD,
+                     "Examples per output shard.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.setup()
+  f = flags.FLAGS
+  pretokenize.tokenize_shards(
+      f.tokenizer, f.input, f.out, batch_size=f.batch_size,
+      examples_per_shard=f.examples_per_shard)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["tokenizer", "input", "out"])
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Image tokenizers: CVQ and the patch-wise baseline; training, export."""
