@@ -48,8 +48,15 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from cvqcar import checkpoint, exit_codes, logs, perf, preemption, sharding
-from cvqcar import wandb_writer
+from cvqcar import (
+  checkpoint,
+  exit_codes,
+  logs,
+  perf,
+  preemption,
+  sharding,
+  wandb_writer,
+)
 from cvqcar import workdir_lock as lock_lib
 
 

@@ -370,11 +370,10 @@ def test_sharded_sampler_draws_the_same_samples_on_any_mesh(model,
   on one device and on data x fsdp meshes, with odd batches padded, equal
   to generate's with those keys; a row does not depend on the others; and
   a params-only export loads onto a mesh with the same result."""
+  from configs import dq_transformer
   from cvqcar import checkpoint
   from cvqcar.car import sampling
   from cvqcar.dq import sampler as dq_sampler
-
-  from configs import dq_transformer
 
   config = ml_collections.ConfigDict({
       "model": dict(CONFIG.__dict__),

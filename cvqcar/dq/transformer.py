@@ -25,9 +25,10 @@ then forced (`next_position_mask`), so every sampled sequence is valid.
 With `free_positions` the model also orders the finest cells.
 
 Streams. The position transformer reads [begin(class)] + (embed_code(c_t) +
-embed_pos(p_t)) causally; its output at step t predicts p_t (logits over the
-END + 1 ids, the step after the last token predicting END). The content transformer reads that
-hidden state plus embed_next(p_t), the position of the code to predict, and
+embed_pos(p_t)) causally; its output at step t predicts p_t (logits over
+the END + 1 ids, the step after the last token predicting END). The
+content transformer reads that hidden state plus embed_next(p_t), the
+position of the code to predict, and
 predicts c_t; it is causal too, so step t sees tokens < t and p_t. Both are
 cvqcar.car.qwen3 trunks (RMSNorm, GQA with RoPE over the step index, SwiGLU).
 

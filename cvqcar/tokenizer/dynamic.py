@@ -11,8 +11,8 @@ stage. All levels share one codebook. A router picks each region's level
 (training: binary Gumbel-softmax gates with a straight-through hard
 forward, one per level boundary, sharing their noise so the gates nest; at
 eval: thresholds at the target quantiles of the router's scores on
-training batches, so the share at each level meets its target); a budget loss pulls the training shares toward
-the targets. The decoder reads the mixture on the finest grid: a code of
+training batches, so the share at each level meets its target); a budget
+loss pulls the training shares toward the targets. The decoder reads the mixture on the finest grid: a code of
 a coarser level fills its cells, and position embeddings (Fourier +
 learned, as the original's decoder) let the copies decode differently.
 
@@ -32,7 +32,8 @@ appears once, at one level.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
