@@ -12,9 +12,10 @@ stage. All levels share one codebook. A router picks each region's level
 forward, one per level boundary, sharing their noise so the gates nest; at
 eval: thresholds at the target quantiles of the router's scores on
 training batches, so the share at each level meets its target); a budget
-loss pulls the training shares toward the targets. The decoder reads the mixture on the finest grid: a code of
-a coarser level fills its cells, and position embeddings (Fourier +
-learned, as the original's decoder) let the copies decode differently.
+loss pulls the training shares toward the targets. The decoder reads the
+mixture on the finest grid: a code of a coarser level fills its cells, and
+position embeddings (Fourier + learned, as the original's decoder) let the
+copies decode differently.
 
 The router sees the region's features and its relative detail (the mean
 squared deviation of its cells from their mean, over their mean square),
