@@ -177,3 +177,63 @@ def test_elastic_resume_sees_each_example_once_on_any_process_count():
       batch_size=6, seed=7, train=True, process_index=1, process_count=3,
       num_threads=1)))
   assert list(local["id"]) == [i for i, _ in whole[0][2:4]]
+
+
+def _reference_preprocess(pre, image, rng):
+  """The plain form of image_data.Preprocess: decode the whole image,
+  resize it (or the crop) with PIL, cut the window, flip."""
+  from PIL import Image as PILImage
+
+  image = np.asarray(PILImage.open(io.BytesIO(image)).convert("RGB"))
+  resize = lambda x, size: np.asarray(PILImage.fromarray(x).resize(
+      size, PILImage.Resampling.BICUBIC, reducing_gap=2.0))
+  r, (h, w) = pre.resolution, image.shape[:2]
+  if pre.crop == "random_scale":
+    short = min(h, w)
+    side = int(rng.uniform(max(pre.min_scale * short, min(r, short)),
+                           short + 1))
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    out = resize(image[top:top + side, left:left + side], (r, r))
+  else:
+    scale = r / min(h, w)
+    nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+    image = resize(image, (nw, nh))
+    if pre.crop == "random":
+      top, left = rng.integers(0, nh - r + 1), rng.integers(0, nw - r + 1)
+    else:
+      top, left = (nh - r) // 2, (nw - r) // 2
+    out = image[top:top + r, left:left + r]
+  if pre.flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return out.astype(np.float32) / 127.5 - 1.0
+
+
+@pytest.mark.parametrize("crop", ["center", "random", "random_scale"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_one_step_crop_resize_matches_decode_resize_then_crop(crop, fmt):
+  """Preprocess resizes only the crop, in one resample, and decodes a
+  JPEG at a reduced DCT scale when it shrinks 2x or more: the same images
+  as decoding everything, resizing, then cropping, within JPEG noise."""
+  from PIL import Image as PILImage
+
+  photos = image_data.embedded_photos("train")
+  pre = image_data.Preprocess(64, crop=crop, flip=True, min_scale=0.15)
+  for i, photo in enumerate(photos[:6]):
+    buf = io.BytesIO()
+    PILImage.fromarray(photo["image"]).save(buf, fmt, quality=95)
+    data = buf.getvalue()
+    got = pre({"image": data}, np.random.default_rng(i))["image"]
+    want = _reference_preprocess(pre, data, np.random.default_rng(i))
+    assert got.shape == want.shape == (64, 64, 3)
+    err = np.abs(got - want) * 127.5  # in 8-bit levels
+    assert err.mean() < 1.5 and np.median(err) <= 1.0, (photo["name"],
+                                                        err.mean())
+  if fmt == "JPEG":  # a 512 px side shrinks 8x: decoded at 1/4 scale
+    big = max(photos, key=lambda p: min(p["image"].shape[:2]))["image"]
+    buf = io.BytesIO()
+    PILImage.fromarray(big).save(buf, "JPEG")
+    pil = PILImage.open(buf)
+    w, h = pil.size
+    assert w >= 512
+    image_data._crop_resize(pil, (0, 0, w, h), w // 8)
+    assert pil.size == (-(-w // 4), -(-h // 4))

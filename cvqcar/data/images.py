@@ -89,29 +89,62 @@ class Preprocess:
   min_scale: float = 0.15
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator):
-    image = decode_image(record["image"])
-    if image is None:
+    try:
+      pil = _open(record["image"])
+      if pil is None:
+        return {"corrupt": True}
+      image = np.asarray(_crop_resize(pil, self._box(pil.size, rng),
+                                      self.resolution))
+    except Exception:  # PIL raises many types on corrupt data.  # noqa: BLE001
       return {"corrupt": True}
-    r = self.resolution
-    h, w = image.shape[:2]
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {"image": image.astype(np.float32) / 127.5 - 1.0, "corrupt": False}
+
+  def _box(self, size: tuple[int, int], rng: np.random.Generator):
+    """The crop, in source pixels (left, top, right, bottom), that becomes
+    the R x R output. 'center' and 'random' take the R x R window of the
+    image resized to a short side of R, without resizing the whole image."""
+    r, (w, h) = self.resolution, size
     if self.crop == "random_scale":
       short = min(h, w)
       side = int(rng.uniform(max(self.min_scale * short, min(r, short)),
                              short + 1))
       top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-      image = _resize(image[top:top + side, left:left + side], (r, r))
+      return (left, top, left + side, top + side)
+    scale = r / min(h, w)
+    nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+    if self.crop == "random":
+      top, left = rng.integers(0, nh - r + 1), rng.integers(0, nw - r + 1)
     else:
-      scale = r / min(h, w)
-      nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
-      image = _resize(image, (nw, nh))
-      if self.crop == "random":
-        top, left = rng.integers(0, nh - r + 1), rng.integers(0, nw - r + 1)
-      else:
-        top, left = (nh - r) // 2, (nw - r) // 2
-      image = image[top:top + r, left:left + r]
-    if self.flip and rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {"image": image.astype(np.float32) / 127.5 - 1.0, "corrupt": False}
+      top, left = (nh - r) // 2, (nw - r) // 2
+    sx, sy = w / nw, h / nh
+    return (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
+
+
+def _open(image: Any) -> Image.Image | None:
+  """A PIL image of encoded bytes (not decoded yet: `_crop_resize` may
+  decode a JPEG at a reduced scale) or of an array; None if unreadable."""
+  if isinstance(image, (bytes, np.bytes_)):
+    return Image.open(io.BytesIO(image))
+  array = decode_image(image)
+  return None if array is None else Image.fromarray(array)
+
+
+def _crop_resize(pil: Image.Image, box, size: int) -> Image.Image:
+  """The `box` of `pil` resized to size x size (bicubic), in one resample.
+  A JPEG whose box shrinks by 4x or more is decoded at 1/2, 1/4 or 1/8
+  scale (libjpeg's DCT scaling, PIL's draft mode), keeping at least twice
+  the output's pixels for the bicubic step (as PIL's reducing_gap=2)."""
+  factor = (box[2] - box[0]) / size / 2
+  if pil.format == "JPEG" and factor >= 2:
+    w = pil.width
+    pil.draft("RGB", (max(1, int(pil.width / factor)),
+                      max(1, int(pil.height / factor))))
+    ratio = w / pil.width
+    box = tuple(b / ratio for b in box)
+  return pil.convert("RGB").resize((size, size), Image.Resampling.BICUBIC,
+                                   box=box, reducing_gap=2.0)
 
 
 class _SkipCorruptIterator(grain.DatasetIterator):
