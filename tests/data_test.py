@@ -237,3 +237,22 @@ def test_one_step_crop_resize_matches_decode_resize_then_crop(crop, fmt):
     assert w >= 512
     image_data._crop_resize(pil, (0, 0, w, h), w // 8)
     assert pil.size == (-(-w // 4), -(-h // 4))
+
+
+def test_epoch_shuffle_visits_every_record_once_an_epoch_and_pickles():
+  import pickle
+
+  import grain
+
+  ds = image_data.EpochShuffle(grain.MapDataset.range(50), seed=3)
+  epochs = [[ds[e * 50 + i] for i in range(50)] for e in range(3)]
+  for order in epochs:
+    assert sorted(order) == list(range(50))
+  assert epochs[0] != epochs[1] != epochs[2]
+  again = pickle.loads(pickle.dumps(ds))  # a Grain worker's copy
+  assert [again[60 + i] for i in range(10)] == epochs[1][10:20]
+  assert image_data.EpochShuffle(grain.MapDataset.range(50), seed=4)[
+      :50].to_iter_dataset() is not None
+  other = [image_data.EpochShuffle(grain.MapDataset.range(50), seed=4)[i]
+           for i in range(50)]
+  assert other != epochs[0]

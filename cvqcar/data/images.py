@@ -8,6 +8,7 @@ import importlib.resources
 import io
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -177,6 +178,42 @@ class SkipCorrupt(grain.IterDataset):
     return _SkipCorruptIterator(self._parent.__iter__())
 
 
+class EpochShuffle(grain.MapDataset):
+  """The parent repeated forever, each epoch in its own order: element i is
+  parent[perm(i // n)[i % n]], perm(e) a numpy permutation seeded by (seed,
+  e), computed once an epoch. Grain's MapDataset.shuffle computes each
+  index with a 4-round Feistel hash that costs ~0.4 ms a call on a CPU
+  host, a fifth of the time a training image takes to decode and crop."""
+
+  def __init__(self, parent: grain.MapDataset, *, seed: int):
+    super().__init__(parent)
+    self._seed, self._n = int(seed), len(parent)
+    self._cache: tuple[int, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"EpochShuffle(seed={self._seed})"
+
+  def _order(self, epoch: int) -> np.ndarray:
+    cache = self._cache  # one read: threads may replace it meanwhile
+    if cache is None or cache[0] != epoch:
+      cache = (epoch, np.random.default_rng(
+          [self._seed, epoch]).permutation(self._n))
+      self._cache = cache
+    return cache[1]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, i = divmod(index, self._n)
+    return self._parent[int(self._order(epoch)[i])]
+
+  def __getstate__(self):
+    return {**self.__dict__, "_cache": None}
+
+
 def records_pipeline(
     records: Sequence[Any],
     transform,
@@ -220,7 +257,7 @@ def records_pipeline(
     n = len(records)
     ds = grain.MapDataset.range(num_examples).map(lambda i: records[i % n])
   if train:
-    stream = ds.shuffle(seed=seed).repeat().random_map(transform, seed=seed)
+    stream = EpochShuffle(ds, seed=seed).random_map(transform, seed=seed)
 
     def global_index(j: int) -> int:  # this process's j-th example
       return start_example + (j // local) * batch_size + index * local + (
