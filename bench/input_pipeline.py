@@ -28,7 +28,6 @@ peak, over the measured images/s per core.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
