@@ -71,7 +71,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cvqcar import sharding  # noqa: E402
+from cvqcar import perf, sharding  # noqa: E402
 from cvqcar.tokenizer import trainer as tokenizer_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -299,6 +299,14 @@ def main(argv):
   print(f"  {'peak estimate':<15}{peak / _MIB:12.2f}  ({formula}; limit"
         f" {limit / _MIB:g})")
   print(f"  lowered and compiled in {compile_s:.1f}s")
+  flops = perf.compiled_flops(compiled)
+  if flops:  # XLA's count for one device's share of the global batch
+    extra["flops_per_device"] = flops
+    if _JOB.value != "sample":
+      per_example = flops * mesh.devices.size / config.batch_size
+      extra["flops_per_example"] = per_example
+      print(f"  FLOPs per device {flops:.4g}, per example {per_example:.4g}"
+            " (XLA's count)")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump({**sizes, "peak": peak, "limit": limit, "fits": peak <= limit,
