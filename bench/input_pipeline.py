@@ -2,9 +2,10 @@
 
   python bench/input_pipeline.py [--images=512] [--seconds=20]
 
-Builds ImageNet-like data locally from the embedded photos: JPEGs of
-300-500 px (quality 90, random crops and aspect ratios of the bundled
-photographs, as TFDS stores ImageNet's encoded JPEGs), written as files,
+Builds ImageNet-like data locally from the embedded photos: JPEGs with a
+long side of 300-500 px and an aspect ratio of 3:4 to 4:3 (quality 90,
+random crops of the bundled photographs; ImageNet's average is about
+400 x 350, and TFDS stores its encoded JPEGs), written as files,
 and ArrayRecord pair shards of the same JPEGs with captions
 (cvqcar.data.pairs). Then times, on the same files, the training input of
 
@@ -225,14 +226,25 @@ def main(argv=None):
 
 
 _NOTES = """\
-Batches of {batch} at 256 px from {images} JPEGs of 300-500 px (the
-embedded photos cut and re-encoded at quality 90). images/s per core is
-images over the CPU-seconds of the process and its Grain workers, so it
-does not depend on the machine's core count; "cores busy" is how many cores
-the pipeline kept busy. The last line compares each pipeline at its best
-worker count. Cores needed: the 256 px tokenizer's training FLOPs per image
-({flops:.3g}; 0 = not given) at 40% of the chips' bf16 peak, over the
-tokenizer pipeline's best images/s per core.
+Batches of {batch} at 256 px from {images} JPEGs with a long side of 300-500 px
+(the embedded photos cut and re-encoded at quality 90). images/s per core is
+images over the CPU-seconds of the process and its Grain workers, so it does
+not depend on the machine's core count; "cores busy" is how many cores the
+pipeline kept busy. The last line compares each pipeline at its best worker
+count doing the same work (PIL's bicubic widens its kernel when it shrinks, as
+tf.image.resize's antialias=True does). Cores needed: the 256 px tokenizer's
+training FLOPs per image ({flops:.3g}; 0 = not given) at 40% of the chips' bf16
+peak, over the tokenizer pipeline's best images/s per core. (XLA's count for
+the paper config with LPIPS and the discriminator: `python
+launch/compile_check.py --config=configs/cvq_tokenizer.py --num_devices=8
+--config.batch_size=64` prints it.)
+
+`config.data.worker_count`: Grain's read threads (PIL decodes and resizes
+without the GIL) kept 1.8 of 2 cores busy with no worker process, and worker
+processes added their own overhead here, so 0 is the setting when a host needs
+about 2 cores of input work or less (a TPU v5p host at 40% MFU). A host that
+needs more (an 8-GPU H100 node: about 10 cores) should set worker_count to
+about the cores needed; this 2-core machine could not measure beyond 4 workers.
 """
 
 

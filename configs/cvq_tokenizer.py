@@ -112,6 +112,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.min_scale = 0.15  # embedded photos: smallest crop side fraction
   config.data.num_eval_images = 10_000
   config.data.num_threads = 16
+  # Grain worker processes: 0 (read threads only) up to about 2 host cores
+  # of input work; about the cores needed beyond (docs/benchmarks.md,
+  # 'input pipeline': ~10 for an 8-GPU H100 node).
   config.data.worker_count = 0
 
   m = config.model = ml_collections.ConfigDict()

@@ -37,6 +37,7 @@ _FIELDS = (
     ("quantizer", lambda c: quantizer_name(c["model"]), str),
     ("init scale", lambda c: init_name(c["model"]), str),
     ("alpha", lambda c: c["model"]["nested_dropout_alpha"], str),
+    ("DQ-VAE", lambda c: dq_name(c["model"]), str),
     ("batch", lambda c: c["batch_size"], str),
     ("steps", lambda c: c["num_train_steps"], str),
 )
@@ -57,6 +58,20 @@ def codebook_name(cb: dict[str, Any]) -> str:
   name = ("SimVQ" if cb.get("simvq") else
           "EMA + restart" if cb.get("ema") else "plain")
   return name + (", cosine" if cb.get("cosine") else "")
+
+
+def dq_name(model: dict[str, Any]) -> str:
+  """'learned router, dual coarse, 2 levels, fine 0.50' for a DQ-VAE ('-'
+  otherwise); older configs read as what they ran (a pooled coarse map)."""
+  if model.get("quantize") != "dynamic":
+    return "-"
+  d = model.get("dynamic") or {}
+  levels = d.get("levels", 2)
+  targets = f"fine {d.get('fine_fraction', 0.5):.2f}"
+  if levels == 3:
+    targets += f", medium {d.get('medium_fraction', 0.0):.2f}"
+  return (f"{d.get('router', 'learned')} router, {d.get('encoder', 'pooled')}"
+          f" coarse, {levels} levels, {targets}")
 
 
 def quantizer_name(model: dict[str, Any]) -> str:
@@ -388,8 +403,8 @@ def sweep_plots(name: str, runs: list[Run], out_dir: str) -> list[str]:
   dynamic = [r for r in runs if model(r)["quantize"] == "dynamic"
              and "eval/tokens" in r.eval]
   if len({model(r)["dynamic"]["fine_fraction"] for r in dynamic}) > 1:
-    router = lambda r: (f"{model(r)['dynamic'].get('router', 'learned')}"
-                        " router")
+    # '; ': each form its own color (_plot colors by the part before ', ').
+    router = lambda r: dq_name(model(r)).split(", fine")[0].replace(", ", "; ")
     for key, ylabel, what in (("eval/psnr", "PSNR (dB)", "psnr"),
                               ("eval/ssim", "SSIM", "ssim")):
       series = _series(dynamic, router, lambda r: [r.eval["eval/tokens"]],

@@ -210,3 +210,13 @@ def test_report_shows_dq_shares_beside_targets_and_plots_codes(tmp_path):
   for what in ("psnr", "ssim"):
     png = tmp_path / "results" / f"dq_{what}_vs_tokens.png"
     assert np.asarray(Image.open(png)).std() > 10
+
+
+def test_dq_name_reads_old_and_new_configs():
+  assert report.dq_name({"quantize": "channel"}) == "-"
+  old = {"quantize": "dynamic", "dynamic": {"fine_fraction": 0.5}}
+  assert report.dq_name(old) == ("learned router, pooled coarse, 2 levels,"
+                                 " fine 0.50")
+  new = cvq_tokenizer.get_config("tiny,dynamic=3").model.to_dict()
+  assert report.dq_name(new) == ("learned router, dual coarse, 3 levels,"
+                                 " fine 0.30, medium 0.30")

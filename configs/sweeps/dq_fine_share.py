@@ -10,8 +10,9 @@ form (`levels` 3: 4 regions of 4 x 4 cells, 30% fine and 30% medium, 4 x
 (0.4 + 0.3 x 4 + 0.3 x 16) = 25.6 codes an image), and the learned router
 at 0.5 with the older pooled coarse codes (`encoder` 'pooled'); 400 steps
 of batch 32 as the equal-budget sweep. The eval shares, measured where
-`encode` runs, are reported beside their targets. `python -m cvqcar.report` tabulates
-them and plots PSNR and SSIM against codes per image.
+`encode` runs, are reported beside their targets. `python -m
+cvqcar.report` tabulates them and plots PSNR and SSIM against codes per
+image.
 """
 
 import itertools
