@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -39,8 +40,17 @@ def test_requirements_files_install_the_project_and_its_extras_only():
 @pytest.mark.slow
 def test_a_wheel_carries_cvqcar_and_its_configs_outside_the_checkout(
     tmp_path):
+  # A copy of what a wheel is built from: setuptools writes build/ and
+  # *.egg-info/ beside the sources it builds.
+  src = tmp_path / "src"
+  for name in ("pyproject.toml", "README.md", "LICENSE"):
+    (src / name).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / name, src / name)
+  for package in ("cvqcar", "configs"):
+    shutil.copytree(ROOT / package, src / package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                  "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
+                  "-w", str(tmp_path / "dist"), str(src)], check=True)
   (wheel,) = (tmp_path / "dist").glob("cvqcar-*.whl")
   names = zipfile.ZipFile(wheel).namelist()
   for want in ("cvqcar/__init__.py", "cvqcar/dq/sampler.py",

@@ -1,1 +1,0 @@
-"""CAR: channel-wise autoregression on a Qwen3 backbone."""

@@ -1,1 +1,0 @@
-"""Input pipelines: images, text-image pairs, text tokenizers. No model code."""

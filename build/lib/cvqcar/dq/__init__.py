@@ -1,1 +1,0 @@
-"""DQ-Transformer: the autoregressive generator over DQ-VAE token sequences."""

@@ -1,1 +1,0 @@
-"""Evaluation: FID Inception, Frechet distance, metric accumulation."""

@@ -1,1 +1,0 @@
-"""Pallas kernels, one file per op with its pure-jnp reference."""

@@ -1,1 +1,0 @@
-"""Image tokenizers: CVQ and the patch-wise baseline; training, export."""
