@@ -141,6 +141,20 @@ def _cast(dtype):
   return one
 
 
+def put_on_mesh(tree, mesh: Mesh, config, param_dtype: str | None = None):
+  """An in-memory model's state (of this process) on `mesh`, sharded by
+  `config`'s logical rules, float leaves cast to `param_dtype` (None: as
+  they are)."""
+  shardings = sharding.state_shardings(tree, mesh, config)
+  cast = _cast(param_dtype) if param_dtype else (lambda x: x.dtype)
+
+  def put(x, s):
+    x = x if x.is_fully_addressable else x.addressable_data(0)
+    return jax.device_put(x.astype(cast(x)), s)
+
+  return jax.tree.map(put, tree, shardings)
+
+
 def to_local(tree, mesh: Mesh):
   """Arrays of a mesh with a 'replica' axis over processes as arrays of
   this process's `mesh` (the same shards, no copy)."""
@@ -206,15 +220,8 @@ class Sampler:
                        " samples on this process's devices; load an export"
                        " (Sampler.load) to sample across processes")
     graphdef, *states = nnx.split(model, nnx.Param, ...)
-    states = tuple(states)
-    shardings = sharding.state_shardings(states, mesh_, config)
-    cast = _cast(param_dtype) if param_dtype else (lambda x: x.dtype)
-
-    def put(x, s):
-      x = x if x.is_fully_addressable else x.addressable_data(0)
-      return jax.device_put(x.astype(cast(x)), s)
-
-    return cls(graphdef, jax.tree.map(put, states, shardings), config, mesh_)
+    return cls(graphdef, put_on_mesh(tuple(states), mesh_, config,
+                                     param_dtype), config, mesh_)
 
   @property
   def batch_ways(self) -> int:

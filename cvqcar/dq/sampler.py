@@ -99,14 +99,8 @@ class DQSampler:
                        " samples on this process's devices; load an export"
                        " (DQSampler.load) to sample across processes")
     graphdef, params = nnx.split(model)
-    shardings = sharding.state_shardings(params, mesh_, config)
-    cast = _cast(param_dtype) if param_dtype else (lambda x: x.dtype)
-
-    def put(x, s):
-      x = x if x.is_fully_addressable else x.addressable_data(0)
-      return jax.device_put(x.astype(cast(x)), s)
-
-    return cls(graphdef, jax.tree.map(put, params, shardings), config, mesh_)
+    return cls(graphdef, car_sampler.put_on_mesh(params, mesh_, config,
+                                                 param_dtype), config, mesh_)
 
   @property
   def batch_ways(self) -> int:
