@@ -59,6 +59,8 @@ def tiny_config(arg: str = "tiny"):
   config.eval_every = 1000
   config.checkpoint_every = 2
   config.num_grid_images = 2
+  # DQ-VAE: its eval thresholds from 2 training batches, not 16.
+  config.model.dynamic.calibration_batches = 2
   return config
 
 

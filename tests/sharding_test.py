@@ -110,11 +110,20 @@ def _losses(config, mesh=None, steps=3):
 
 @pytest.mark.slow
 def test_same_losses_on_every_mesh():
-  single = with_mesh(tiny_config())
+  def config():
+    # No dead-code restarts: a code restarted from a batch row ties, to
+    # rounding, with the rows like it in the next batches, and which of the
+    # near-equal codes wins depends on the search's tiling, so on the mesh
+    # (a discrete flip, 1% of the loss at step 3 with some data orders).
+    c = tiny_config()
+    c.model.codebook.restart_fraction = 0.0
+    return c
+
+  single = with_mesh(config())
   want = _losses(single, mesh=sharding.make_mesh(
       single, devices=jax.devices()[:1]))
   for name, axes in MESHES.items():
-    got = _losses(with_mesh(tiny_config(), **axes))
+    got = _losses(with_mesh(config(), **axes))
     np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=name)
 
 
