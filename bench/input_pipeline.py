@@ -75,20 +75,6 @@ def build_jpegs(directory: str, count: int, seed: int = 0) -> list[str]:
   return paths
 
 
-class JpegFiles:
-  """Records {'image': the file's bytes}, read when asked for."""
-
-  def __init__(self, paths):
-    self.paths = paths
-
-  def __len__(self):
-    return len(self.paths)
-
-  def __getitem__(self, i):
-    with open(self.paths[i], "rb") as f:
-      return {"image": f.read()}
-
-
 def cpu_seconds() -> float:
   """User + system CPU time of this process and its live children."""
   me = psutil.Process()
@@ -114,10 +100,10 @@ def measure(batches, batch_size: int, seconds: float) -> dict[str, float]:
   return {"images/s": n / wall, "per core": n / cpu, "cores busy": cpu / wall}
 
 
-def grain_tokenizer(paths, workers: int, batch_size: int):
+def grain_tokenizer(directory: str, workers: int, batch_size: int):
   return image_data.records_pipeline(
-      JpegFiles(paths), image_data.Preprocess(RESOLUTION, crop="random",
-                                              flip=True),
+      image_data.FolderImages(directory),
+      image_data.Preprocess(RESOLUTION, crop="random", flip=True),
       batch_size=batch_size, seed=0, train=True, num_threads=16,
       worker_count=workers, process_index=0, process_count=1)
 
@@ -170,7 +156,8 @@ def main(argv=None):
   flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
   workers = [int(w) for w in args.workers.split(",")]
   with tempfile.TemporaryDirectory() as tmp:
-    paths = build_jpegs(os.path.join(tmp, "jpeg"), args.images)
+    jpeg_dir = os.path.join(tmp, "jpeg")
+    paths = build_jpegs(jpeg_dir, args.images)
     captions = [f"a photograph, crop {i}" for i in range(len(paths))]
     shard_dir = os.path.join(tmp, "pairs")
     pairs.write_shards(({"image": open(p, "rb").read(), "caption": c}
@@ -181,7 +168,7 @@ def main(argv=None):
           flush=True)
     rows, best = [], {}
     for name, make in (("tokenizer (Grain)", lambda w: grain_tokenizer(
-        paths, w, args.batch_size)), ("CAR pairs (Grain)", lambda w:
+        jpeg_dir, w, args.batch_size)), ("CAR pairs (Grain)", lambda w:
                                       grain_pairs(shard_dir, w,
                                                   args.batch_size))):
       for w in workers:

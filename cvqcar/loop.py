@@ -241,12 +241,12 @@ def _train_steps(config, workdir, task: Task, ckpt, state, data: _Data,
     if on_log is not None:
       on_log(step, total, scalars)
 
-  refreshed = [None]  # the step whose state `refresh` saw last
+  refreshed = None  # the step whose state `refresh` saw last
 
   def refresh(step):
-    nonlocal state
-    if task.refresh is not None and refreshed[0] != step:
-      state, refreshed[0] = task.refresh(state), step
+    nonlocal state, refreshed
+    if task.refresh is not None and refreshed != step:
+      state, refreshed = task.refresh(state), step
 
   def evaluate(step):
     refresh(step)

@@ -141,6 +141,31 @@ def _cast(dtype):
   return one
 
 
+def restore_onto_mesh(path: str, parts: dict[str, Any], mesh: Mesh,
+                      load_mesh: Mesh | None, config, param_dtype: str
+                      ) -> dict[str, Any]:
+  """The export at `path` restored straight onto `mesh` (`sampling_mesh`'s
+  mesh and load_mesh): `parts` {name: abstract state} sharded by `config`'s
+  logical rules, each device reading only its slices, float leaves cast
+  to `param_dtype` as read."""
+  if param_dtype not in PARAM_DTYPES:
+    raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got"
+                     f" {param_dtype!r}")
+  on = load_mesh or mesh
+  cast = _cast(param_dtype)
+
+  def target(abstract):
+    shardings = sharding.state_shardings(abstract, mesh, config)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, cast(x),
+                                          sharding=NamedSharding(on, s.spec)),
+        abstract, shardings)
+
+  restored = checkpoint.restore_export(
+      path, {name: target(abstract) for name, abstract in parts.items()})
+  return restored if load_mesh is None else to_local(restored, mesh)
+
+
 def put_on_mesh(tree, mesh: Mesh, config, param_dtype: str | None = None):
   """An in-memory model's state (of this process) on `mesh`, sharded by
   `config`'s logical rules, float leaves cast to `param_dtype` (None: as
@@ -182,26 +207,14 @@ class Sampler:
            param_dtype: str = "bfloat16") -> Sampler:
     """The CAR export at `path` restored straight onto --mesh=`mesh` in
     `param_dtype`: each device reads only its slices, cast as read."""
-    if param_dtype not in PARAM_DTYPES:
-      raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got"
-                       f" {param_dtype!r}")
     config = checkpoint.load_config(path)
     llm = qwen3.Qwen3Config(**config.llm_config)
     mesh_, spans, load_mesh = sampling_mesh(mesh, llm.num_key_value_heads)
     graphdef, abstract = car_state.abstract_state(config)
-    states = tuple(getattr(abstract, k) for k in _PARTS)
-    on = load_mesh or mesh_
-    shardings = sharding.state_shardings(states, mesh_, config)
-    shardings = jax.tree.map(lambda s: NamedSharding(on, s.spec), shardings)
-    cast = _cast(param_dtype)
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, cast(x), sharding=s),
-        states, shardings)
-    restored = checkpoint.restore_export(path, dict(zip(_PARTS, target,
-                                                        strict=True)))
+    restored = restore_onto_mesh(
+        path, {k: getattr(abstract, k) for k in _PARTS}, mesh_, load_mesh,
+        config, param_dtype)
     states = tuple(restored[k] for k in _PARTS)
-    if load_mesh is not None:
-      states = to_local(states, mesh_)
     logging.info("CAR %s on mesh %s (%s) in %s", path, dict(mesh_.shape),
                  "all processes" if spans else "this process", param_dtype)
     return cls(graphdef, states, config, mesh_, spans)

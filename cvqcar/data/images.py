@@ -69,11 +69,6 @@ def decode_image(image: Any) -> np.ndarray | None:
   return array[..., :3].astype(np.uint8)
 
 
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  return np.asarray(Image.fromarray(image).resize(
-      size, Image.Resampling.BICUBIC, reducing_gap=2.0))
-
-
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """Record -> {'image': float32 [R, R, 3] in [-1, 1]} or {'corrupt': True}.

@@ -21,7 +21,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -31,20 +30,6 @@ from jax.sharding import NamedSharding
 from cvqcar import checkpoint, sharding
 from cvqcar.car import sampler as car_sampler
 from cvqcar.dq import transformer as dq
-
-PARAM_DTYPES = ("float32", "bfloat16")
-
-
-def _cast(param_dtype: str):
-  """Float leaves to `param_dtype`, the rest as they are."""
-  return lambda x: (jnp.dtype(param_dtype)
-                    if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
-
-
-def _abstract(model_cfg: dq.DQConfig):
-  model = nnx.eval_shape(lambda: dq.DQTransformer(model_cfg,
-                                                  rngs=nnx.Rngs(0)))
-  return nnx.split(model)
 
 
 class DQSampler:
@@ -62,25 +47,15 @@ class DQSampler:
            param_dtype: str = "float32") -> DQSampler:
     """The params-only export at `path` (`python -m cvqcar.export` of a DQ
     workdir) restored straight onto --mesh=`mesh` in `param_dtype`."""
-    if param_dtype not in PARAM_DTYPES:
-      raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got"
-                       f" {param_dtype!r}")
     config = checkpoint.load_config(path)
     model_cfg = dq.DQConfig(**config.model.to_dict())
     mesh_, spans, load_mesh = car_sampler.sampling_mesh(
         mesh, model_cfg.num_kv_heads)
-    graphdef, abstract = _abstract(model_cfg)
-    on = load_mesh or mesh_
-    shardings = jax.tree.map(
-        lambda s: NamedSharding(on, s.spec),
-        sharding.state_shardings(abstract, mesh_, config))
-    cast = _cast(param_dtype)
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, cast(x), sharding=s),
-        abstract, shardings)
-    params = checkpoint.restore_export(path, {"params": target})["params"]
-    if load_mesh is not None:
-      params = car_sampler.to_local(params, mesh_)
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: dq.DQTransformer(model_cfg, rngs=nnx.Rngs(0))))
+    params = car_sampler.restore_onto_mesh(
+        path, {"params": abstract}, mesh_, load_mesh, config,
+        param_dtype)["params"]
     logging.info("DQ-Transformer %s on mesh %s (%s) in %s", path,
                  dict(mesh_.shape),
                  "all processes" if spans else "this process", param_dtype)

@@ -215,14 +215,6 @@ def next_position_mask(assigned_r: jax.Array, last: jax.Array,
                    (chosen & choosing[..., None]) | finest_ok)
 
 
-def free_next_position_mask(coarse_r: jax.Array, emitted_c: jax.Array,
-                            last: jax.Array, num_regions: int, *,
-                            levels: int = 2) -> jax.Array:
-  """`next_position_mask` with the finest cells in any order."""
-  return next_position_mask(coarse_r, last, num_regions, levels=levels,
-                            emitted_c=emitted_c)
-
-
 def valid_next_positions(positions_bl: jax.Array, num_regions: int, *,
                          levels: int = 2) -> jax.Array:
   """Allowed next positions [B, L + 1, END + 1] after each prefix of
