@@ -86,7 +86,11 @@ def main(argv=None):
         " donated state counted once). CAR keeps float32 master weights and"
         " Adam moments and computes in bfloat16 with full remat (the"
         " configs' defaults); tokenizer rows are the 256 px, C = 256"
-        " config with K codes.")
+        " config with K codes, the PatchGAN and the LPIPS loss the paper"
+        " trains with (counted with random VGG16 weights of the real"
+        " shapes). The device column is the hardware each mesh stands for:"
+        " 8 x 80 GiB an H100 node, 64 x 32 GiB a TPU v4-128 slice (64"
+        " chips), 256 x 16 GiB a TPU v5e-256 slice.")
     report.write_section("compile_memory", f"{note}\n\n{table}")
 
 

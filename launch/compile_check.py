@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 
@@ -91,6 +92,11 @@ _JOB = flags.DEFINE_enum(
 _PARAM_DTYPE = flags.DEFINE_enum(
     "param_dtype", "bfloat16", ["bfloat16", "float32"], "--job=sample: the"
     " dtype the weights are cast to for sampling.")
+_LPIPS = flags.DEFINE_bool(
+    "lpips", True, "Tokenizer: count the LPIPS loss the config asks for"
+    " (loss.perceptual_weight > 0) even with no weight file, with random"
+    " VGG16 weights of the real shapes (memory and FLOPs do not depend on"
+    " the values); --nolpips compiles without it unless a file is given.")
 _JSON_OUT = flags.DEFINE_string(
     "json_out", None, "Also write the memory figures (bytes), the compile"
     " time and the verdict to this JSON file.")
@@ -103,8 +109,21 @@ def _count(tree) -> float:
 
 
 def _compile_tokenizer(config):
-  # Checks the mesh and the batch's divisibility.
-  trainer = tokenizer_trainer.Trainer(config)
+  lpips_note = ""
+  if (_LPIPS.value and config.loss.perceptual_weight > 0
+      and not config.loss.perceptual_weights):
+    from flax import nnx
+
+    from cvqcar.tokenizer import lpips
+
+    with tempfile.TemporaryDirectory() as tmp:
+      config.loss.perceptual_weights = os.path.join(tmp, "lpips_random.npz")
+      lpips.LPIPS(rngs=nnx.Rngs(0)).save(config.loss.perceptual_weights)
+      trainer = tokenizer_trainer.Trainer(config)  # reads the weights
+    lpips_note = " (LPIPS counted, random weights)"
+  else:
+    trainer = tokenizer_trainer.Trainer(config)
+  # Trainer checked the mesh and the batch's divisibility.
   mesh = trainer.mesh
   batch_size, res = config.batch_size, config.model.resolution
   data_sharding = sharding.batch_sharded(mesh)
@@ -121,7 +140,7 @@ def _compile_tokenizer(config):
   state = trainer.abstract_state
   summary = (f"parameters: {_count(state.params):.2f}M generator,"
              f" {_count(state.disc_params):.2f}M discriminator; batch"
-             f" {batch_size} x {res}x{res}x3")
+             f" {batch_size} x {res}x{res}x3{lpips_note}")
   return compiled, mesh, summary
 
 

@@ -1,8 +1,10 @@
-"""The README's commands run as written: tokenizer, then the CAR sequence.
+"""The documented commands run as written: the README's quick start, then
+the tiny CAR sequence of docs/training.md.
 
-Each command is taken from README.md itself, so the test breaks when the
-README names a module, flag or config that does not work. Only the number
-of training steps is shortened.
+Each command is taken from the docs themselves, so the test breaks when
+they name a module, flag or config that does not work. Only the number of
+training steps is shortened. (docs_test.py checks every other documented
+command statically.)
 """
 
 import os
@@ -27,10 +29,10 @@ SHORT = {
 }
 
 
-def readme_commands(section: str) -> list[list[str]]:
-  """The `python -m cvqcar...` commands of the README's first bash block
-  after `section`, each as argv with the interpreter replaced."""
-  text = (REPO / "README.md").read_text()
+def readme_commands(section: str, doc: str = "README.md") -> list[list[str]]:
+  """The `python -m cvqcar...` commands of `doc`'s first bash block after
+  `section`, each as argv with the interpreter replaced."""
+  text = (REPO / doc).read_text()
   text = text[text.index(section):]
   block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
   commands = []
@@ -70,7 +72,7 @@ def test_readme_quick_start_and_car_sequence(tmp_path):
   run(quick_start[0], tmp_path)
   assert list((tmp_path / "runs" / "cvq_tiny" / "images").glob("recon_*.png"))
 
-  car = readme_commands("## Text-to-image (CAR)")
+  car = readme_commands("## Text-to-image (CAR)", "docs/training.md")
   assert [a[2] for a in car] == ["cvqcar.export", "cvqcar.train",
                                  "cvqcar.train", "cvqcar.export",
                                  "cvqcar.sample"]
