@@ -143,13 +143,15 @@ def test_shell_launcher_parses_and_prints_usage(script):
 
 def fake_tool(tmp_path, name, statuses=()) -> dict[str, str]:
   """Puts an executable `name` first on PATH that records its arguments (NUL
-  separated, in NAME.args) and JAX_LOCAL_DEVICE_IDS (in ids), and exits with
-  statuses[i] on its i-th call (0 past their end)."""
+  separated, in NAME.args), its environment (NAME.env) and
+  JAX_LOCAL_DEVICE_IDS (in ids), and exits with statuses[i] on its i-th call
+  (0 past their end)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   tool = bin_dir / name
   tool.write_text("#!/usr/bin/env bash\n"
                   f"printf '%s\\0' \"$@\" > {tmp_path}/{name}.args\n"
+                  f"env > {tmp_path}/{name}.env\n"
                   f"echo \"${{JAX_LOCAL_DEVICE_IDS:-}}\" > {tmp_path}/ids\n"
                   f"echo >> {tmp_path}/{name}.calls\n"
                   f"statuses=({' '.join(map(str, statuses))})\n"
@@ -478,6 +480,90 @@ def test_slurm_asks_for_requeue_and_sigterm_before_the_limit():
   # No "B:": the python processes (job steps) get it, not the batch shell.
   assert len(signal) == 1 and signal[0].startswith("--signal=TERM@"), signal
   assert int(signal[0].split("@")[1]) >= 60
+
+
+def test_slurm_holds_whole_nodes_cpus_and_memory():
+  options = sbatch_options()
+  assert "--exclusive" in options and "--mem=0" in options
+  [cpus] = [o for o in options if o.startswith("--cpus-per-task=")]
+  assert int(cpus.split("=")[1]) >= 1
+
+
+# Outside Slurm: no inherited allocation, and the conftest's XLA_FLAGS gone.
+NO_SLURM = {"SLURM_SUBMIT_DIR": str(ROOT), "JAX_LOCAL_DEVICE_IDS": "",
+            "SRUN_CPUS_PER_TASK": "", "XLA_FLAGS": "", "NCCL_DEBUG": "",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": "", "SLURM_NTASKS_PER_NODE": "",
+            "SLURM_TASKS_PER_NODE": "", "SLURM_GPUS_PER_TASK": ""}
+
+
+def slurm_dry_run(tmp_path, **slurm) -> tuple[dict[str, str], list[str]]:
+  """(the exports, the srun command) slurm.sbatch prints with DRY_RUN=1."""
+  env = {**fake_tool(tmp_path, "srun"), **NO_SLURM, **slurm}
+  lines = dry_run_lines(["bash", "launch/slurm.sbatch", CONFIG,
+                         "/shared/run", "--config.batch_size=64"], env)
+  assert not (tmp_path / "srun.args").exists()  # printed, not run
+  exports = dict(line[1].split("=", 1) for line in lines[:-1]
+                 if line[0] == "export")
+  assert len(exports) == len(lines) - 1, lines
+  return exports, lines[-1]
+
+
+def test_slurm_one_process_a_node_gets_all_its_gpus_and_cpus(tmp_path):
+  exports, srun = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96",
+      SLURM_NTASKS_PER_NODE="1")
+  assert exports == {
+      "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7", "SRUN_CPUS_PER_TASK": "96",
+      "XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true",
+      "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", "NCCL_DEBUG": "WARN"}
+  assert srun == ["srun", "--kill-on-bad-exit=1", ".venv/bin/python", "-m",
+                  "cvqcar.train", f"--config={CONFIG}",
+                  "--workdir=/shared/run", "--config.batch_size=64"]
+
+
+def test_slurm_one_process_a_gpu_sees_only_its_own(tmp_path):
+  # --ntasks-per-node=8 --gpus-per-task=1: Slurm shows each its one GPU.
+  exports, _ = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96",
+      SLURM_NTASKS_PER_NODE="8", SLURM_GPUS_PER_TASK="gpu:1")
+  assert exports["JAX_LOCAL_DEVICE_IDS"] == "0"
+  assert exports["SRUN_CPUS_PER_TASK"] == "12"
+  # Several processes that all see every GPU: jax picks $SLURM_LOCALID.
+  exports, _ = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96",
+      SLURM_TASKS_PER_NODE="8(x2)")
+  assert "JAX_LOCAL_DEVICE_IDS" not in exports
+  assert exports["SRUN_CPUS_PER_TASK"] == "12"
+
+
+def test_slurm_keeps_the_users_settings(tmp_path):
+  exports, _ = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="4", SLURM_CPUS_ON_NODE="64",
+      JAX_LOCAL_DEVICE_IDS="1,2", SRUN_CPUS_PER_TASK="8",
+      XLA_FLAGS="--xla_dump_to=/tmp/x", NCCL_DEBUG="INFO",
+      XLA_PYTHON_CLIENT_MEM_FRACTION="0.5")
+  assert exports == {
+      "JAX_LOCAL_DEVICE_IDS": "1,2", "SRUN_CPUS_PER_TASK": "8",
+      "XLA_FLAGS": "--xla_dump_to=/tmp/x"
+                   " --xla_gpu_enable_latency_hiding_scheduler=true",
+      "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5", "NCCL_DEBUG": "INFO"}
+  off = "--xla_gpu_enable_latency_hiding_scheduler=false"
+  exports, _ = slurm_dry_run(tmp_path, SLURM_GPUS_ON_NODE="1",
+                             XLA_FLAGS=off)
+  assert exports["XLA_FLAGS"] == off
+
+
+def test_slurm_srun_gets_the_cpus_and_gpu_settings(tmp_path):
+  env = {**fake_tool(tmp_path, "srun"), **NO_SLURM, "SLURM_GPUS_ON_NODE": "2",
+         "SLURM_CPUS_ON_NODE": "32"}
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], env=env)
+  assert out.returncode == 0, out.stderr
+  seen = dict(line.split("=", 1) for line in
+              (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
+  assert seen["SRUN_CPUS_PER_TASK"] == "32"
+  assert seen["JAX_LOCAL_DEVICE_IDS"] == "0,1"
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in seen["XLA_FLAGS"]
+  assert seen["NCCL_DEBUG"] == "WARN"
 
 
 @pytest.mark.parametrize("status", [PREEMPTED, 0, 1])
