@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
@@ -432,22 +433,69 @@ def test_tpu_pod_needs_its_environment():
   assert "set TPU_NAME or QUEUED_RESOURCE" in out.stderr
 
 
+XPK = {"CLUSTER": "c1", "TPU_TYPE": "v5litepod-16", "NUM_SLICES": "2",
+       "DOCKER_IMAGE": "gcr.io/p/cvqcar:1", "BASE_DOCKER_IMAGE": ""}
+
+
 def test_xpk_creates_one_workload(tmp_path):
-  env = fake_tool(tmp_path, "xpk")
-  env.update(CLUSTER="c1", TPU_TYPE="v5litepod-16", NUM_SLICES="2",
-             DOCKER_IMAGE="gcr.io/p/cvqcar:1")
+  env = {**fake_tool(tmp_path, "xpk"), **XPK}
   out = run(["bash", "launch/xpk.sh", "run1", CONFIG, "gs://b/run",
              "--config.dcn_mesh.data=2"], env=env)
   assert out.returncode == 0, out.stderr
   args = recorded_args(tmp_path, "xpk")
-  assert args[:8] == ["workload", "create", "--cluster=c1", "--workload=run1",
-                      "--tpu-type=v5litepod-16", "--num-slices=2",
-                      "--docker-image=gcr.io/p/cvqcar:1",
-                      f"--command=python -m cvqcar.train --config={CONFIG}"
-                      " --workdir=gs://b/run --config.dcn_mesh.data=2"]
+  assert args == ["workload", "create", "--cluster=c1", "--workload=run1",
+                  "--tpu-type=v5litepod-16", "--num-slices=2",
+                  "--docker-image=gcr.io/p/cvqcar:1",
+                  f"--command=python3 -m cvqcar.train --config={CONFIG}"
+                  " --workdir=gs://b/run --config.dcn_mesh.data=2"]
   missing = run(["bash", "launch/xpk.sh", "run1", CONFIG, "gs://b/run"],
                 env={**env, "DOCKER_IMAGE": ""})
-  assert missing.returncode == 2 and "set DOCKER_IMAGE" in missing.stderr
+  assert missing.returncode == 2
+  assert "set DOCKER_IMAGE or BASE_DOCKER_IMAGE" in missing.stderr
+
+
+def test_xpk_builds_the_tpu_image_or_lets_xpk_build_it(tmp_path):
+  env = {**fake_tool(tmp_path, "xpk"), **fake_tool(tmp_path, "docker"),
+         **XPK, "ZONE": "us-west4-a"}
+  build, push, xpk = dry_run_lines(
+      ["bash", "launch/xpk.sh", "--build", "run1", CONFIG, "gs://b/run"], env)
+  assert build == ["docker", "build", "--build-arg", "JAX_EXTRA=tpu", "-t",
+                   "gcr.io/p/cvqcar:1", str(ROOT)]
+  assert push == ["docker", "push", "gcr.io/p/cvqcar:1"]
+  assert xpk[7:] == ["--docker-image=gcr.io/p/cvqcar:1", "--zone=us-west4-a",
+                     f"--command=python3 -m cvqcar.train --config={CONFIG}"
+                     " --workdir=gs://b/run"]
+  env.update(DOCKER_IMAGE="", BASE_DOCKER_IMAGE="cvqcar-tpu")
+  [xpk] = dry_run_lines(["bash", "launch/xpk.sh", "run1", CONFIG,
+                         "gs://b/run"], env)
+  assert xpk[7:9] == ["--base-docker-image=cvqcar-tpu",
+                      f"--script-dir={ROOT}"]
+  assert not (tmp_path / "xpk.args").exists()  # printed, not run
+  assert not (tmp_path / "docker.args").exists()
+
+
+def test_dockerfile_installs_the_pyproject_extras_it_names():
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  extras = pyproject["project"]["optional-dependencies"]
+  assert "jax[tpu]" in extras["tpu"][0] and "jax[cuda12]" in extras["cuda"][0]
+  dockerfile = (ROOT / "Dockerfile").read_text()
+  assert "ARG JAX_EXTRA=cpu\n" in dockerfile
+  assert 'pip install -c constraints.txt -e ".[$extras]"' in dockerfile
+  assert "tpu | cuda) extras=\"cpu,$JAX_EXTRA\"" in dockerfile
+  # jax >= 0.10.2 needs Python >= 3.11, as pyproject.toml says.
+  assert pyproject["project"]["requires-python"] == ">=3.11"
+  assert "ARG PYTHON_VERSION=3.12\nFROM python:${PYTHON_VERSION}-slim" in (
+      dockerfile)
+
+
+def test_dockerignore_keeps_run_outputs_and_venvs_out():
+  ignored = (ROOT / ".dockerignore").read_text().split()
+  for path in ("runs", "exports", "shards", "**/.venv*", ".git"):
+    assert path in ignored
+  # Every top-level directory git ignores stays out of the image too.
+  for line in (ROOT / ".gitignore").read_text().splitlines():
+    if line.startswith("/") and line.endswith("/"):
+      assert line.strip("/") in ignored, line
 
 
 def test_slurm_gives_each_node_process_all_its_gpus(tmp_path):
