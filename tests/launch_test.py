@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import tomllib
 
@@ -69,6 +70,38 @@ def test_sweep_slurm_and_tpu_pod_commands():
   first = shlex.split(pod.stdout.splitlines()[0])
   assert first[:3] == ["launch/tpu_pod.sh", CONFIG,
                        "gs://bucket/sweep/num_codes-256_quantize-channel"]
+
+
+@pytest.mark.parametrize(("sweep_file", "config", "first"), [
+    ("configs/sweeps/car_tiny.py", "configs/car_stage1.py:tiny",
+     ["--config.eval_every=200", "--config.checkpoint_every=200",
+      "--config.optimizer.learning_rate=0.0003", "--config.cfg_drop_prob=0.1"]),
+    (None, "configs/dq_transformer.py:tiny",
+     ["--config.model.width=64", "--config.cond_drop_prob=0.0"]),
+])
+def test_sweep_dry_run_of_car_and_dq_configs(tmp_path, sweep_file, config,
+                                             first):
+  # Their configs import `configs` (from configs import ...): sweep.py must
+  # put the repo first on sys.path. `python -S` with only site-packages on
+  # the path, from another directory: no installed copy of the repo helps.
+  if sweep_file is None:
+    sweep_file = tmp_path / "dq_sweep.py"
+    sweep_file.write_text(
+        f"def get_sweep():\n  return {{'config': {config!r}, 'points':"
+        " [{'model.width': 64, 'cond_drop_prob': 0.0}]}\n")
+  paths = sysconfig.get_paths()
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      {paths["purelib"], paths["platlib"]})}
+  out = subprocess.run(
+      [sys.executable, "-S", str(ROOT / "launch/sweep.py"),
+       f"--sweep={ROOT / sweep_file}", "--dry_run", "--launcher=tpu_pod",
+       "--workdir_root=gs://b/sweep"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [shlex.split(line) for line in out.stdout.splitlines()]
+  assert lines[0][:2] == ["launch/tpu_pod.sh", config]
+  assert lines[0][2].startswith("gs://b/sweep/") and lines[0][3:] == first
+  assert len(lines) == (6 if "car_tiny" in str(sweep_file) else 1)
 
 
 def test_sweep_renders_values_the_config_parser_reads_back(tmp_path):
