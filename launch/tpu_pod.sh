@@ -25,11 +25,12 @@
 # in REMOTE_DIR/logs/RUN_ID.log there (logs/latest.log points to it), and
 # returns; each worker writes the trainer's status to logs/RUN_ID.status and
 # copies its log into WORKDIR/logs/RUN_ID-HOST.log when the trainer ends.
-# This script then waits on every worker for that status (an ssh session per
-# worker that polls every POLL_SECONDS, default 30), so a lost ssh session
-# loses nothing: it waits again. Ctrl-C ends this script only; the trainers
+# This script then waits on every worker for that status (an ssh connection
+# per worker that polls every POLL_SECONDS, default 30), so a lost ssh
+# connection loses nothing: it waits again. Ctrl-C ends this script only; the trainers
 # go on (`logs` shows their last LOG_LINES lines, default 50; `stop` sends
-# them SIGTERM: they save a checkpoint and exit 75).
+# them SIGTERM: they save a checkpoint and exit 75, so end this script
+# first, or it relaunches them).
 # Relaunching: the trainer exits 75 after saving a checkpoint on SIGTERM
 # (cvqcar/exit_codes.py: a preemption or maintenance notice; on a pod every
 # worker saves at the same step), and the same command resumes it. gcloud's

@@ -179,7 +179,7 @@ def test_tpu_pod_relaunches_after_a_preemption_or_a_restarted_worker(
   assert "relaunch 2 of at most 100" in out.stderr
 
 
-def test_tpu_pod_waits_again_when_an_ssh_session_is_lost(tmp_path):
+def test_tpu_pod_waits_again_when_an_ssh_connection_is_lost(tmp_path):
   # 255 while waiting: the detached run goes on, so no second start.
   out, calls, _ = tpu_pod_run(tmp_path, fake_gcloud(tmp_path, [255, 0]))
   assert out.returncode == 0, out.stderr
@@ -232,15 +232,16 @@ def test_tpu_pod_stops_when_the_pod_does_not_come_back(tmp_path):
 
 def test_tpu_pod_remote_commands_detach_log_and_report(tmp_path):
   # The remote commands run here (gcloud faked): the "trainer" is a script
-  # that records its session and exits 75, then 0 on its second run.
+  # that records its process group's leader (setsid makes it a new one) and
+  # exits 75, then 0 on its second run.
   remote, workdir = tmp_path / "remote", tmp_path / "run"
   (remote / ".venv" / "bin").mkdir(parents=True)
   python = remote / ".venv" / "bin" / "python"
   python.write_text(f"""#!/usr/bin/env bash
 echo "trainer $*"
-cut -d" " -f6 /proc/$$/stat >> {tmp_path}/sessions  # its session id
+cut -d" " -f5 /proc/$$/stat >> {tmp_path}/groups  # its process group
 sleep 0.3
-[ "$(wc -l < {tmp_path}/sessions)" -ge 2 ] || exit {PREEMPTED}
+[ "$(wc -l < {tmp_path}/groups)" -ge 2 ] || exit {PREEMPTED}
 """)
   python.chmod(0o755)
   env = fake_gcloud(tmp_path, [], execute=True)
@@ -250,8 +251,9 @@ sleep 0.3
   assert out.returncode == 0, out.stderr
   calls = (tmp_path / "ssh.calls").read_text().splitlines()
   assert calls == ["start", "wait"] * 2
-  sessions = (tmp_path / "sessions").read_text().split()
-  assert str(os.getsid(0)) not in sessions  # setsid: its own session
+  groups = (tmp_path / "groups").read_text().split()
+  assert str(os.getpgid(0)) not in groups  # setsid: detached from ours
+  assert len(set(groups)) == 2  # one new group a start
   statuses = sorted(p.read_text().strip()
                     for p in (remote / "logs").glob("*.status"))
   assert statuses == ["0", str(PREEMPTED)]
