@@ -6,6 +6,7 @@ slurm and tpu_pod launchers). Run from anywhere:
   python launch/sweep.py --sweep=configs/sweeps/codebook_size.py --dry_run
   python launch/sweep.py --sweep=configs/sweeps/codebook_size.py \
       --launcher=slurm --workdir_root=/shared/runs/codebook_size
+  python launch/sweep.py --sweep=configs/sweeps/car_tiny.py --dry_run
 
 A sweep file defines `get_sweep()` returning {"config": "FILE[:ARGS]",
 "workdir_root": DIR, "points": [{"model.num_codes": 1024, ...}, ...]} and
@@ -36,6 +37,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# Config files import their package (`from configs import cvq_tokenizer`,
+# the CAR and DQ configs) and sweep files build on others (configs.sweeps):
+# this checkout's, first, even where another copy is installed.
+if ROOT not in sys.path[:1]:
+  sys.path.insert(0, ROOT)
 
 _SWEEP = flags.DEFINE_string(
     "sweep", None, "Sweep file: a module with get_sweep() -> dict.")
@@ -59,8 +65,6 @@ def load_sweep(path: str) -> dict[str, Any]:
     raise ValueError(f"no sweep file {path!r}")
   spec = importlib.util.spec_from_file_location("sweep_file", path)
   module = importlib.util.module_from_spec(spec)
-  if ROOT not in sys.path:  # sweep files may build on others (configs.sweeps)
-    sys.path.insert(0, ROOT)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"sweep file {path!r} defines no get_sweep()")

@@ -1,6 +1,6 @@
-"""Launchers: sweep expansion, shell scripts' commands, AOT compile check."""
+"""Launchers: sweep expansion; slurm, xpk and the image's commands; shared
+fakes (tests/tpu_pod_test.py and compile_check_test.py import them)."""
 
-import json
 import os
 import pathlib
 import shlex
@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
+import tomllib
 
 import pytest
 
@@ -17,10 +19,6 @@ from cvqcar.exit_codes import PREEMPTED
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP = "configs/sweeps/codebook_size.py"
 CONFIG = "configs/cvq_tokenizer.py:tiny"
-# The conftest tiny_config() shrink, as command-line overrides.
-TINY = ["--config.model.resolution=16", "--config.model.base_channels=8",
-        "--config.model.norm_groups=4", "--config.model.latent_channels=8",
-        "--config.model.num_codes=64", "--config.batch_size=8"]
 
 
 def run(args, env=None, timeout=120):
@@ -68,6 +66,38 @@ def test_sweep_slurm_and_tpu_pod_commands():
   first = shlex.split(pod.stdout.splitlines()[0])
   assert first[:3] == ["launch/tpu_pod.sh", CONFIG,
                        "gs://bucket/sweep/num_codes-256_quantize-channel"]
+
+
+@pytest.mark.parametrize(("sweep_file", "config", "first"), [
+    ("configs/sweeps/car_tiny.py", "configs/car_stage1.py:tiny",
+     ["--config.eval_every=200", "--config.checkpoint_every=200",
+      "--config.optimizer.learning_rate=0.0003", "--config.cfg_drop_prob=0.1"]),
+    (None, "configs/dq_transformer.py:tiny",
+     ["--config.model.width=64", "--config.cond_drop_prob=0.0"]),
+])
+def test_sweep_dry_run_of_car_and_dq_configs(tmp_path, sweep_file, config,
+                                             first):
+  # Their configs import `configs` (from configs import ...): sweep.py must
+  # put the repo first on sys.path. `python -S` with only site-packages on
+  # the path, from another directory: no installed copy of the repo helps.
+  if sweep_file is None:
+    sweep_file = tmp_path / "dq_sweep.py"
+    sweep_file.write_text(
+        f"def get_sweep():\n  return {{'config': {config!r}, 'points':"
+        " [{'model.width': 64, 'cond_drop_prob': 0.0}]}\n")
+  paths = sysconfig.get_paths()
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      {paths["purelib"], paths["platlib"]})}
+  out = subprocess.run(
+      [sys.executable, "-S", str(ROOT / "launch/sweep.py"),
+       f"--sweep={ROOT / sweep_file}", "--dry_run", "--launcher=tpu_pod",
+       "--workdir_root=gs://b/sweep"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [shlex.split(line) for line in out.stdout.splitlines()]
+  assert lines[0][:2] == ["launch/tpu_pod.sh", config]
+  assert lines[0][2].startswith("gs://b/sweep/") and lines[0][3:] == first
+  assert len(lines) == (6 if "car_tiny" in str(sweep_file) else 1)
 
 
 def test_sweep_renders_values_the_config_parser_reads_back(tmp_path):
@@ -143,13 +173,15 @@ def test_shell_launcher_parses_and_prints_usage(script):
 
 def fake_tool(tmp_path, name, statuses=()) -> dict[str, str]:
   """Puts an executable `name` first on PATH that records its arguments (NUL
-  separated, in NAME.args) and JAX_LOCAL_DEVICE_IDS (in ids), and exits with
-  statuses[i] on its i-th call (0 past their end)."""
+  separated, in NAME.args), its environment (NAME.env) and
+  JAX_LOCAL_DEVICE_IDS (in ids), and exits with statuses[i] on its i-th call
+  (0 past their end)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   tool = bin_dir / name
   tool.write_text("#!/usr/bin/env bash\n"
                   f"printf '%s\\0' \"$@\" > {tmp_path}/{name}.args\n"
+                  f"env > {tmp_path}/{name}.env\n"
                   f"echo \"${{JAX_LOCAL_DEVICE_IDS:-}}\" > {tmp_path}/ids\n"
                   f"echo >> {tmp_path}/{name}.calls\n"
                   f"statuses=({' '.join(map(str, statuses))})\n"
@@ -163,129 +195,77 @@ def recorded_args(tmp_path, name) -> list[str]:
   return (tmp_path / f"{name}.args").read_text().split("\0")[:-1]
 
 
-def test_tpu_pod_runs_main_on_every_worker(tmp_path):
-  env = fake_tool(tmp_path, "gcloud")
-  env.update(TPU_NAME="pod", ZONE="us-west4-a")
-  assert run(["bash", "launch/tpu_pod.sh", "configs/x.py"],
-             env=env).returncode == 2  # no workdir
-  out = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run",
-             "--config.data.data_dir=/my data"], env=env)
+def dry_run_lines(args, env) -> list[list[str]]:
+  """The commands a launcher prints with DRY_RUN=1, each split as the shell
+  would; the launcher must succeed."""
+  out = run(args, env={**env, "DRY_RUN": "1"})
   assert out.returncode == 0, out.stderr
-  args = recorded_args(tmp_path, "gcloud")
-  assert args[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"]
-  assert "--worker=all" in args and "--zone=us-west4-a" in args
-  command = [a for a in args if a.startswith("--command=")][0]
-  remote = shlex.split(command.removeprefix("--command="))
-  assert remote == ["cd", "cvqcar", "&&", "exec", ".venv/bin/python", "-m",
-                    "cvqcar.train", f"--config={CONFIG}",
-                    "--workdir=gs://b/run", "--config.data.data_dir=/my data"]
+  return [shlex.split(line) for line in out.stdout.splitlines()]
 
 
-def fake_gcloud(tmp_path, ssh_statuses, states=("READY\tHEALTHY",)):
-  """A `gcloud` first on PATH: `tpu-vm ssh` exits with ssh_statuses[i] on
-  its i-th call (0 past their end) and appends its --command to ssh.calls;
-  `tpu-vm describe` prints states[j] on its j-th call (the last past their
-  end) and counts itself in describe.calls."""
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir(exist_ok=True)
-  tool = bin_dir / "gcloud"
-  tool.write_text(f"""#!/usr/bin/env bash
-if [ "$4" = describe ]; then
-  echo >> {tmp_path}/describe.calls
-  states=({" ".join(shlex.quote(s) for s in states)})
-  n=$(wc -l < {tmp_path}/describe.calls)
-  i=$(( n < ${{#states[@]}} ? n - 1 : ${{#states[@]}} - 1 ))
-  printf '%s\\n' "${{states[i]}}"
-  exit 0
-fi
-for arg in "$@"; do
-  case $arg in --command=*) echo "${{arg#--command=}}" >> {tmp_path}/ssh.calls
-  esac
-done
-statuses=({" ".join(map(str, ssh_statuses))})
-n=$(wc -l < {tmp_path}/ssh.calls)
-exit "${{statuses[n - 1]:-0}}"
-""")
-  tool.chmod(0o755)
-  return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TPU_NAME": "pod",
-          "ZONE": "us-west4-a", "RESTART_WAIT": "0"}
-
-
-def tpu_pod_run(tmp_path, env):
-  """(result, the run commands gcloud's ssh was given, describe calls)."""
-  out = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run"], env=env,
-            timeout=30)
-  calls = (tmp_path / "ssh.calls").read_text().splitlines()
-  describes = tmp_path / "describe.calls"
-  n = len(describes.read_text().splitlines()) if describes.exists() else 0
-  return out, calls, n
-
-
-def test_tpu_pod_relaunches_after_a_preemption_or_a_lost_worker(tmp_path):
-  # 75: saved and stopped; 255: gcloud lost a worker's ssh; then a finish.
-  # The pod is under maintenance at the first look: the loop waits.
-  env = fake_gcloud(tmp_path, [PREEMPTED, 255, 0],
-                    states=["READY\tUNHEALTHY_MAINTENANCE", "READY\tHEALTHY"])
-  out, calls, describes = tpu_pod_run(tmp_path, env)
-  assert out.returncode == 0, out.stderr
-  assert len(calls) == 3 and len(set(calls)) == 1, calls
-  assert "cvqcar.train" in calls[0]
-  assert describes == 3  # maintenance, READY; READY
-  assert "relaunch 2 of at most 100" in out.stderr
-
-
-@pytest.mark.parametrize(("statuses", "runs"), [
-    ([1, 0], 1), ([PREEMPTED, 1, 0], 2), ([0, 0], 1)])
-def test_tpu_pod_stops_on_a_finish_or_a_real_error(tmp_path, statuses, runs):
-  out, calls, _ = tpu_pod_run(tmp_path, fake_gcloud(tmp_path, statuses))
-  assert out.returncode == statuses[runs - 1], out.stderr
-  assert len(calls) == runs
-  if statuses[runs - 1]:
-    assert "status 1 (not a preemption): stopped" in out.stderr
-
-
-def test_tpu_pod_relaunches_at_most_max_restarts_times(tmp_path):
-  env = fake_gcloud(tmp_path, [PREEMPTED] * 5)
-  out, calls, _ = tpu_pod_run(tmp_path, {**env, "MAX_RESTARTS": "2"})
-  assert out.returncode == PREEMPTED
-  assert len(calls) == 3
-  assert "stopped after 2 relaunches (MAX_RESTARTS=2)" in out.stderr
-  bad = run(["bash", "launch/tpu_pod.sh", CONFIG, "gs://b/run"],
-            env={**env, "MAX_RESTARTS": "many"})
-  assert bad.returncode == 2 and "whole numbers" in bad.stderr
-
-
-def test_tpu_pod_stops_when_the_pod_does_not_come_back(tmp_path):
-  env = fake_gcloud(tmp_path, [PREEMPTED, 0], states=["PREEMPTED"])
-  out, calls, describes = tpu_pod_run(tmp_path,
-                                      {**env, "READY_TIMEOUT": "0"})
-  assert out.returncode == PREEMPTED
-  assert len(calls) == 1 and describes == 1
-  assert "not READY" in out.stderr and "PREEMPTED" in out.stderr
-
-
-def test_tpu_pod_needs_its_environment():
-  out = run(["bash", "launch/tpu_pod.sh", "setup"],
-            env={"TPU_NAME": "", "ZONE": ""})
-  assert out.returncode == 2 and "set TPU_NAME and ZONE" in out.stderr
+XPK = {"CLUSTER": "c1", "TPU_TYPE": "v5litepod-16", "NUM_SLICES": "2",
+       "DOCKER_IMAGE": "gcr.io/p/cvqcar:1", "BASE_DOCKER_IMAGE": ""}
 
 
 def test_xpk_creates_one_workload(tmp_path):
-  env = fake_tool(tmp_path, "xpk")
-  env.update(CLUSTER="c1", TPU_TYPE="v5litepod-16", NUM_SLICES="2",
-             DOCKER_IMAGE="gcr.io/p/cvqcar:1")
+  env = {**fake_tool(tmp_path, "xpk"), **XPK}
   out = run(["bash", "launch/xpk.sh", "run1", CONFIG, "gs://b/run",
              "--config.dcn_mesh.data=2"], env=env)
   assert out.returncode == 0, out.stderr
   args = recorded_args(tmp_path, "xpk")
-  assert args[:8] == ["workload", "create", "--cluster=c1", "--workload=run1",
-                      "--tpu-type=v5litepod-16", "--num-slices=2",
-                      "--docker-image=gcr.io/p/cvqcar:1",
-                      f"--command=python -m cvqcar.train --config={CONFIG}"
-                      " --workdir=gs://b/run --config.dcn_mesh.data=2"]
+  assert args == ["workload", "create", "--cluster=c1", "--workload=run1",
+                  "--tpu-type=v5litepod-16", "--num-slices=2",
+                  "--docker-image=gcr.io/p/cvqcar:1",
+                  f"--command=python3 -m cvqcar.train --config={CONFIG}"
+                  " --workdir=gs://b/run --config.dcn_mesh.data=2"]
   missing = run(["bash", "launch/xpk.sh", "run1", CONFIG, "gs://b/run"],
                 env={**env, "DOCKER_IMAGE": ""})
-  assert missing.returncode == 2 and "set DOCKER_IMAGE" in missing.stderr
+  assert missing.returncode == 2
+  assert "set DOCKER_IMAGE or BASE_DOCKER_IMAGE" in missing.stderr
+
+
+def test_xpk_builds_the_tpu_image_or_lets_xpk_build_it(tmp_path):
+  env = {**fake_tool(tmp_path, "xpk"), **fake_tool(tmp_path, "docker"),
+         **XPK, "ZONE": "us-west4-a"}
+  build, push, xpk = dry_run_lines(
+      ["bash", "launch/xpk.sh", "--build", "run1", CONFIG, "gs://b/run"], env)
+  assert build == ["docker", "build", "--build-arg", "JAX_EXTRA=tpu", "-t",
+                   "gcr.io/p/cvqcar:1", str(ROOT)]
+  assert push == ["docker", "push", "gcr.io/p/cvqcar:1"]
+  assert xpk[7:] == ["--docker-image=gcr.io/p/cvqcar:1", "--zone=us-west4-a",
+                     f"--command=python3 -m cvqcar.train --config={CONFIG}"
+                     " --workdir=gs://b/run"]
+  env.update(DOCKER_IMAGE="", BASE_DOCKER_IMAGE="cvqcar-tpu")
+  [xpk] = dry_run_lines(["bash", "launch/xpk.sh", "run1", CONFIG,
+                         "gs://b/run"], env)
+  assert xpk[7:9] == ["--base-docker-image=cvqcar-tpu",
+                      f"--script-dir={ROOT}"]
+  assert not (tmp_path / "xpk.args").exists()  # printed, not run
+  assert not (tmp_path / "docker.args").exists()
+
+
+def test_dockerfile_installs_the_pyproject_extras_it_names():
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  extras = pyproject["project"]["optional-dependencies"]
+  assert "jax[tpu]" in extras["tpu"][0] and "jax[cuda12]" in extras["cuda"][0]
+  dockerfile = (ROOT / "Dockerfile").read_text()
+  assert "ARG JAX_EXTRA=cpu\n" in dockerfile
+  assert 'pip install -c constraints.txt -e ".[$extras]"' in dockerfile
+  assert "tpu | cuda) extras=\"cpu,$JAX_EXTRA\"" in dockerfile
+  # jax >= 0.10.2 needs Python >= 3.11, as pyproject.toml says.
+  assert pyproject["project"]["requires-python"] == ">=3.11"
+  assert "ARG PYTHON_VERSION=3.12\nFROM python:${PYTHON_VERSION}-slim" in (
+      dockerfile)
+
+
+def test_dockerignore_keeps_run_outputs_and_venvs_out():
+  ignored = (ROOT / ".dockerignore").read_text().split()
+  for path in ("runs", "exports", "shards", "**/.venv*", ".git"):
+    assert path in ignored
+  # Every top-level directory git ignores stays out of the image too.
+  for line in (ROOT / ".gitignore").read_text().splitlines():
+    if line.startswith("/") and line.endswith("/"):
+      assert line.strip("/") in ignored, line
 
 
 def test_slurm_gives_each_node_process_all_its_gpus(tmp_path):
@@ -318,6 +298,90 @@ def test_slurm_asks_for_requeue_and_sigterm_before_the_limit():
   # No "B:": the python processes (job steps) get it, not the batch shell.
   assert len(signal) == 1 and signal[0].startswith("--signal=TERM@"), signal
   assert int(signal[0].split("@")[1]) >= 60
+
+
+def test_slurm_holds_whole_nodes_cpus_and_memory():
+  options = sbatch_options()
+  assert "--exclusive" in options and "--mem=0" in options
+  [cpus] = [o for o in options if o.startswith("--cpus-per-task=")]
+  assert int(cpus.split("=")[1]) >= 1
+
+
+# Outside Slurm: no inherited allocation, and the conftest's XLA_FLAGS gone.
+NO_SLURM = {"SLURM_SUBMIT_DIR": str(ROOT), "JAX_LOCAL_DEVICE_IDS": "",
+            "SRUN_CPUS_PER_TASK": "", "XLA_FLAGS": "", "NCCL_DEBUG": "",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": "", "SLURM_NTASKS_PER_NODE": "",
+            "SLURM_TASKS_PER_NODE": "", "SLURM_GPUS_PER_TASK": ""}
+
+
+def slurm_dry_run(tmp_path, **slurm) -> tuple[dict[str, str], list[str]]:
+  """(the exports, the srun command) slurm.sbatch prints with DRY_RUN=1."""
+  env = {**fake_tool(tmp_path, "srun"), **NO_SLURM, **slurm}
+  lines = dry_run_lines(["bash", "launch/slurm.sbatch", CONFIG,
+                         "/shared/run", "--config.batch_size=64"], env)
+  assert not (tmp_path / "srun.args").exists()  # printed, not run
+  exports = dict(line[1].split("=", 1) for line in lines[:-1]
+                 if line[0] == "export")
+  assert len(exports) == len(lines) - 1, lines
+  return exports, lines[-1]
+
+
+def test_slurm_one_process_a_node_gets_all_its_gpus_and_cpus(tmp_path):
+  exports, srun = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96",
+      SLURM_NTASKS_PER_NODE="1")
+  assert exports == {
+      "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7", "SRUN_CPUS_PER_TASK": "96",
+      "XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true",
+      "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", "NCCL_DEBUG": "WARN"}
+  assert srun == ["srun", "--kill-on-bad-exit=1", ".venv/bin/python", "-m",
+                  "cvqcar.train", f"--config={CONFIG}",
+                  "--workdir=/shared/run", "--config.batch_size=64"]
+
+
+def test_slurm_one_process_a_gpu_sees_only_its_own(tmp_path):
+  # --ntasks-per-node=8 --gpus-per-task=1: Slurm shows each its one GPU.
+  exports, _ = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96",
+      SLURM_NTASKS_PER_NODE="8", SLURM_GPUS_PER_TASK="gpu:1")
+  assert exports["JAX_LOCAL_DEVICE_IDS"] == "0"
+  assert exports["SRUN_CPUS_PER_TASK"] == "12"
+  # Several processes that all see every GPU: jax picks $SLURM_LOCALID.
+  exports, _ = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96",
+      SLURM_TASKS_PER_NODE="8(x2)")
+  assert "JAX_LOCAL_DEVICE_IDS" not in exports
+  assert exports["SRUN_CPUS_PER_TASK"] == "12"
+
+
+def test_slurm_keeps_the_users_settings(tmp_path):
+  exports, _ = slurm_dry_run(
+      tmp_path, SLURM_GPUS_ON_NODE="4", SLURM_CPUS_ON_NODE="64",
+      JAX_LOCAL_DEVICE_IDS="1,2", SRUN_CPUS_PER_TASK="8",
+      XLA_FLAGS="--xla_dump_to=/tmp/x", NCCL_DEBUG="INFO",
+      XLA_PYTHON_CLIENT_MEM_FRACTION="0.5")
+  assert exports == {
+      "JAX_LOCAL_DEVICE_IDS": "1,2", "SRUN_CPUS_PER_TASK": "8",
+      "XLA_FLAGS": "--xla_dump_to=/tmp/x"
+                   " --xla_gpu_enable_latency_hiding_scheduler=true",
+      "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5", "NCCL_DEBUG": "INFO"}
+  off = "--xla_gpu_enable_latency_hiding_scheduler=false"
+  exports, _ = slurm_dry_run(tmp_path, SLURM_GPUS_ON_NODE="1",
+                             XLA_FLAGS=off)
+  assert exports["XLA_FLAGS"] == off
+
+
+def test_slurm_srun_gets_the_cpus_and_gpu_settings(tmp_path):
+  env = {**fake_tool(tmp_path, "srun"), **NO_SLURM, "SLURM_GPUS_ON_NODE": "2",
+         "SLURM_CPUS_ON_NODE": "32"}
+  out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], env=env)
+  assert out.returncode == 0, out.stderr
+  seen = dict(line.split("=", 1) for line in
+              (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
+  assert seen["SRUN_CPUS_PER_TASK"] == "32"
+  assert seen["JAX_LOCAL_DEVICE_IDS"] == "0,1"
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in seen["XLA_FLAGS"]
+  assert seen["NCCL_DEBUG"] == "WARN"
 
 
 @pytest.mark.parametrize("status", [PREEMPTED, 0, 1])
@@ -369,113 +433,6 @@ def test_slurm_says_so_when_the_requeue_is_refused(tmp_path):
   out = run(["bash", "launch/slurm.sbatch", CONFIG, "/shared/run"], env=env)
   assert out.returncode == PREEMPTED
   assert "not requeued" in out.stderr and "resubmit" in out.stderr
-
-
-def compile_check(*args):
-  return run([sys.executable, "launch/compile_check.py",
-              f"--config={CONFIG}", *TINY, *args], timeout=600)
-
-
-@pytest.mark.slow
-def test_compile_check_reports_memory_per_device():
-  out = compile_check("--num_devices=8")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "mesh: data=8 fsdp=1 model=1 (8 x cpu)" in out.stdout
-  for name in ("argument", "output", "temp", "generated code", "alias",
-               "peak estimate"):
-    assert f"\n  {name} " in out.stdout, out.stdout
-  assert "compile_check: OK" in out.stdout
-
-
-@pytest.mark.slow
-def test_compile_check_fails_when_the_peak_does_not_fit():
-  # 4 devices, although the conftest's XLA_FLAGS (inherited) asks for 8.
-  out = compile_check("--num_devices=4", "--device_memory_gib=0.000001")
-  assert out.returncode == 1, out.stderr[-3000:]
-  assert "mesh: data=4 fsdp=1 model=1" in out.stdout
-  assert "exceeds --device_memory_gib=1e-06" in out.stderr
-
-
-@pytest.mark.slow
-def test_compile_check_compiles_car_and_fsdp_shards_its_state(tmp_path):
-  sizes = {}
-  for mesh in ("--config.mesh.data=8", "--config.mesh.fsdp=8"):
-    path = tmp_path / "memory.json"
-    out = run([sys.executable, "launch/compile_check.py",
-               "--config=configs/car_stage2.py:tiny", "--num_devices=8",
-               "--config.mesh.data=1", mesh, f"--json_out={path}"],
-              timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "CAR stage 2:" in out.stdout and "compile_check: OK" in out.stdout
-    sizes[mesh] = json.loads(path.read_text())
-  data, fsdp = sizes["--config.mesh.data=8"], sizes["--config.mesh.fsdp=8"]
-  assert data["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
-  # The state (the step's output: it is donated) replicated vs split eight
-  # ways; the frozen codebook (1024 x 256 float32) stays replicated.
-  codebook = 1024 * 256 * 4
-  assert (fsdp["output"] - codebook) < (data["output"] - codebook) / 6, (
-      fsdp, data)
-
-
-# The tiny CAR's sampler with a short prompt, so that its KV cache (16.6 MiB
-# for 64 prompts and their unconditional rows) outweighs the rest.
-SAMPLE = ["--job=sample", "--config=configs/car_stage1.py:tiny",
-          "--config.batch_size=64", "--config.max_text_len=8"]
-
-
-def test_compile_check_sample_reports_memory_and_splits_the_kv_cache(
-    tmp_path):
-  path = tmp_path / "memory.json"
-  out = run([sys.executable, "launch/compile_check.py", *SAMPLE,
-             "--num_devices=8", "--config.mesh.data=1",
-             "--config.mesh.fsdp=4", "--config.mesh.model=2",
-             f"--json_out={path}"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "mesh: data=1 fsdp=4 model=2 (8 x cpu)" in out.stdout
-  assert "CAR sampler (stage 1):" in out.stdout
-  assert "parameters in bfloat16" in out.stdout
-  assert "split 4 ways over the batch and 2 over kv heads" in out.stdout
-  for name in ("argument", "output", "temp", "peak estimate"):
-    assert f"\n  {name} " in out.stdout, out.stdout
-  assert "compile_check: OK" in out.stdout
-  r = json.loads(path.read_text())
-  assert r["job"] == "sample" and r["fits"]
-  assert r["kv_cache_per_device"] * 8 == r["kv_cache"]
-  # Split 8 ways (batch and kv heads), the cache's live copies take 0.43 of
-  # one whole cache; split over the batch alone (4 ways) they take 0.85.
-  assert r["temp"] < 0.65 * r["kv_cache"], r
-
-
-def test_compile_check_sample_fails_when_the_peak_does_not_fit():
-  out = run([sys.executable, "launch/compile_check.py", *SAMPLE,
-             "--num_devices=2", "--param_dtype=float32",
-             "--device_memory_gib=0.000001"])
-  assert out.returncode == 1, out.stderr[-3000:]
-  assert "parameters in float32" in out.stdout
-  assert "exceeds --device_memory_gib=1e-06" in out.stderr
-  assert "weights and KV cache" in out.stderr
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--num_devices=4", "--config.mesh.fsdp=8"],
-     "config.mesh {'data': 1, 'fsdp': 8, 'model': 1} needs 8 devices,"
-     " found 4"),
-    (["--num_devices=4", "--config.mesh.model=4"],
-     "num_key_value_heads=2 is not divisible by config.mesh.model=4"),
-])
-def test_compile_check_sample_refuses_a_mesh_before_compiling(flags,
-                                                             message):
-  out = run([sys.executable, "launch/compile_check.py", *SAMPLE,
-             "--config.mesh.data=1", *flags])
-  assert out.returncode == 1, out.stderr[-3000:]
-  assert message in out.stderr
-  assert "lowered and compiled" not in out.stdout
-
-
-def test_compile_check_sample_needs_a_car_config():
-  out = compile_check("--job=sample", "--num_devices=2")
-  assert out.returncode == 1
-  assert "--job=sample needs a CAR config" in out.stderr
 
 
 @pytest.mark.parametrize("writes_marker", [True, False])
