@@ -19,12 +19,18 @@ def compile_check(*args):
 
 @pytest.mark.slow
 def test_compile_check_reports_memory_per_device():
-  out = compile_check("--num_devices=8")
+  # With the LPIPS loss asked for and no weight file, its VGG16 is counted
+  # (random weights of the real shapes: 14.7M float32 parameters, 56 MiB,
+  # replicated, so in every device's arguments).
+  out = compile_check("--num_devices=8", "--config.loss.perceptual_weight=1")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "mesh: data=8 fsdp=1 model=1 (8 x cpu)" in out.stdout
   for name in ("argument", "output", "temp", "generated code", "alias",
                "peak estimate"):
     assert f"\n  {name} " in out.stdout, out.stdout
+  assert "(LPIPS counted, random weights)" in out.stdout
+  argument_mib = float(out.stdout.split("\n  argument ")[1].split()[0])
+  assert argument_mib > 56, out.stdout
   assert "compile_check: OK" in out.stdout
 
 
