@@ -256,7 +256,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # paper's 256 px models). On a CPU budget more, smaller tokens won
     # (32 of 16 x 16: 20.0 dB; 256 of 8 x 8: 21.8 dB, 600 steps of 32), and
     # then more, smaller steps: 2,400 of batch 8 see as many images as 600
-    # of 32 in about the same time and reach 22.9 dB (README, quick start).
+    # of 32 in about the same time and reach 22.9 dB (docs/results.md,
+    # the quick start's budget).
     m.channel_mults = (1, 2, 2)
     m.num_res_blocks = 1
     m.norm_groups = 8
@@ -279,7 +280,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.data.name = "fashion_mnist"  # 60,000 train, 10,000 test images
     config.data.num_eval_images = 1000
     if "tiny" in args:  # grey clothes on black: 32 tokens of 16 x 16, K =
-      # 1024, 600 steps of 32 (the shape the README's score was measured at)
+      # 1024, 600 steps of 32 (the shape of the Fashion-MNIST scores in
+      # docs/results.md)
       m.channel_mults, m.latent_channels, m.num_codes = (1, 2), 32, 1024
       config.batch_size, config.num_train_steps = 32, 600
       config.log_every, config.eval_every = 50, 200

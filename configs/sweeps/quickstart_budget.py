@@ -5,7 +5,8 @@
 Every point is the `tiny` tokenizer (32 px crops of the embedded photos, 256
 channel tokens of 8 x 8) with one thing changed, evaluated on the 256
 held-out crops (cat, coffee cup, gravel). Measured on a 2-core x86_64 CPU,
-2026-12-01 (README, quick start; PSNR in dB at the last step):
+2026-12-01 (docs/results.md, the quick start's budget; PSNR in dB at the
+last step):
 
   screen, 300 steps of batch 32, K = 1024       PSNR   SSIM  usage
   as is                                         21.01  0.43  91%
