@@ -104,12 +104,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "imagenet2012"  # or 'embedded'; eval also 'folder'
-  config.data.data_dir = ""  # local TFDS directory; nothing is downloaded
+  # A TFDS data dir (local or gs://); nothing is downloaded. TFRecord-built
+  # data is converted once: python -m cvqcar.data.tfds_images --data_dir=...
+  config.data.data_dir = ""
+  config.data.tfds_name = "imagenet2012"  # the TFDS dataset data.name reads
   config.data.eval_dir = ""  # data.name='folder': a directory of images
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.train_crop = "random"  # 'random' or 'center'
   config.data.min_scale = 0.15  # embedded photos: smallest crop side fraction
+  # Images whose short side is under this many pixels are skipped and
+  # counted (data/skipped); 0 keeps all.
+  config.data.min_image_size = 0
   config.data.num_eval_images = 10_000
   config.data.num_threads = 16
   # Grain worker processes: 0 (read threads only) up to about 2 host cores

@@ -256,3 +256,39 @@ def test_epoch_shuffle_visits_every_record_once_an_epoch_and_pickles():
   other = [image_data.EpochShuffle(grain.MapDataset.range(50), seed=4)[i]
            for i in range(50)]
   assert other != epochs[0]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_processes_draw_different_crops_of_the_same_image(train, monkeypatch):
+  """Every example's random crop is seeded by its global index: two
+  processes cropping the same image draw different crops, the ones one
+  process would draw for those examples."""
+  image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
+  records = [{"image": image}]
+  pre = image_data.Preprocess(8, crop="random_scale", min_scale=0.2)
+
+  def crops(index, count):
+    ds = image_data.records_pipeline(
+        records, pre, batch_size=4, seed=0, train=train, num_examples=4,
+        process_index=index, process_count=count, num_threads=1)
+    return [x.tobytes() for x in next(iter(ds))["image"]]
+
+  first, second = crops(0, 2), crops(1, 2)
+  assert len(set(first + second)) == 4  # no crop drawn twice
+  one = crops(0, 1)
+  if train:  # contiguous blocks of each global batch
+    assert first + second == one
+  else:  # eval splits the examples p::P
+    assert first == one[0::2] and second == one[1::2]
+
+
+def test_prefetch_buffer_follows_the_local_batch(monkeypatch):
+  import grain
+
+  real, seen = grain.ReadOptions, []
+  monkeypatch.setattr(grain, "ReadOptions",
+                      lambda **kw: seen.append(kw) or real(**kw))
+  image_data.records_pipeline([{"image": 0}], lambda r, rng: r, batch_size=8,
+                              seed=0, train=True, process_index=0,
+                              process_count=4)
+  assert seen[-1]["prefetch_buffer_size"] == 2 * 2  # 2 x 8 / 4 processes

@@ -376,3 +376,12 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, tokenizer_export):
   with pytest.raises(ValueError, match="hold tokens already"):
     pretokenize.tokenize_shards(tokenizer_export, tokens_dir,
                                      str(tmp_path / "again"))
+
+
+def test_images_under_the_minimum_size_are_skipped_and_counted():
+  records = [{"image": image_bytes(COLORS[name], h=h), "caption": f"a {name}"
+              " square"} for name, h in (("red", 20), ("blue", 5),
+                                         ("green", 20))]
+  batches = list(pipeline(records, min_size=10))
+  assert len(batches) == 1 and int(batches[0]["skipped"].sum()) == 1
+  assert captions_of(batches[0]) == ["a red square", "a green square"]

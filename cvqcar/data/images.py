@@ -7,7 +7,6 @@ import dataclasses
 import importlib.resources
 import io
 import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,9 +15,9 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
-from cvqcar.data import fashion
+from cvqcar.data import fashion, paths, tfds_images
 
 # Photos bundled in the scikit-image wheel that stay out of training and give
 # the embedded eval set (a cat, a coffee cup and a gravel texture).
@@ -26,8 +25,50 @@ EMBEDDED_EVAL_FILES = ("chelsea.png", "coffee.png", "gravel.png")
 _EMBEDDED_SUFFIXES = (".png", ".jpg")
 
 
+_HAS_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(pil: Image.Image) -> Image.Image:
+  """An 8-bit RGB image of any PIL mode. 16-bit (and 32-bit integer) grey
+  levels are scaled by 255 / 65535, float ones clipped to [0, 255];
+  palette, grey, bilevel and CMYK images are converted; transparent pixels
+  (an alpha band, or a palette / grey / RGB transparency key) are
+  composited on white, as a viewer shows them on a white page."""
+  if pil.mode in ("I", "F") or pil.mode.startswith("I;16"):
+    array = np.asarray(pil).astype(np.float64)
+    if pil.mode != "F":
+      array = array / 257.0
+    pil = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+  if pil.mode in _HAS_ALPHA or "transparency" in pil.info:
+    rgba = pil.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return pil if pil.mode == "RGB" else pil.convert("RGB")
+
+
+def _orientation(pil: Image.Image) -> int:
+  """The EXIF orientation tag (1: upright; 5 to 8 swap width and height)."""
+  try:
+    return int(pil.getexif().get(ExifTags.Base.Orientation, 1))
+  except Exception:  # A malformed EXIF block keeps the stored pixels.  # noqa: BLE001
+    return 1
+
+
+def upright_size(pil: Image.Image) -> tuple[int, int]:
+  """(width, height) as the image is shown: after its EXIF rotation."""
+  w, h = pil.size
+  return (h, w) if _orientation(pil) in (5, 6, 7, 8) else (w, h)
+
+
+def _upright(pil: Image.Image) -> Image.Image:
+  """`pil` turned as its EXIF orientation says (itself when upright)."""
+  if _orientation(pil) in (2, 3, 4, 5, 6, 7, 8):
+    return ImageOps.exif_transpose(pil)
+  return pil
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
-  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  return np.asarray(to_rgb(_upright(image)), dtype=np.uint8)
 
 
 def embedded_photos(split: str) -> list[dict[str, Any]]:
@@ -51,7 +92,13 @@ def embedded_photos(split: str) -> list[dict[str, Any]]:
 
 
 def decode_image(image: Any) -> np.ndarray | None:
-  """uint8 [H, W, 3] from encoded bytes or an array; None if undecodable."""
+  """uint8 [H, W, 3] from encoded bytes or an array; None if undecodable.
+
+  Encoded images are turned upright (EXIF orientation) and made RGB as
+  `to_rgb` says: 16-bit scaled to 8, transparency composited on white.
+  Arrays are [H, W] or [H, W, 1 | 3 | 4], uint8 or uint16 (scaled to 8
+  bits); a fourth channel is alpha, composited on white.
+  """
   if isinstance(image, (bytes, np.bytes_)):
     try:
       with Image.open(io.BytesIO(image)) as pil:
@@ -60,13 +107,18 @@ def decode_image(image: Any) -> np.ndarray | None:
       return None
   array = np.asarray(image)
   if array.ndim == 2:
-    array = np.repeat(array[..., None], 3, axis=-1)
+    array = array[..., None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(
       array.shape[:2]) == 0:
     return None
+  if array.dtype == np.uint16:
+    array = np.rint(array / 257.0)
+  array = np.clip(array, 0, 255).astype(np.uint8)
+  if array.shape[-1] == 4:
+    return _to_rgb(Image.fromarray(array, "RGBA"))
   if array.shape[-1] == 1:
     array = np.repeat(array, 3, axis=-1)
-  return array[..., :3].astype(np.uint8)
+  return array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,20 +128,28 @@ class Preprocess:
   crop: 'center' (resize short side to R, center crop), 'random' (resize
   short side to R, random crop) or 'random_scale' (square crop of a random
   side in [min_scale, 1] x short side, then resize to R: many natural-image
-  patches from a few large photos).
+  patches from a few large photos). Only the crop is resized, so a very
+  long, thin image never becomes a huge array. An image whose short side
+  (upright, after its EXIF rotation) is under `min_size` pixels is dropped
+  as corrupt, and counted. Pixels are decoded as `to_rgb` says
+  (transparency on white).
   """
 
   resolution: int
   crop: str = "center"
   flip: bool = False
   min_scale: float = 0.15
+  min_size: int = 0
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator):
     try:
       pil = _open(record["image"])
       if pil is None:
         return {"corrupt": True}
-      image = np.asarray(_crop_resize(pil, self._box(pil.size, rng),
+      size = upright_size(pil)
+      if min(size) < max(1, self.min_size):
+        return {"corrupt": True}
+      image = np.asarray(_crop_resize(pil, self._box(size, rng),
                                       self.resolution))
     except Exception:  # PIL raises many types on corrupt data.  # noqa: BLE001
       return {"corrupt": True}
@@ -128,19 +188,22 @@ def _open(image: Any) -> Image.Image | None:
 
 
 def _crop_resize(pil: Image.Image, box, size: int) -> Image.Image:
-  """The `box` of `pil` resized to size x size (bicubic), in one resample.
-  A JPEG whose box shrinks by 4x or more is decoded at 1/2, 1/4 or 1/8
-  scale (libjpeg's DCT scaling, PIL's draft mode), keeping at least twice
-  the output's pixels for the bicubic step (as PIL's reducing_gap=2)."""
+  """The `box` (in upright pixels: after the EXIF rotation) of `pil`
+  resized to size x size (bicubic), in one resample. A JPEG whose box
+  shrinks by 4x or more is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+  scaling, PIL's draft mode), keeping at least twice the output's pixels
+  for the bicubic step (as PIL's reducing_gap=2); the reduced image is then
+  turned upright and the box scaled to it, axis by axis."""
+  w, h = upright_size(pil)
   factor = (box[2] - box[0]) / size / 2
   if pil.format == "JPEG" and factor >= 2:
-    w = pil.width
     pil.draft("RGB", (max(1, int(pil.width / factor)),
                       max(1, int(pil.height / factor))))
-    ratio = w / pil.width
-    box = tuple(b / ratio for b in box)
-  return pil.convert("RGB").resize((size, size), Image.Resampling.BICUBIC,
-                                   box=box, reducing_gap=2.0)
+  image = to_rgb(_upright(pil))
+  sx, sy = image.width / w, image.height / h
+  box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+  return image.resize((size, size), Image.Resampling.BICUBIC, box=box,
+                      reducing_gap=2.0)
 
 
 class _SkipCorruptIterator(grain.DatasetIterator):
@@ -261,9 +324,11 @@ def records_pipeline(
     ds = grain.MapDataset.range(len(stream) - start_example).map(
         lambda j: stream[global_index(j)])
   else:
-    ds = ds[index::processes].random_map(transform, seed=seed)
+    # Seeded by the global index before the split: process p draws for
+    # example i what one process would, never the draw of its own i-th.
+    ds = ds.random_map(transform, seed=seed)[index::processes]
   ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
+      num_threads=num_threads, prefetch_buffer_size=2 * local))
   ds = SkipCorrupt(ds)
   ds = ds.batch(local, drop_remainder=drop_remainder)
   if worker_count > 0:
@@ -276,14 +341,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 class FolderImages(Sequence):
   """Records {'image': encoded bytes, 'name'} of the image files in a
-  directory (sorted by name), read when asked for."""
+  directory (sorted by name; local or an object store such as gs://),
+  read when asked for."""
 
   def __init__(self, directory: str):
-    if not os.path.isdir(directory):
+    if not paths.is_dir(directory):
       raise FileNotFoundError(f"image folder {directory!r} does not exist")
     self.directory = directory
-    self.names = sorted(n for n in os.listdir(directory)
-                        if n.lower().endswith(IMAGE_SUFFIXES))
+    self.names = paths.list_files(directory, IMAGE_SUFFIXES)
     if not self.names:
       raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} files in"
                               f" {directory}")
@@ -292,8 +357,9 @@ class FolderImages(Sequence):
     return len(self.names)
 
   def __getitem__(self, i):
-    with open(os.path.join(self.directory, self.names[i]), "rb") as f:
-      return {"image": f.read(), "name": self.names[i]}
+    return {"image": paths.read_bytes(paths.join(self.directory,
+                                                 self.names[i])),
+            "name": self.names[i]}
 
 
 def padded_eval_batches(records: Sequence[Any], preprocess, *,
@@ -348,16 +414,22 @@ def image_pipeline(records: Sequence[dict[str, Any]], *,
 
 
 def imagenet_records(cfg: ml_collections.ConfigDict, split: str):
-  """TFDS imagenet2012 `split` in cfg.data_dir as a random-access source of
-  {'image': encoded bytes, 'label', ...}; nothing is downloaded."""
-  import tensorflow_datasets as tfds  # Heavy import; only ImageNet needs it.
-
+  """TFDS cfg.tfds_name (default imagenet2012) `split` in cfg.data_dir as a
+  random-access source of {'image': encoded bytes, 'label', ...}; nothing
+  is downloaded. Data prepared as TFRecord raises an error naming the
+  conversion command (cvqcar.data.tfds_images)."""
   if not cfg.data_dir:
     raise ValueError("config.data.data_dir must point at a local TFDS"
                      " directory holding imagenet2012 (nothing is downloaded)")
-  return tfds.data_source(
-      "imagenet2012", split=split, data_dir=cfg.data_dir, download=False,
-      decoders={"image": tfds.decode.SkipDecoding()})
+  return tfds_images.source(cfg.get("tfds_name") or "imagenet2012", split,
+                            cfg.data_dir)
+
+
+def _preprocess(d: ml_collections.ConfigDict, resolution: int,
+                **kwargs) -> Preprocess:
+  """Preprocess with config.data's minimum image size."""
+  return Preprocess(resolution, min_size=d.get("min_image_size", 0),
+                    **kwargs)
 
 
 def train_dataset(config: ml_collections.ConfigDict,
@@ -367,14 +439,14 @@ def train_dataset(config: ml_collections.ConfigDict,
   d, r = config.data, config.model.resolution
   if d.name == "embedded":
     records = embedded_photos("train")
-    preprocess = Preprocess(r, crop="random_scale", flip=True,
-                            min_scale=d.min_scale)
+    preprocess = _preprocess(d, r, crop="random_scale", flip=True,
+                             min_scale=d.min_scale)
   elif d.name == "imagenet2012":
     records = imagenet_records(d, d.train_split)
-    preprocess = Preprocess(r, crop=d.train_crop, flip=True)
+    preprocess = _preprocess(d, r, crop=d.train_crop, flip=True)
   elif d.name == "fashion_mnist":
     records = fashion.records(d.data_dir, "train")
-    preprocess = Preprocess(r, crop="center")
+    preprocess = _preprocess(d, r, crop="center")
   else:
     raise ValueError(f"config.data.name must be 'embedded', 'imagenet2012'"
                      f" or 'fashion_mnist',"
@@ -392,7 +464,7 @@ def eval_records(config: ml_collections.ConfigDict):
   d, r = config.data, config.model.resolution
   if d.name == "embedded":
     return (embedded_photos("eval"),
-            Preprocess(r, crop="random_scale", min_scale=d.min_scale),
+            _preprocess(d, r, crop="random_scale", min_scale=d.min_scale),
             d.num_eval_images)
   if d.name == "folder":
     records = FolderImages(d.eval_dir)
@@ -401,7 +473,7 @@ def eval_records(config: ml_collections.ConfigDict):
   else:
     records = imagenet_records(d, d.eval_split)
   num = min(d.num_eval_images or len(records), len(records))
-  return records, Preprocess(r, crop="center"), num
+  return records, _preprocess(d, r, crop="center"), num
 
 
 def eval_batches(config: ml_collections.ConfigDict):
@@ -419,13 +491,13 @@ def eval_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
   d, r = config.data, config.model.resolution
   if d.name == "embedded":
     records = embedded_photos("eval")
-    preprocess = Preprocess(r, crop="random_scale", min_scale=d.min_scale)
+    preprocess = _preprocess(d, r, crop="random_scale", min_scale=d.min_scale)
     num = d.num_eval_images
   else:
     records = (fashion.records(d.data_dir, "test")
                if d.name == "fashion_mnist"
                else imagenet_records(d, d.eval_split))
-    preprocess = Preprocess(r, crop="center")
+    preprocess = _preprocess(d, r, crop="center")
     num = min(d.num_eval_images or len(records), len(records))
   return image_pipeline(records, preprocess=preprocess,
                         batch_size=config.eval_batch_size,

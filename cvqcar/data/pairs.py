@@ -31,7 +31,7 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from cvqcar import fingerprint
-from cvqcar.data import fashion, text
+from cvqcar.data import fashion, paths, text
 from cvqcar.data import images as image_data
 
 SHARD_SUFFIX = ".array_record"
@@ -175,16 +175,17 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
 
 
 def shard_paths(pattern_or_dir: str) -> list[str]:
-  """A directory's shards, or the files a glob (or comma list) matches."""
-  paths = []
+  """A directory's shards, or the files a glob (or comma list) matches;
+  local or in an object store (gs://, s3://: data.paths)."""
+  found = []
   for part in filter(None, pattern_or_dir.split(",")):
-    if os.path.isdir(part):
-      part = os.path.join(part, "*" + SHARD_SUFFIX)
-    paths += sorted(glob.glob(part))
-  if not paths:
+    if paths.is_dir(part):
+      part = paths.join(part, "*" + SHARD_SUFFIX)
+    found += paths.glob(part)
+  if not found:
     raise FileNotFoundError(f"no {SHARD_SUFFIX} shards found at"
                             f" {pattern_or_dir!r} (a directory or a glob)")
-  return paths
+  return found
 
 
 def read_source(pattern_or_dir: str) -> grain.sources.ArrayRecordDataSource:
@@ -292,6 +293,7 @@ def pair_pipeline(
     crop: str = "center",
     flip: bool = False,
     min_scale: float = 0.15,
+    min_size: int = 0,
     num_tokens: int | None = None,
     num_codes: int | None = None,
     num_examples: int | None = None,
@@ -307,7 +309,8 @@ def pair_pipeline(
   disjoint 1/process_count share into batches of batch_size /
   process_count. Shuffled and repeated when `train`, else one pass;
   `num_examples` cycles through the first records (eval crops of a few
-  photos). Corrupt records are dropped and counted in 'skipped'.
+  photos). Corrupt records, and images whose short side is under
+  `min_size`, are dropped and counted in 'skipped'.
   """
   kind = record_kind(source)
   if kind == "tokens":
@@ -318,7 +321,7 @@ def pair_pipeline(
     if resolution is None:
       raise ValueError("image records need a resolution to crop to")
     preprocess = image_data.Preprocess(resolution, crop=crop, flip=flip,
-                                 min_scale=min_scale)
+                                       min_scale=min_scale, min_size=min_size)
   return image_data.records_pipeline(
       source, PairPreprocess(preprocess, text_tokenizer, max_text_len,
                              truncate, num_tokens, num_codes),
@@ -431,6 +434,7 @@ def _config_pipeline(config, text_tokenizer, split: str,
       crop="random_scale" if embedded else d.get("crop", "center"),
       flip=embedded and train,
       min_scale=d.get("min_scale", image_data.Preprocess.min_scale),
+      min_size=d.get("min_image_size", 0),
       num_tokens=config.tokenizer.latent_channels,
       num_codes=config.tokenizer.num_codes, num_examples=num,
       num_threads=d.get("num_threads", 4),
