@@ -9,8 +9,9 @@ A set is named by one spec string:
                         256 px are 9.8 GB)
   fashion_mnist:SPLIT   Fashion-MNIST's 'train' or 'test' images (local IDX
                         files, data_dir or Debian's dataset-fashion-mnist)
-  tfds:NAME:SPLIT       a local TFDS dataset's 'image' feature (data_dir;
-                        the ArrayRecord format that `tfds.data_source` reads)
+  tfds:NAME:SPLIT       a TFDS dataset's 'image' feature (data_dir; data
+                        in the TFRecord format is refused naming its one-time
+                        conversion, `python -m cvqcar.data.tfds_images`)
 
 `read(start, stop)` returns the rows as uint8 [H, W, 3] arrays, None for
 an image that cannot be decoded; `labels` is the rows' classes (an ADM
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cvqcar.data import fashion
+from cvqcar.data import fashion, images, tfds_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -38,11 +39,9 @@ def to_rgb(image: Any) -> np.ndarray | None:
   """uint8 [H, W, 3] from encoded bytes or an array; None if it is not an
   image (undecodable bytes, wrong rank or channel count, zero size)."""
   if isinstance(image, (bytes, np.bytes_)):
-    try:
-      with Image.open(io.BytesIO(image)) as pil:
-        image = np.asarray(pil.convert("RGB"))
-    except Exception:  # PIL raises many types on corrupt data.  # noqa: BLE001
-      return None
+    # As training decodes them: upright (EXIF), 16-bit scaled to 8,
+    # transparency composited on white.
+    return images.decode_image(image)
   array = np.asarray(image)
   if array.ndim == 2:
     array = array[..., None]
@@ -160,18 +159,8 @@ class TfdsSet:
   labels = None
 
   def __init__(self, name: str, split: str, data_dir: str):
-    import tensorflow_datasets as tfds  # heavy; only this set needs it
-
-    try:
-      self.source = tfds.data_source(
-          name, split=split, data_dir=data_dir or None, download=False,
-          decoders={"image": tfds.decode.SkipDecoding()})
-    except NotImplementedError as e:
-      raise ValueError(
-          f"TFDS {name}:{split} in {data_dir!r} is not in the ArrayRecord"
-          " format random access needs; rebuild it with `tfds build"
-          " --file_format=array_record` (or convert its images to a"
-          f" folder): {e}") from e
+    # Either format: a TFRecord-only dataset raises naming the conversion.
+    self.source = tfds_images.source(name, split, data_dir)
 
   def __len__(self) -> int:
     return len(self.source)
