@@ -376,3 +376,47 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, tokenizer_export):
   with pytest.raises(ValueError, match="hold tokens already"):
     pretokenize.tokenize_shards(tokenizer_export, tokens_dir,
                                      str(tmp_path / "again"))
+
+  # Interrupted after its first committed shard, a run resumes to the same
+  # examples; two workers split the input shards into the same examples.
+  def tokens_of(out):
+    return sorted((r["key"], r["caption"], r["tokens"].tobytes())
+                  for r in map(pairs.deserialize, pairs.read_source(out)))
+
+  from cvqcar.data import shard_writer
+
+  commit = shard_writer.UnitWriter.commit
+
+  def commit_once(self):
+    path = commit(self)
+    if path:
+      raise KeyboardInterrupt("stopped after a shard")
+    return path
+
+  resumed = str(tmp_path / "resumed")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(shard_writer.UnitWriter, "commit", commit_once)
+    with pytest.raises(KeyboardInterrupt):
+      pretokenize.tokenize_shards(tokenizer_export, images_dir, resumed,
+                                  batch_size=3, examples_per_shard=2)
+  assert len(pairs.shard_paths(resumed)) == 1
+  stats = pretokenize.tokenize_shards(tokenizer_export, images_dir, resumed,
+                                      batch_size=3, examples_per_shard=2)
+  assert stats == {"read": 6, "written": 5, "skipped": 1}
+  assert tokens_of(resumed) == tokens_of(tokens_dir)
+  split = str(tmp_path / "split")
+  for w in (0, 1):
+    pretokenize.tokenize_shards(tokenizer_export, images_dir, split,
+                                examples_per_shard=2, worker_index=w,
+                                num_workers=2)
+  assert tokens_of(split) == tokens_of(tokens_dir)
+  with pytest.raises(FileExistsError, match="different conversion"):
+    pretokenize.tokenize_shards(tokenizer_export, images_dir, split)
+
+
+def test_encoder_batches_split_over_the_devices():
+  from cvqcar.car import pretokenize
+
+  assert [pretokenize.encode_rows(n, 8) for n in (1, 8, 9, 64)] == [
+      8, 8, 16, 64]
+  assert pretokenize.encode_rows(5, 1) == 5

@@ -7,7 +7,9 @@ and either
 or, in pre-tokenized shards (tokenize_dataset),
   'tokens': bytes  CVQ channel tokens, little-endian int32 [C]
 plus an optional 'key': str naming the source example. Shards are
-OUT/pairs-NNNNN-of-MMMMM.array_record, written with group_size:1 so that
+OUT/*.array_record (write_shards: pairs-NNNNN-of-MMMMM; convert_pairs and
+tokenize_dataset: pairs-IIIII-SSSSS, see cvqcar/data/shard_writer.py),
+written with group_size:1 so that
 Grain's random access reads one record, not a block. Pre-tokenized shards
 have OUT/tokenizer_export.json beside them, naming the tokenizer export that
 made them (cvqcar.fingerprint); config pipelines refuse another one.

@@ -133,14 +133,18 @@ class Output:
         records.append(json.load(f))
     return records
 
+  def drop_temp(self, unit: int) -> None:
+    """Removes the shards of `unit` an interrupted run did not finish."""
+    for temp in glob.glob(os.path.join(
+        self.out_dir, f"pairs-{unit:05d}-*{pairs.SHARD_SUFFIX}{TEMP_SUFFIX}")):
+      os.remove(temp)
+
   def start(self, unit: int, examples_per_shard: int) -> UnitWriter:
     """A writer for `unit` after its committed shards; drops its temp files.
 
     Its `committed` is the number of examples those shards hold.
     """
-    for temp in glob.glob(os.path.join(
-        self.out_dir, f"pairs-{unit:05d}-*{pairs.SHARD_SUFFIX}{TEMP_SUFFIX}")):
-      os.remove(temp)  # a shard an interrupted run did not finish
+    self.drop_temp(unit)
     seq, committed = 0, 0
     while os.path.exists(os.path.join(self.out_dir, shard_name(unit, seq))):
       committed += num_records(os.path.join(self.out_dir,
