@@ -420,3 +420,42 @@ def test_encoder_batches_split_over_the_devices():
   assert [pretokenize.encode_rows(n, 8) for n in (1, 8, 9, 64)] == [
       8, 8, 16, 64]
   assert pretokenize.encode_rows(5, 1) == 5
+
+
+def test_padded_eval_batches_count_every_pair_once(tmp_path, monkeypatch):
+  config = car_config()
+  c = config.tokenizer.latent_channels
+  out = str(tmp_path / "tokens")
+  pairs.write_shards([{"tokens": np.full(c, i), "caption": f"pair {i}"}
+                      for i in range(5)], out, num_shards=2)
+  config.data.update(name="shards", shards=out, pretokenized=True,
+                     num_eval_examples=8)  # more than the 5 records
+  config.eval_batch_size = 4
+
+  def eval_pairs(index, count):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    batches = list(pairs.padded_eval_batches(config, BYTES))
+    assert all(b["tokens"].shape == (4 // count, c) for b in batches)
+    assert int(batches[-1]["corrupt"]) == 0
+    real = [(caption, int(tokens[0])) for b in batches
+            for caption, tokens, m in zip(captions_of(b), b["tokens"],
+                                          b["mask"], strict=True) if m]
+    return len(batches), real
+
+  n, real = eval_pairs(0, 1)
+  assert n == 2 and sorted(real) == [(f"pair {i}", i) for i in range(5)]
+  shares = [eval_pairs(i, 2) for i in range(2)]
+  assert [n for n, _ in shares] == [2, 2]  # same count on every process
+  assert sorted(shares[0][1] + shares[1][1]) == sorted(real)
+  # Embedded photos: 3 image crops in one batch of 16.
+  monkeypatch.undo()
+  config = car_config()
+  config.data.num_eval_examples = 3
+  (batch,) = pairs.padded_eval_batches(config, BYTES)
+  assert batch["image"].shape[0] == config.batch_size == 16
+  assert batch["mask"].sum() == 3 and not batch["image"][3:].any()
+  config.data.num_eval_examples = 0
+  with pytest.raises(ValueError, match="num_eval_examples=0 and the eval"
+                     " source holds 3 records"):
+    pairs.padded_eval_batches(config, BYTES)
