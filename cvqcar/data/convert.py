@@ -48,6 +48,7 @@ class Stats:
   where: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   inputs_done: int = 0
   inputs: int = 0  # this worker's share
+  fresh: int = 0  # written by this run (not found done by a resumed one)
   start: float = dataclasses.field(default_factory=time.time)
   log_every: int = 1000
 
@@ -57,8 +58,9 @@ class Stats:
       logging.warning("skipped %s: %s", where, reason)
       self.where.setdefault(reason, []).append(where)
 
-  def wrote(self) -> None:
+  def wrote(self, fresh: bool = True) -> None:
     self.written += 1
+    self.fresh += fresh
     if self.written % self.log_every == 0:
       logging.info("%s", self.summary())
 
@@ -91,7 +93,8 @@ class Stats:
     return (f"{self.inputs_done}/{self.inputs} inputs, read {self.read},"
             f" wrote {self.written}, skipped {sum(self.skipped.values())}"
             f"{f' ({skipped})' if skipped else ''} in {seconds:.0f}s"
-            f" ({self.written / max(seconds, 1e-9):.1f} examples/s)")
+            f" ({self.fresh / max(seconds, 1e-9):.1f} examples/s written"
+            " by this run)")
 
   def skipped_examples(self) -> str:
     """The first few skipped examples of each reason, for the final log."""
@@ -302,10 +305,11 @@ def convert(input_spec: str, fmt: str, out: str, *,
     kept = 0
     try:
       for example in examples:
-        if kept >= writer.committed:  # earlier ones are in committed shards
+        fresh = kept >= writer.committed  # earlier ones are committed
+        if fresh:
           writer.write(example)
         kept += 1
-        stats.wrote()
+        stats.wrote(fresh)
     except unreadable as e:
       stats.skip("unreadable input file", f"{path}: {e!r}")
     writer.commit()
