@@ -84,7 +84,7 @@ class Encoder:
 def tokenized_examples(encoder: Encoder, source, start: int, stop: int, *,
                        num_threads: int = 4) -> Iterator[dict[str, Any]]:
   """{'tokens' int32 [T], 'caption', 'key'} for each decodable record of
-  source[start:stop], in order; a corrupt record yields {'corrupt': True}."""
+  source[start:stop], in order; a corrupt record i yields {'corrupt': i}."""
   ds = grain.MapDataset.source(source)[start:stop].map(
       _Prepare(encoder.resolution))
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -98,9 +98,9 @@ def tokenized_examples(encoder: Encoder, source, start: int, stop: int, *,
     batch.clear()
     return out
 
-  for element in ds:
+  for i, element in enumerate(ds, start):
     if element["corrupt"]:
-      yield {"corrupt": True}
+      yield {"corrupt": i}
       continue
     batch.append(element)
     if len(batch) == encoder.batch_size:
@@ -143,6 +143,7 @@ def tokenize_shards(tokenizer_dir: str, input_spec: str, out: str, *,
                tokenizer.resolution, tokenizer.num_tokens,
                encoder.batch_size, encoder.mesh.size)
   stats = {"read": 0, "written": 0, "skipped": 0}
+  named = []  # the first few corrupt records this run met
   start, fresh, done = time.time(), 0, 0
   for unit in units:
     counts = output.done(unit)
@@ -160,8 +161,11 @@ def tokenize_shards(tokenizer_dir: str, input_spec: str, out: str, *,
         for example in tokenized_examples(
             encoder, source, seq * per_shard,
             min(n, (seq + 1) * per_shard), num_threads=num_threads):
-          if not example.get("corrupt"):
+          if "corrupt" not in example:
             writer.write(example)
+          elif len(named) < 3:  # the first few name the record
+            named.append(f"{paths[unit]} record {example['corrupt']}")
+            logging.warning("skipped %s: corrupt record", named[-1])
         writer.commit()
         written += writer.committed
         fresh += writer.committed
@@ -176,6 +180,7 @@ def tokenize_shards(tokenizer_dir: str, input_spec: str, out: str, *,
     for key in stats:
       stats[key] += counts[key]
   logging.info("finished worker %d of %d: %d input shards, %d written, %d"
-               " corrupt records skipped", worker_index, num_workers,
-               len(units), stats["written"], stats["skipped"])
+               " corrupt records skipped%s", worker_index, num_workers,
+               len(units), stats["written"], stats["skipped"],
+               f" (first: {', '.join(named)})" if named else "")
   return stats
