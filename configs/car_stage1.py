@@ -111,6 +111,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.batch_size = 256
   config.num_train_steps = 100_000
+  # Eval rows per step (0: batch_size); a short last batch is padded and
+  # masked, so every eval example counts once.
+  config.eval_batch_size = 0
   config.run_steps = 0
   config.log_every = 100
   config.eval_every = 5_000

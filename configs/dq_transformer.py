@@ -60,6 +60,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       ("classes", None), ("positions", None))
 
   config.batch_size = 16 if tiny else 256
+  # Eval rows per step (0: batch_size); a short last batch is padded and
+  # masked, so every eval example counts once.
+  config.eval_batch_size = 0
   config.num_train_steps = 300 if tiny else 200_000
   config.run_steps = 0
   config.log_every = 20 if tiny else 100

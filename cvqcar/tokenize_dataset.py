@@ -4,7 +4,10 @@
       --input=shards/embedded --out=shards/embedded_tokens
 
 Writes {'tokens': int32 [C], 'caption'} shards that CAR training reads with
-`--config.data.name=shards`; see cvqcar/car/pretokenize.py.
+`--config.data.name=shards`; see cvqcar/car/pretokenize.py. Each process
+encodes on all its local devices; rerun an interrupted run with the same
+arguments to resume it, and split the input shards over hosts with
+--worker_index/--num_workers (default: the JAX process index and count).
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ from absl import app, flags
 
 from cvqcar import logs
 from cvqcar.car import pretokenize
-from cvqcar.data import pairs
+from cvqcar.data import pairs, shard_writer
 
 flags.DEFINE_string("tokenizer", None, "CVQ tokenizer export directory.")
 flags.DEFINE_string("input", None, "Image pair shards: a directory or a glob.")
 flags.DEFINE_string("out", None, "Output directory for token shards.")
-flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
+flags.DEFINE_integer("batch_size", 64, "Images per encoder call (rounded up"
+                     " to a multiple of the local device count).")
 flags.DEFINE_integer("examples_per_shard", pairs.DEFAULT_EXAMPLES_PER_SHARD,
-                     "Examples per output shard.")
+                     "Input records per output shard.")
+flags.DEFINE_integer("worker_index", None, "This worker's index (default:"
+                     " the JAX process index, else 0).")
+flags.DEFINE_integer("num_workers", None, "Workers sharing the input shards"
+                     " (default: the JAX process count, else 1).")
 
 
 def main(argv):
@@ -28,9 +36,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.setup()
   f = flags.FLAGS
+  index, count = shard_writer.worker(f.worker_index, f.num_workers)
   pretokenize.tokenize_shards(
       f.tokenizer, f.input, f.out, batch_size=f.batch_size,
-      examples_per_shard=f.examples_per_shard)
+      examples_per_shard=f.examples_per_shard, worker_index=index,
+      num_workers=count)
 
 
 if __name__ == "__main__":

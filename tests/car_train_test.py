@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,9 +14,11 @@ from configs import car_stage1, car_stage2
 from conftest import tiny_config
 from cvqcar import checkpoint, fingerprint, logs
 from cvqcar.car import export as car_export
+from cvqcar.car import model as car_model
 from cvqcar.car import pipeline, qwen3
 from cvqcar.car import state as car_state
 from cvqcar.car import trainer as car_trainer
+from cvqcar.data import pairs
 from cvqcar.tokenizer import export
 from cvqcar.tokenizer import model as tokenizer_lib
 
@@ -165,3 +168,37 @@ def test_runs_are_pinned_to_their_tokenizer_export(tokenizer_export, tmp_path,
   assert sorted(car_trainer.train_and_evaluate(resume, car1).train) == [2]
   # The workdir now names the tokenizer it went on with.
   assert fingerprint.read_record(car1)["sha256"] == new
+
+
+def test_eval_counts_every_example_once(tokenizer_export, tmp_path):
+  # Pre-tokenized pairs: the loss compared is the CAR model's alone (the
+  # untrained tokenizer's nearest codes tie differently on another mesh).
+  rng = np.random.default_rng(0)
+  shards = str(tmp_path / "tokens")
+  pairs.write_shards([{"tokens": rng.integers(0, 64, 8),
+                       "caption": f"pair {i}"} for i in range(12)], shards,
+                     num_shards=2)
+  # An eval set smaller than a batch: padded and masked, not dropped.
+  config = car_config(car_stage1, tokenizer_export, num_train_steps=0,
+                      batch_size=16)
+  config.data.update(name="shards", shards=shards, pretokenized=True,
+                     num_eval_examples=8)
+  summary = car_trainer.train_and_evaluate(config, str(tmp_path / "car"))
+  assert summary.eval["eval/examples"] == 8
+  # The per-example mean, directly: the same 8 pairs as one batch of 8 and
+  # the same initial weights (the seed's).
+  cfg, mesh, tokenizer, text_tok, _ = car_trainer.prepare(config)
+  graphdef, state, _ = car_state.init_state(
+      cfg, mesh, tokenizer.quantizer.vq.codebook())
+  direct = ml_collections.ConfigDict(cfg.to_dict())
+  direct.batch_size = 8
+  (batch,) = list(pairs.eval_dataset(direct, text_tok))
+  logits_bck = state.model(graphdef)(batch["text"], batch["text_mask"],
+                                     batch["tokens"])
+  want = car_model.loss_fn(logits_bck, batch["tokens"])
+  np.testing.assert_allclose(summary.eval["eval/loss"], float(want),
+                             rtol=1e-5)
+  config.data.num_eval_examples = 0
+  with pytest.raises(ValueError, match="num_eval_examples=0 and the eval"
+                     " source holds 12 records"):
+    car_trainer.train_and_evaluate(config, str(tmp_path / "empty"))

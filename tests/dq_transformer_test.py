@@ -402,3 +402,56 @@ def test_sharded_sampler_draws_the_same_samples_on_any_mesh(model,
                       **settings)
   for a, b in zip(other, want, strict=True):
     np.testing.assert_array_equal(np.asarray(a)[1:], np.asarray(b)[1:])
+
+
+def test_eval_counts_every_example_once(tmp_path, monkeypatch):
+  """An eval set smaller than a batch: padded and masked, not dropped; the
+  metrics are the mean over the real rows of each row's own."""
+  from configs import dq_transformer  # noqa: PLC0415
+  from conftest import tiny_config  # noqa: PLC0415
+  from cvqcar import checkpoint, sharding  # noqa: PLC0415
+  from cvqcar.data import pairs  # noqa: PLC0415
+  from cvqcar.tokenizer import model as tokenizer_lib  # noqa: PLC0415
+
+  tok_config = tiny_config("tiny,dynamic")
+  tokenizer = tokenizer_lib.Tokenizer(tok_config.model, rngs=nnx.Rngs(0))
+  _, params, buffers = nnx.split(tokenizer, nnx.Param, ...)
+  checkpoint.save_export(str(tmp_path / "export"), tok_config,
+                         {"params": params, "buffers": buffers})
+  config = dq_transformer.get_config("tiny")
+  config.tokenizer = tok_config.model
+  config.tokenizer_export = str(tmp_path / "export")
+  config.model.update(width=32, position_layers=1, content_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+  config.update(batch_size=16, num_train_steps=0)
+  config.data.num_eval_examples = 8
+  # (dynamic_test runs train_and_evaluate on a padded eval set.) Codes are
+  # fixed here: an untrained DQ-VAE's nearest codes tie differently per mesh.
+  config, tokenizer, text_tok = dq_trainer.prepare(config)
+  model_cfg = dq_trainer._model_config(config)
+  mesh = sharding.make_mesh(config)
+  (batch,) = pairs.padded_eval_batches(config, text_tok)
+  batch.pop("corrupt")
+  real = batch["mask"] > 0
+  assert real.sum() == 8 and len(real) == 16
+  tokens = jax.jit(tokenizer.encode)(batch["image"])._asdict()
+  tokens = {k: np.array(v) for k, v in tokens.items()}
+  for v in tokens.values():  # padding rows: other (valid) sequences
+    v[~real] = v[real][::-1]
+  monkeypatch.setattr(dq_trainer, "_encoded",
+                      lambda batch, *_: {**batch, **tokens})
+  graphdef, params = nnx.split(dq.DQTransformer(model_cfg,
+                                                rngs=nnx.Rngs(1)))
+  eval_metrics = dq_trainer.make_eval_metrics(graphdef, None, model_cfg, mesh)
+  got = eval_metrics(params, None, [dict(batch)])
+  loss = jax.jit(lambda params, text, mask, codes, positions, lengths:
+                 dq.loss_fn(nnx.merge(graphdef, params), (text, mask), codes,
+                            positions, lengths)[1])
+  rows = [loss(params, batch["text"][i:i + 1], batch["text_mask"][i:i + 1],
+               *(tokens[k][i:i + 1] for k in ("codes", "positions",
+                                              "lengths")))
+          for i in np.flatnonzero(real)]
+  assert got["examples"] == 8
+  for k in rows[0]:
+    np.testing.assert_allclose(got[k], np.mean([r[k] for r in rows]),
+                               rtol=1e-5)

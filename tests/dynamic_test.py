@@ -363,9 +363,10 @@ def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
   config.mesh.update(data=4, fsdp=2)
   config.update(batch_size=8, num_train_steps=4, log_every=1,
                 eval_every=1000, checkpoint_every=2)
-  config.data.num_eval_examples = 8
+  config.data.num_eval_examples = 5  # a padded, masked batch of 8
   config.sample.update(prompts=("a ginger tabby cat",), per_prompt=2)
   full = dq_trainer.train_and_evaluate(config, str(tmp_path / "dqt"))
+  assert full.eval["eval/examples"] == 5
   assert 16 <= full.eval["eval/sample_tokens"] <= 64
   assert np.isfinite(full.eval["eval/loss"])
   assert (tmp_path / "dqt" / "images" / "samples_0000004.png").exists()

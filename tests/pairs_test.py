@@ -377,6 +377,88 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, tokenizer_export):
     pretokenize.tokenize_shards(tokenizer_export, tokens_dir,
                                      str(tmp_path / "again"))
 
+  # Interrupted after its first committed shard, a run resumes to the same
+  # examples; two workers split the input shards into the same examples.
+  def tokens_of(out):
+    return sorted((r["key"], r["caption"], r["tokens"].tobytes())
+                  for r in map(pairs.deserialize, pairs.read_source(out)))
+
+  from cvqcar.data import shard_writer
+
+  commit = shard_writer.UnitWriter.commit
+
+  def commit_once(self):
+    path = commit(self)
+    if path:
+      raise KeyboardInterrupt("stopped after a shard")
+    return path
+
+  resumed = str(tmp_path / "resumed")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(shard_writer.UnitWriter, "commit", commit_once)
+    with pytest.raises(KeyboardInterrupt):
+      pretokenize.tokenize_shards(tokenizer_export, images_dir, resumed,
+                                  batch_size=3, examples_per_shard=2)
+  assert len(pairs.shard_paths(resumed)) == 1
+  stats = pretokenize.tokenize_shards(tokenizer_export, images_dir, resumed,
+                                      batch_size=3, examples_per_shard=2)
+  assert stats == {"read": 6, "written": 5, "skipped": 1}
+  assert tokens_of(resumed) == tokens_of(tokens_dir)
+  split = str(tmp_path / "split")
+  for w in (0, 1):
+    pretokenize.tokenize_shards(tokenizer_export, images_dir, split,
+                                examples_per_shard=2, worker_index=w,
+                                num_workers=2)
+  assert tokens_of(split) == tokens_of(tokens_dir)
+  with pytest.raises(FileExistsError, match="different conversion"):
+    pretokenize.tokenize_shards(tokenizer_export, images_dir, split)
+
+
+def test_encoder_batches_split_over_the_devices():
+  from cvqcar.car import pretokenize
+
+  assert [pretokenize.encode_rows(n, 8) for n in (1, 8, 9, 64)] == [
+      8, 8, 16, 64]
+  assert pretokenize.encode_rows(5, 1) == 5
+
+
+def test_padded_eval_batches_count_every_pair_once(tmp_path, monkeypatch):
+  config = car_config()
+  c = config.tokenizer.latent_channels
+  out = str(tmp_path / "tokens")
+  pairs.write_shards([{"tokens": np.full(c, i), "caption": f"pair {i}"}
+                      for i in range(5)], out, num_shards=2)
+  config.data.update(name="shards", shards=out, pretokenized=True,
+                     num_eval_examples=8)  # more than the 5 records
+  config.eval_batch_size = 4
+
+  def eval_pairs(index, count):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    batches = list(pairs.padded_eval_batches(config, BYTES))
+    assert all(b["tokens"].shape == (4 // count, c) for b in batches)
+    assert int(batches[-1]["corrupt"]) == 0
+    real = [(caption, int(tokens[0])) for b in batches
+            for caption, tokens, m in zip(captions_of(b), b["tokens"],
+                                          b["mask"], strict=True) if m]
+    return len(batches), real
+
+  n, real = eval_pairs(0, 1)
+  assert n == 2 and sorted(real) == [(f"pair {i}", i) for i in range(5)]
+  shares = [eval_pairs(i, 2) for i in range(2)]
+  assert [n for n, _ in shares] == [2, 2]  # same count on every process
+  assert sorted(shares[0][1] + shares[1][1]) == sorted(real)
+  # Embedded photos: 3 image crops in one batch of 16.
+  monkeypatch.undo()
+  config = car_config()
+  config.data.num_eval_examples = 3
+  (batch,) = pairs.padded_eval_batches(config, BYTES)
+  assert batch["image"].shape[0] == config.batch_size == 16
+  assert batch["mask"].sum() == 3 and not batch["image"][3:].any()
+  config.data.num_eval_examples = 0
+  with pytest.raises(ValueError, match="num_eval_examples=0 and the eval"
+                     " source holds 3 records"):
+    pairs.padded_eval_batches(config, BYTES)
 
 def test_images_under_the_minimum_size_are_skipped_and_counted():
   records = [{"image": image_bytes(COLORS[name], h=h), "caption": f"a {name}"

@@ -127,16 +127,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tok_graphdef, tok_state = nnx.split(tokenizer)
   tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
   step_fn = make_train_step(config, graphdef, tok_graphdef, shardings, mesh)
-  eval_fn = jax.jit(lambda state, batch, tok_state: car_lib.loss_fn(
-      *_teacher_forced(graphdef, state, tok_graphdef, tok_state, batch)))
-  eval_ds = pairs.eval_dataset(config, text_tok)
+  eval_loss = make_eval_loss(graphdef, tok_graphdef, mesh)
+  pairs.padded_eval_batches(config, text_tok)  # refuses an empty eval set
 
   def evaluate(step, state, writer):
     del writer
     t0 = time.time()
-    losses = [float(eval_fn(state, sharding.global_batch(local, mesh),
-                            tok_state)) for local in eval_ds]
-    scalars = {"eval/loss": float(np.mean(losses))}
+    loss, count = eval_loss(state, tok_state,
+                            pairs.padded_eval_batches(config, text_tok))
+    scalars = {"eval/loss": loss, "eval/examples": float(count)}
     strips = _sample_strips(config, graphdef, state, tokenizer, text_tok)
     path = os.path.join(workdir, "images", f"samples_{step:07d}.png")
     if jax.process_index() == 0:
@@ -172,6 +171,35 @@ def write_records(workdir: str, config, backbone: dict[str, str]) -> None:
   car_state.write_backbone_record(workdir, backbone)
   export.write_tokenizer_record(
       workdir, export.tokenizer_record(config.tokenizer_export))
+
+
+def make_eval_loss(graphdef, tok_graphdef, mesh):
+  """eval_loss(state, tok_state, batches) -> (loss, examples): the mean
+  over the real rows (batch 'mask') of each example's cross-entropy over
+  its C tokens, each example counted once however the batches pad."""
+
+  @jax.jit
+  def sums(state, batch, tok_state):
+    logits_bck, tokens_bc = _teacher_forced(graphdef, state, tok_graphdef,
+                                            tok_state, batch)
+    logp = jax.nn.log_softmax(logits_bck.astype(jnp.float32), axis=-1)
+    nll_b = -jnp.take_along_axis(logp, tokens_bc[..., None],
+                                 axis=-1)[..., 0].mean(-1)
+    real_b = batch["mask"] > 0
+    # where, not a product: a padding row's loss is not read at all.
+    return jnp.sum(jnp.where(real_b, nll_b, 0.0)), jnp.sum(real_b)
+
+  def eval_loss(state, tok_state, batches) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for local in batches:
+      local.pop("corrupt", None)  # a count of this process's, not a row
+      s, n = sums(state, sharding.global_batch(local, mesh), tok_state)
+      total, count = total + float(s), count + int(n)
+    if not count:
+      raise ValueError("no eval example could be read (all corrupt?)")
+    return total / count, count
+
+  return eval_loss
 
 
 def _teacher_forced(graphdef, state, tok_graphdef, tok_state, batch):

@@ -7,7 +7,9 @@ and either
 or, in pre-tokenized shards (tokenize_dataset),
   'tokens': bytes  CVQ channel tokens, little-endian int32 [C]
 plus an optional 'key': str naming the source example. Shards are
-OUT/pairs-NNNNN-of-MMMMM.array_record, written with group_size:1 so that
+OUT/*.array_record (write_shards: pairs-NNNNN-of-MMMMM; convert_pairs and
+tokenize_dataset: pairs-IIIII-SSSSS, see cvqcar/data/shard_writer.py),
+written with group_size:1 so that
 Grain's random access reads one record, not a block. Pre-tokenized shards
 have OUT/tokenizer_export.json beside them, naming the tokenizer export that
 made them (cvqcar.fingerprint); config pipelines refuse another one.
@@ -20,10 +22,11 @@ import glob
 import io
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import msgpack
 import numpy as np
@@ -458,3 +461,73 @@ def eval_dataset(config: ml_collections.ConfigDict,
   config.data.shards (then eval overlaps training).
   """
   return _config_pipeline(config, text_tokenizer, "eval")
+
+
+
+def padded_eval_batches(config: ml_collections.ConfigDict,
+                        text_tokenizer: text.TextTokenizer
+                        ) -> Iterator[dict[str, Any]]:
+  """eval_dataset's pairs, each exactly once, in padded batches.
+
+  Batches of config.eval_batch_size (0 or unset: config.batch_size) global
+  rows, this process's share of them, with a 'mask' (1 real, 0 padding):
+  a short last batch is padded, never dropped, and every process yields
+  the same number of batches (as image_data.padded_eval_batches, for
+  image or token pairs). The last batch also carries 'corrupt', this
+  process's count of undecodable records. Refuses an empty eval set.
+  """
+  d = config.data
+  source = _config_source(config, "eval")
+  num = d.num_eval_examples
+  if d.name != "embedded":
+    num = min(num, len(source))  # the first records, one pass
+  if num < 1:
+    raise ValueError(
+        f"the eval set is empty: config.data.num_eval_examples="
+        f"{d.num_eval_examples} and the eval source holds {len(source)}"
+        " records; evaluation needs at least one example")
+  batch_size = config.get("eval_batch_size") or config.batch_size
+  kind = record_kind(source)
+  r, c = config.tokenizer.resolution, config.tokenizer.latent_channels
+  preprocess = None if kind == "tokens" else image_data.Preprocess(
+      r, crop="random_scale" if d.name == "embedded" else d.get(
+          "crop", "center"),
+      min_scale=d.get("min_scale", image_data.Preprocess.min_scale))
+  transform = PairPreprocess(
+      preprocess, text_tokenizer, config.max_text_len,
+      num_tokens=c if kind == "tokens" else None,
+      num_codes=config.tokenizer.num_codes if kind == "tokens" else None)
+  ds = image_data.records_pipeline(
+      source, transform, batch_size=batch_size, seed=config.seed + 1,
+      train=False, num_examples=num, num_threads=d.get("num_threads", 4),
+      drop_remainder=False)
+  zeros = {"text": np.zeros((0, config.max_text_len), np.int32),
+           "text_mask": np.zeros((0, config.max_text_len), np.int32)}
+  if kind == "tokens":
+    zeros["tokens"] = np.zeros((0, c), np.int32)
+  else:
+    zeros["image"] = np.zeros((0, r, r, 3), np.float32)
+  return _padded(ds, zeros, num, batch_size)
+
+
+def _padded(ds, zeros: dict[str, np.ndarray], num: int,
+            batch_size: int) -> Iterator[dict[str, Any]]:
+  processes, index = jax.process_count(), jax.process_index()
+  local = batch_size // processes
+  share = len(range(index, num, processes))
+  most = -(-num // processes)  # the largest process's share
+  it, real = iter(ds), 0
+  for i in range(max(1, -(-most // local))):
+    batch = next(it, None)
+    if batch is None:  # this process's share ended before the others'
+      batch = dict(zeros)
+    batch.pop("skipped", None)
+    rows = len(batch["text"])
+    real += rows
+    out = {k: np.concatenate([v, np.zeros((local - rows,) + v.shape[1:],
+                                          v.dtype)])
+           for k, v in batch.items()}
+    out["mask"] = (np.arange(local) < rows).astype(np.float32)
+    if i == -(-most // local) - 1:
+      out["corrupt"] = np.int64(share - real)
+    yield out

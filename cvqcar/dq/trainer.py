@@ -163,21 +163,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       shardings, sharding.batch_sharded(mesh), rep, rep),
                     out_shardings=(shardings, rep), donate_argnums=(0,))
 
-  @jax.jit
-  def eval_fn(params, batch, tok_state):
-    batch = _encoded(batch, tok_graphdef, tok_state)
-    return dq.loss_fn(nnx.merge(graphdef, params), condition(model_cfg, batch),
-                      batch["codes"], batch["positions"], batch["lengths"])[1]
-
-  eval_ds = pairs.eval_dataset(config, text_tok)
+  eval_metrics = make_eval_metrics(graphdef, tok_graphdef, model_cfg, mesh)
+  pairs.padded_eval_batches(config, text_tok)  # refuses an empty eval set
 
   def evaluate(step, state, writer):
     del writer
     t0 = time.time()
-    metrics = [jax.device_get(eval_fn(state.params, sharding.global_batch(
-        local, mesh), tok_state)) for local in eval_ds]
-    scalars = {f"eval/{k}": float(np.mean([m[k] for m in metrics]))
-               for k in metrics[0]}
+    scalars = {f"eval/{k}": v for k, v in eval_metrics(
+        state.params, tok_state,
+        pairs.padded_eval_batches(config, text_tok)).items()}
     grid, lengths = sample_grid(config, graphdef, state.params,
                                 nnx.merge(tok_graphdef, tok_state), text_tok)
     scalars["eval/sample_tokens"] = float(np.mean(lengths))
@@ -206,6 +200,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       on_start=lambda: export.write_tokenizer_record(
           workdir, export.tokenizer_record(config.tokenizer_export)))
   return loop.run(config, workdir, task, on_log=on_log)
+
+
+def row_metrics(model: dq.DQTransformer, cond, codes_bl, positions_bl,
+                lengths_b) -> dict[str, jax.Array]:
+  """dq.loss_fn's metrics of each row alone: {name: [B]}."""
+
+  def one(cond, codes_l, positions_l, length):
+    return dq.loss_fn(model, jax.tree.map(lambda x: x[None], cond),
+                      codes_l[None], positions_l[None], length[None])[1]
+
+  return jax.vmap(one)(cond, codes_bl, positions_bl, lengths_b)
+
+
+def make_eval_metrics(graphdef, tok_graphdef, model_cfg: dq.DQConfig, mesh):
+  """eval_metrics(params, tok_state, batches) -> {name: value, 'examples'}:
+  each metric the mean over the real rows (batch 'mask') of its value on
+  the row alone, each example counted once however the batches pad."""
+
+  @jax.jit
+  def sums(params, batch, tok_state):
+    batch = _encoded(batch, tok_graphdef, tok_state)
+    metrics_b = row_metrics(nnx.merge(graphdef, params),
+                            condition(model_cfg, batch), batch["codes"],
+                            batch["positions"], batch["lengths"])
+    real_b = batch["mask"] > 0
+    # where, not a product: a padding row's values are not read at all.
+    return {k: jnp.sum(jnp.where(real_b, v, 0.0))
+            for k, v in metrics_b.items()}, jnp.sum(real_b)
+
+  def eval_metrics(params, tok_state, batches) -> dict[str, float]:
+    totals, count = {}, 0
+    for local in batches:
+      local.pop("corrupt", None)  # a count of this process's, not a row
+      s, n = jax.device_get(sums(params, sharding.global_batch(local, mesh),
+                                 tok_state))
+      for k, v in s.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      count += int(n)
+    if not count:
+      raise ValueError("no eval example could be read (all corrupt?)")
+    return {**{k: v / count for k, v in totals.items()},
+            "examples": float(count)}
+
+  return eval_metrics
 
 
 def sample_grid(config, graphdef, params, tokenizer, text_tok):

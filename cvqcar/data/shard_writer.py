@@ -1,0 +1,193 @@
+"""Resumable, splittable shard output for convert_pairs and tokenize_dataset.
+
+A conversion reads a list of inputs (files, or input shards) and writes each
+input's examples as OUT/pairs-IIIII-SSSSS.array_record: input I, shard S of
+it. A shard is written under a temporary name and renamed when it is full
+(or its input ends), so a reader never sees half a shard and the names need
+no total count. When an input is finished, OUT/progress/IIIII.json records
+its counts. OUT/manifest.json records the conversion's arguments.
+
+Run again with the same arguments, a conversion skips the finished inputs,
+keeps the committed shards of an unfinished one (each input is read in a
+fixed order, so the examples they hold are skipped) and drops its temporary
+files: the shards after any number of interruptions hold the examples of one
+uninterrupted run. Worker w of N converts the inputs I with I % N == w, so
+workers (or hosts) can share one output directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+from array_record.python import array_record_module
+
+from cvqcar.data import pairs
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress"
+TEMP_SUFFIX = ".tmp"
+
+
+def shard_name(unit: int, seq: int) -> str:
+  return f"pairs-{unit:05d}-{seq:05d}{pairs.SHARD_SUFFIX}"
+
+
+def worker(index: int | None, count: int | None) -> tuple[int, int]:
+  """(worker_index, num_workers): the flags, else JAX's process split."""
+  if index is None or count is None:
+    import jax  # noqa: PLC0415 (only the default needs it)
+
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+  return index, count
+
+
+def worker_units(num_units: int, worker_index: int,
+                 num_workers: int) -> range:
+  """The inputs worker `worker_index` of `num_workers` converts."""
+  if num_workers < 1 or not 0 <= worker_index < num_workers:
+    raise ValueError(f"--worker_index={worker_index} --num_workers="
+                     f"{num_workers}: expected 0 <= worker_index <"
+                     " num_workers")
+  return range(worker_index, num_units, num_workers)
+
+
+def num_records(path: str) -> int:
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return reader.num_records()
+  finally:
+    reader.close()
+
+
+def _write_json(path: str, value: Any) -> None:
+  temp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+  with open(temp, "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+  os.replace(temp, path)  # atomic: readers see the old or the new file
+
+
+def _short(value: Any, limit: int = 120) -> str:
+  text = json.dumps(value, sort_keys=True)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Output:
+  """An output directory that one conversion (its `manifest`) owns."""
+
+  def __init__(self, out_dir: str, manifest: dict[str, Any]):
+    self.out_dir = out_dir
+    os.makedirs(os.path.join(out_dir, PROGRESS), exist_ok=True)
+    manifest = json.loads(json.dumps(manifest))  # tuples as lists, like JSON
+    path = os.path.join(out_dir, MANIFEST)
+    saved = None
+    if os.path.exists(path):
+      with open(path) as f:
+        saved = json.load(f)
+    if saved == manifest:
+      return
+    shards = glob.glob(os.path.join(out_dir, "*" + pairs.SHARD_SUFFIX))
+    done = glob.glob(os.path.join(out_dir, PROGRESS, "*.json"))
+    if shards or done:
+      # Mixing two conversions' shards would silently change the data.
+      if saved is None:
+        raise FileExistsError(
+            f"{out_dir} already holds {len(shards)} shards but no {MANIFEST}"
+            " naming the conversion that wrote them; remove them or choose"
+            " another output directory")
+      differ = sorted(k for k in set(saved) | set(manifest)
+                      if saved.get(k) != manifest.get(k))
+      detail = "; ".join(f"{k}: {_short(saved.get(k))} there, now"
+                         f" {_short(manifest.get(k))}" for k in differ)
+      raise FileExistsError(
+          f"{out_dir} holds {len(shards)} shards of a different conversion"
+          f" ({detail}); rerun with its arguments to resume it, or choose"
+          " another output directory")
+    for temp in glob.glob(os.path.join(out_dir, "*" + TEMP_SUFFIX)):
+      os.remove(temp)
+    _write_json(path, manifest)
+
+  def _progress(self, unit: int) -> str:
+    return os.path.join(self.out_dir, PROGRESS, f"{unit:05d}.json")
+
+  def done(self, unit: int) -> dict[str, Any] | None:
+    """The counts recorded when `unit` finished, or None."""
+    try:
+      with open(self._progress(unit)) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+
+  def mark_done(self, unit: int, counts: dict[str, Any]) -> None:
+    _write_json(self._progress(unit), counts)
+
+  def all_done(self) -> list[dict[str, Any]]:
+    """The counts of every finished input."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(self.out_dir, PROGRESS,
+                                              "*.json"))):
+      with open(path) as f:
+        records.append(json.load(f))
+    return records
+
+  def drop_temp(self, unit: int) -> None:
+    """Removes the shards of `unit` an interrupted run did not finish."""
+    for temp in glob.glob(os.path.join(
+        self.out_dir, f"pairs-{unit:05d}-*{pairs.SHARD_SUFFIX}{TEMP_SUFFIX}")):
+      os.remove(temp)
+
+  def start(self, unit: int, examples_per_shard: int) -> UnitWriter:
+    """A writer for `unit` after its committed shards; drops its temp files.
+
+    Its `committed` is the number of examples those shards hold.
+    """
+    self.drop_temp(unit)
+    seq, committed = 0, 0
+    while os.path.exists(os.path.join(self.out_dir, shard_name(unit, seq))):
+      committed += num_records(os.path.join(self.out_dir,
+                                            shard_name(unit, seq)))
+      seq += 1
+    return UnitWriter(self.out_dir, unit, seq, examples_per_shard, committed)
+
+
+class UnitWriter:
+  """One input's shards: each written to a temp name, renamed when full."""
+
+  def __init__(self, out_dir: str, unit: int, seq: int,
+               examples_per_shard: int, committed: int = 0):
+    if examples_per_shard < 1:
+      raise ValueError(f"examples_per_shard must be at least 1, got"
+                       f" {examples_per_shard}")
+    self.out_dir, self.unit, self.seq = out_dir, unit, seq
+    self.per_shard, self.committed = examples_per_shard, committed
+    self._writer, self._count = None, 0
+    self.paths: list[str] = []  # the shards this writer committed
+
+  def _path(self) -> str:
+    return os.path.join(self.out_dir, shard_name(self.unit, self.seq))
+
+  def write(self, example: dict[str, Any]) -> None:
+    record = pairs.serialize(example)  # a bad example raises before a file
+    if self._writer is None:
+      self._writer = array_record_module.ArrayRecordWriter(
+          self._path() + TEMP_SUFFIX, "group_size:1")
+    self._writer.write(record)
+    self._count += 1
+    if self._count == self.per_shard:
+      self.commit()
+
+  def commit(self) -> str | None:
+    """Closes and renames the open shard (if any); its path."""
+    if self._writer is None:
+      return None
+    self._writer.close()
+    path = self._path()
+    os.replace(path + TEMP_SUFFIX, path)
+    self.paths.append(path)
+    self.committed += self._count
+    self._writer, self._count = None, 0
+    self.seq += 1
+    return path
