@@ -3,11 +3,13 @@ time and the numbers it logs, into docs/benchmarks.md.
 
   python bench/chains.py --chain=quickstart   # the README's quick start
   python bench/chains.py --chain=car          # + the tiny CAR sequence
+  python bench/chains.py --chain=car_shards   # docs/car_at_scale.md, tiny
   python bench/chains.py --chain=dq           # DQ-VAE + DQ-Transformer
   python bench/chains.py --chain=fashion      # the Fashion-MNIST chain
   python bench/chains.py --chain=c2i_fashion  # class-conditional variant
 
-Each chain is the exact command list of docs/training.md, run from the
+Each chain is the exact command list of docs/training.md (car_shards:
+docs/car_at_scale.md), run from the
 repository root with this interpreter, so the outputs land where the guide
 says (runs/, exports/, samples/). A workdir or export a chain would write
 that already exists is refused (a rerun would resume a finished run and time
@@ -52,6 +54,27 @@ CHAINS = {
         " --tokenizer=exports/cvq_tiny --prompt='a ginger tabby cat'"
         " --out=samples",
     ],
+    # docs/car_at_scale.md's tiny path: pairs -> shards -> token shards ->
+    # stage I and II on them -> export -> a sample (needs runs/cvq_tiny).
+    "car_shards": [
+        f"{PY} -m cvqcar.export --workdir=runs/cvq_tiny --out=exports/cvq_tiny",
+        f"{PY} -m cvqcar.convert_pairs --format=embedded --out=shards/embedded",
+        f"{PY} -m cvqcar.tokenize_dataset --tokenizer=exports/cvq_tiny"
+        " --input=shards/embedded --out=shards/embedded_tokens",
+        f"{PY} -m cvqcar.train --config=configs/car_stage1.py:tiny"
+        " --workdir=runs/car1_shards --config.data.name=shards"
+        " --config.data.shards=shards/embedded_tokens"
+        " --config.data.pretokenized=True",
+        f"{PY} -m cvqcar.train --config=configs/car_stage2.py:tiny"
+        " --workdir=runs/car2_shards --config.init_from=runs/car1_shards"
+        " --config.data.name=shards --config.data.shards=shards/embedded_tokens"
+        " --config.data.pretokenized=True",
+        f"{PY} -m cvqcar.export --workdir=runs/car2_shards"
+        " --out=exports/car2_shards",
+        f"{PY} -m cvqcar.sample --car=exports/car2_shards"
+        " --tokenizer=exports/cvq_tiny --prompt='a ginger tabby cat'"
+        " --out=samples/shards",
+    ],
     "dq": [
         TOKENIZER.format("tiny,budget=64,dynamic", "runs/dq_tiny"),
         f"{PY} -m cvqcar.export --workdir=runs/dq_tiny --out=exports/dq_tiny",
@@ -90,7 +113,8 @@ def outputs(argv: list[str]) -> list[str]:
   whose --out only gains files)."""
   if argv[2] == "cvqcar.train":
     return [a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")]
-  if argv[2] == "cvqcar.export":
+  if argv[2] in ("cvqcar.export", "cvqcar.convert_pairs",
+                 "cvqcar.tokenize_dataset"):
     return [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
   return []
 
