@@ -93,26 +93,9 @@ else
   where=("${scope[@]}" --node=all --worker=all)
 fi
 
-# One shell word for $1, in single quotes where needed (readable, unlike %q).
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf %s "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-# Runs (or with DRY_RUN=1 prints, shell-quoted on one line) a command.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    local arg line=
-    for arg in "$@"; do
-      line+="${line:+ }$(quote "$arg")"
-    done
-    echo "$line"
-  else
-    "$@"
-  fi
-}
+# quote and run (prints instead with dry_run=1).
+# shellcheck source=launch/dry_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
 on_all_workers() {
   run gcloud "${group[@]}" ssh "$name" "${where[@]}" --command="$1"
 }

@@ -61,26 +61,9 @@ workload=$1 config=$2 workdir=$3
 shift 3
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-# One shell word for $1, in single quotes where needed.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf %s "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-# Runs (or with DRY_RUN=1 prints, shell-quoted on one line) a command.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    local arg line=
-    for arg in "$@"; do
-      line+="${line:+ }$(quote "$arg")"
-    done
-    echo "$line"
-  else
-    "$@"
-  fi
-}
+# quote and run (prints instead with dry_run=1).
+# shellcheck source=launch/dry_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
 
 if [ "$build" = 1 ]; then
   run docker build --build-arg JAX_EXTRA=tpu -t "$DOCKER_IMAGE" "$root"

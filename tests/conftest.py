@@ -64,6 +64,28 @@ def tiny_config(arg: str = "tiny"):
   return config
 
 
+def tiny_dq_transformer_config(tmp_path):
+  """A DQ-Transformer config shrunk for tests, on an untrained tiny DQ-VAE
+  export written under tmp_path: (tokenizer config, config)."""
+  from flax import nnx  # noqa: PLC0415
+
+  from configs import dq_transformer  # noqa: PLC0415
+  from cvqcar import checkpoint  # noqa: PLC0415
+  from cvqcar.tokenizer import model as tokenizer_lib  # noqa: PLC0415
+
+  tok_config = tiny_config("tiny,dynamic")
+  tokenizer = tokenizer_lib.Tokenizer(tok_config.model, rngs=nnx.Rngs(0))
+  _, params, buffers = nnx.split(tokenizer, nnx.Param, ...)
+  checkpoint.save_export(str(tmp_path / "export"), tok_config,
+                         {"params": params, "buffers": buffers})
+  config = dq_transformer.get_config("tiny")
+  config.tokenizer = tok_config.model
+  config.tokenizer_export = str(tmp_path / "export")
+  config.model.update(width=32, position_layers=1, content_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+  return tok_config, config
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -407,22 +407,11 @@ def test_sharded_sampler_draws_the_same_samples_on_any_mesh(model,
 def test_eval_counts_every_example_once(tmp_path, monkeypatch):
   """An eval set smaller than a batch: padded and masked, not dropped; the
   metrics are the mean over the real rows of each row's own."""
-  from configs import dq_transformer  # noqa: PLC0415
-  from conftest import tiny_config  # noqa: PLC0415
-  from cvqcar import checkpoint, sharding  # noqa: PLC0415
+  from conftest import tiny_dq_transformer_config  # noqa: PLC0415
+  from cvqcar import sharding  # noqa: PLC0415
   from cvqcar.data import pairs  # noqa: PLC0415
-  from cvqcar.tokenizer import model as tokenizer_lib  # noqa: PLC0415
 
-  tok_config = tiny_config("tiny,dynamic")
-  tokenizer = tokenizer_lib.Tokenizer(tok_config.model, rngs=nnx.Rngs(0))
-  _, params, buffers = nnx.split(tokenizer, nnx.Param, ...)
-  checkpoint.save_export(str(tmp_path / "export"), tok_config,
-                         {"params": params, "buffers": buffers})
-  config = dq_transformer.get_config("tiny")
-  config.tokenizer = tok_config.model
-  config.tokenizer_export = str(tmp_path / "export")
-  config.model.update(width=32, position_layers=1, content_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+  _, config = tiny_dq_transformer_config(tmp_path)
   config.update(batch_size=16, num_train_steps=0)
   config.data.num_eval_examples = 8
   # (dynamic_test runs train_and_evaluate on a padded eval set.) Codes are

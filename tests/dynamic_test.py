@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from configs import cvq_tokenizer, dq_transformer
-from conftest import tiny_config
+from configs import cvq_tokenizer
+from conftest import tiny_config, tiny_dq_transformer_config
 from cvqcar import checkpoint, train_dq
 from cvqcar.data import images as image_data
 from cvqcar.dq import trainer as dq_trainer
@@ -350,16 +350,7 @@ def test_dq_transformer_trains_sharded_and_resumes_exactly(tmp_path):
   """The prompt-conditioned DQ-Transformer on the trainer machinery: sharded
   over 4 x 2 devices, checkpointed with its data iterator, resumed exactly,
   on an (untrained) DQ-VAE export."""
-  tok_config = tiny_config("tiny,dynamic")
-  model = tokenizer_lib.Tokenizer(tok_config.model, rngs=nnx.Rngs(0))
-  _, params, buffers = nnx.split(model, nnx.Param, ...)
-  checkpoint.save_export(str(tmp_path / "export"), tok_config,
-                         {"params": params, "buffers": buffers})
-  config = dq_transformer.get_config("tiny")
-  config.tokenizer = tok_config.model
-  config.tokenizer_export = str(tmp_path / "export")
-  config.model.update(width=32, position_layers=1, content_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+  tok_config, config = tiny_dq_transformer_config(tmp_path)
   config.mesh.update(data=4, fsdp=2)
   config.update(batch_size=8, num_train_steps=4, log_every=1,
                 eval_every=1000, checkpoint_every=2)
