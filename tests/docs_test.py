@@ -260,14 +260,25 @@ def check_paths(name: str, text: str) -> list[str]:
     token = m.group(1).split(":")[0].rstrip(".,")
     if PATH_RE.match(token) and not glob.glob(str(REPO / token)):
       problems.append(f"{name}: no path {token}")
-  for m in re.finditer(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
-    target = m.group(1)
+  for m in re.finditer(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+    target, anchor = m.group(1), m.group(2)
     if re.match(r"^\w+:", target):
       continue
-    path = (REPO / name).parent / target
+    path = (REPO / name).parent / target if target else REPO / name
     if not path.exists():
       problems.append(f"{name}: broken link {target}")
+    elif anchor and path.suffix == ".md" and anchor not in anchors(
+        path.read_text()):
+      problems.append(f"{name}: no heading #{anchor} in {target or name}")
   return problems
+
+
+def anchors(text: str) -> set[str]:
+  """GitHub's anchors of a markdown file's headings: lower case, spaces to
+  '-', punctuation other than '-' and '_' dropped."""
+  text = re.sub(r"```.*?```", "", text, flags=re.S)
+  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+          for h in re.findall(r"^#+ (.+)$", text, re.M)}
 
 
 def check_python(name: str, block: str) -> list[str]:
@@ -396,6 +407,8 @@ def test_the_readme_is_a_front_door_to_every_guide():
     ("docs/imagenet.md", "```bash\npython bench/missing.py\n```\n",
      "no script bench/missing.py"),
     ("docs/car_at_scale.md", "[x](nowhere.md)\n", "broken link nowhere.md"),
+    ("README.md", "[x](docs/training.md#no-such-section)\n",
+     "no heading #no-such-section in docs/training.md"),
     ("README.md", "```python\nfrom cvqcar.tokenizer.export import"
      " load_tokeniser\n```\n", "has no load_tokeniser"),
     ("docs/development.md", "```bash\nlaunch/compile_check.py --help\n```\n",
