@@ -146,8 +146,11 @@ def prompt_following_summary(out: str) -> str:
     return ""
   with open(path) as f:
     result = json.load(f)
-  return ", ".join(f"{k} {v:.3f}" for k, v in result.items()
-                   if isinstance(v, float))
+  parts = [f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)]
+  parts += [f"{k} '{v['template']}' {v['accuracy']:.3f}"
+            for k, v in result.items()
+            if isinstance(v, dict) and "accuracy" in v]
+  return ", ".join(parts)
 
 
 def main(argv=None):
