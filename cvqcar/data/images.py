@@ -374,28 +374,34 @@ def padded_eval_batches(records: Sequence[Any], preprocess, *,
   sharded eval step need that). The last batch also carries 'corrupt', this
   process's count of undecodable records.
   """
-  processes, index = jax.process_count(), jax.process_index()
   n = len(records) if num_examples is None else num_examples
-  local = batch_size // processes
-  share = len(range(index, n, processes))
-  most = -(-n // processes)  # the largest process's share
-  num_batches = max(1, -(-most // local))
   ds = records_pipeline(records, preprocess, batch_size=batch_size,
                         seed=seed, train=False, num_examples=num_examples,
                         num_threads=num_threads, drop_remainder=False)
-  it, real, template = iter(ds), 0, None
+  r = preprocess.resolution
+  return pad_batches(ds, {"image": np.zeros((0, r, r, 3), np.float32)}, n,
+                     batch_size)
+
+
+def pad_batches(ds, empty: dict[str, np.ndarray], num: int,
+                batch_size: int) -> Iterator[dict[str, Any]]:
+  """A one-pass eval pipeline (records_pipeline, train=False, no dropped
+  remainder) over `num` examples as padded, masked batches of this
+  process's batch_size / process_count rows: every process yields the same
+  number of batches, a process whose share ended first yields `empty` (the
+  batch's keys, zero rows) padded. The last batch carries 'corrupt'."""
+  processes, index = jax.process_count(), jax.process_index()
+  local = batch_size // processes
+  share = len(range(index, num, processes))
+  most = -(-num // processes)  # the largest process's share
+  num_batches = max(1, -(-most // local))
+  it, real = iter(ds), 0
   for i in range(num_batches):
     batch = next(it, None)
-    if batch is not None:
-      batch.pop("skipped")
-      rows = len(batch["image"])
-      template = template or {k: v[:1] for k, v in batch.items()}
-    else:
-      rows = 0
-      batch = template and {k: v[:0] for k, v in template.items()}
-      if batch is None:  # no real image at all on this process
-        r = preprocess.resolution
-        batch = {"image": np.zeros((0, r, r, 3), np.float32)}
+    if batch is None:  # this process's share ended before the others'
+      batch = dict(empty)
+    batch.pop("skipped", None)
+    rows = len(next(iter(batch.values())))
     real += rows
     out = {k: np.concatenate([v, np.zeros((local - rows,) + v.shape[1:],
                                           v.dtype)])

@@ -26,7 +26,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import msgpack
 import numpy as np
@@ -507,27 +506,4 @@ def padded_eval_batches(config: ml_collections.ConfigDict,
     zeros["tokens"] = np.zeros((0, c), np.int32)
   else:
     zeros["image"] = np.zeros((0, r, r, 3), np.float32)
-  return _padded(ds, zeros, num, batch_size)
-
-
-def _padded(ds, zeros: dict[str, np.ndarray], num: int,
-            batch_size: int) -> Iterator[dict[str, Any]]:
-  processes, index = jax.process_count(), jax.process_index()
-  local = batch_size // processes
-  share = len(range(index, num, processes))
-  most = -(-num // processes)  # the largest process's share
-  it, real = iter(ds), 0
-  for i in range(max(1, -(-most // local))):
-    batch = next(it, None)
-    if batch is None:  # this process's share ended before the others'
-      batch = dict(zeros)
-    batch.pop("skipped", None)
-    rows = len(batch["text"])
-    real += rows
-    out = {k: np.concatenate([v, np.zeros((local - rows,) + v.shape[1:],
-                                          v.dtype)])
-           for k, v in batch.items()}
-    out["mask"] = (np.arange(local) < rows).astype(np.float32)
-    if i == -(-most // local) - 1:
-      out["corrupt"] = np.int64(share - real)
-    yield out
+  return image_data.pad_batches(ds, zeros, num, batch_size)
