@@ -5,7 +5,8 @@
   python -m cvqcar.convert_pairs --input='data/cc3m/*.parquet' \
       --format=parquet --image_column=image --caption_column=caption \
       --out=shards/cc3m
-  # Four hosts sharing the work (each runs its own worker_index):
+  # Four hosts sharing the work (each runs its own worker_index; without
+  # these flags, the processes of a jax.distributed job split it):
   python -m cvqcar.convert_pairs --input='data/laion/*.tar' \
       --format=webdataset --out=shards/laion --worker_index=0 --num_workers=4
   python -m cvqcar.convert_pairs --format=embedded --out=shards/embedded
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cvqcar import logs
-from cvqcar.data import convert, pairs, shard_writer
+from cvqcar import distributed, logs
+from cvqcar.data import convert, pairs
 
 flags.DEFINE_string(
     "input", None, "Files: comma list of paths, globs, {000..009} ranges"
@@ -32,9 +33,9 @@ flags.DEFINE_string("caption_column", "caption", "Parquet caption column.")
 flags.DEFINE_integer("examples_per_shard", pairs.DEFAULT_EXAMPLES_PER_SHARD,
                      "Examples per output shard.")
 flags.DEFINE_integer("worker_index", None, "This worker's index (default:"
-                     " the JAX process index, else 0).")
+                     " the jax.distributed process index, else 0).")
 flags.DEFINE_integer("num_workers", None, "Workers sharing the inputs"
-                     " (default: the JAX process count, else 1).")
+                     " (default: the jax.distributed process count, else 1).")
 
 
 def main(argv):
@@ -44,11 +45,11 @@ def main(argv):
   f = flags.FLAGS
   if f.format != "embedded" and not f.input:
     raise app.UsageError(f"--format={f.format} needs --input")
-  index, count = shard_writer.worker(f.worker_index, f.num_workers)
-  convert.convert(f.input, f.format, f.out, image_column=f.image_column,
-                  caption_column=f.caption_column,
-                  examples_per_shard=f.examples_per_shard,
-                  worker_index=index, num_workers=count)
+  with distributed.workers(f.worker_index, f.num_workers) as (index, count):
+    convert.convert(f.input, f.format, f.out, image_column=f.image_column,
+                    caption_column=f.caption_column,
+                    examples_per_shard=f.examples_per_shard,
+                    worker_index=index, num_workers=count)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
@@ -49,3 +52,23 @@ def finish() -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("cvqcar: job done")
     jax.distributed.shutdown()
+
+
+@contextlib.contextmanager
+def workers(index: int | None, count: int | None) -> Iterator[tuple[int,
+                                                                    int]]:
+  """(worker_index, num_workers) for a conversion that splits its inputs.
+
+  Both given, the workers are independent jobs and JAX is left alone.
+  Otherwise the process joins the jax.distributed job (`initialize`) and
+  takes its process index and count; on success all processes leave
+  together (`finish`), since the others would lose the coordinator if
+  process 0 exited first.
+  """
+  if index is not None and count is not None:
+    yield index, count
+    return
+  initialize()
+  yield (jax.process_index() if index is None else index,
+         jax.process_count() if count is None else count)
+  finish()

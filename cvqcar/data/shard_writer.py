@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 from typing import Any
 
 from array_record.python import array_record_module
@@ -33,16 +34,6 @@ TEMP_SUFFIX = ".tmp"
 
 def shard_name(unit: int, seq: int) -> str:
   return f"pairs-{unit:05d}-{seq:05d}{pairs.SHARD_SUFFIX}"
-
-
-def worker(index: int | None, count: int | None) -> tuple[int, int]:
-  """(worker_index, num_workers): the flags, else JAX's process split."""
-  if index is None or count is None:
-    import jax  # noqa: PLC0415 (only the default needs it)
-
-    index = jax.process_index() if index is None else index
-    count = jax.process_count() if count is None else count
-  return index, count
 
 
 def worker_units(num_units: int, worker_index: int,
@@ -64,7 +55,8 @@ def num_records(path: str) -> int:
 
 
 def _write_json(path: str, value: Any) -> None:
-  temp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+  # Unique across the hosts that may share the directory.
+  temp = f"{path}.{socket.gethostname()}.{os.getpid()}{TEMP_SUFFIX}"
   with open(temp, "w") as f:
     json.dump(value, f, indent=1, sort_keys=True)
   os.replace(temp, path)  # atomic: readers see the old or the new file
@@ -106,8 +98,8 @@ class Output:
           f"{out_dir} holds {len(shards)} shards of a different conversion"
           f" ({detail}); rerun with its arguments to resume it, or choose"
           " another output directory")
-    for temp in glob.glob(os.path.join(out_dir, "*" + TEMP_SUFFIX)):
-      os.remove(temp)
+    # Temp files are left alone here: a worker sharing this directory may be
+    # writing one; each unit's are dropped when its owner starts it.
     _write_json(path, manifest)
 
   def _progress(self, unit: int) -> str:
