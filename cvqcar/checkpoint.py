@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from typing import Any
 
 import grain
@@ -55,7 +56,8 @@ def write_text(directory: str, name: str, text: str) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   # A unique temporary name per writer; rename replaces in one step on a
   # POSIX filesystem, and object stores (gs://) publish an object whole.
-  tmp = directory / f".{name}.{os.getpid()}.tmp"
+  # (hosts sharing a directory may have equal pids).
+  tmp = directory / f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
   tmp.write_text(text)
   tmp.replace(directory / name)
 

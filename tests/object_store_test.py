@@ -1,20 +1,23 @@
 """Shards and image folders in an object store (gs://), found through
-etils.epath: a fake bucket backed by a local directory, with os.path and
+etils.epath: a fake bucket backed by a local directory, with os.path, os and
 glob refusing gs:// paths."""
 
 import glob
 import io
 import os
+import pathlib
 
 import grain
 import numpy as np
 import pytest
+from array_record.python import array_record_module
+from convert_test import examples, write_inputs
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 from PIL import Image
 
+from cvqcar.data import convert, pairs, shard_writer, text
 from cvqcar.data import images as image_data
-from cvqcar.data import pairs, text
 
 BUCKET = "gs://bucket"
 
@@ -35,16 +38,34 @@ def bucket(tmp_path, monkeypatch):
     return guarded
 
   for module, name in ((os.path, "isdir"), (os.path, "exists"),
-                       (os.path, "isfile"), (os, "listdir"), (glob, "glob")):
+                       (os.path, "isfile"), (os, "listdir"), (glob, "glob"),
+                       (os, "makedirs"), (os, "mkdir"), (os, "replace"),
+                       (os, "rename"), (os, "remove")):
     monkeypatch.setattr(module, name, local_only(getattr(module, name)))
   # epath sends gs:// to TensorFlow's GCS file system when TF is installed.
   monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+
+  def on_disk(fn, *args, **kwargs):  # every gs:// argument to its directory
+    return fn(*(local(a) if os.fspath(a).startswith(BUCKET) else a
+                for a in args), **kwargs)
+
   with epath_testing.mock_epath(
-      exists=lambda fn, p: fn(local(p)), isdir=lambda fn, p: fn(local(p)),
-      listdir=lambda fn, p: fn(local(p)),
-      glob=lambda fn, p: [remote(x) for x in fn(local(p))],
-      open=lambda fn, p, mode: fn(local(p), mode)):
+      exists=on_disk, isdir=on_disk, listdir=on_disk, open=on_disk,
+      makedirs=on_disk, mkdir=on_disk, remove=on_disk, rename=on_disk,
+      replace=on_disk, rmtree=on_disk, stat=on_disk, copy=on_disk,
+      glob=lambda fn, p: [remote(x) for x in fn(local(p))]):
     yield root
+
+
+@pytest.fixture
+def bucket_records(bucket, monkeypatch):
+  """ArrayRecord reads gs:// paths itself (its GCS reader); here its reader
+  reads the bucket's directory."""
+  real = array_record_module.ArrayRecordReader
+  monkeypatch.setattr(
+      array_record_module, "ArrayRecordReader", lambda path, *a, **k: real(
+          os.fspath(path).replace(BUCKET, bucket, 1), *a, **k))
+  return bucket
 
 
 def png(rgb):
@@ -88,3 +109,68 @@ def test_image_folder_in_a_bucket(bucket):
       image_data.decode_image(folder[1]["image"])[0, 0], (0, 255, 0))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     image_data.FolderImages(f"{BUCKET}/missing")
+
+
+def test_conversion_reads_and_writes_a_bucket(bucket_records, tmp_path,
+                                              monkeypatch):
+  """convert_pairs takes its tars from the bucket and writes its shards,
+  progress and manifest there (each shard staged on the local disk and
+  uploaded whole); stopped after a shard, it resumes in the bucket to the
+  examples of a local run."""
+  write_inputs(pathlib.Path(bucket_records))  # a truncated tar among them
+  want = str(tmp_path / "local")
+  want_stats = convert.convert(f"{bucket_records}/part-*.tar", "webdataset",
+                               want, examples_per_shard=2)
+  monkeypatch.chdir(tmp_path)  # where a gs: directory would appear
+  spec, out = f"{BUCKET}/part-{{0..2}}.tar", f"{BUCKET}/shards"
+  commit = shard_writer.UnitWriter.commit
+
+  def commit_once(self):
+    path = commit(self)
+    if path:
+      raise KeyboardInterrupt("stopped after a shard")
+    return path
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(shard_writer.UnitWriter, "commit", commit_once)
+    with pytest.raises(KeyboardInterrupt):
+      convert.convert(spec, "webdataset", out, examples_per_shard=2)
+  assert pairs.shard_paths(out) == [f"{out}/pairs-00000-00000.array_record"]
+  stats = convert.convert(spec, "webdataset", out, examples_per_shard=2)
+  assert (stats.read, stats.written, stats.skipped) == (
+      want_stats.read, want_stats.written, want_stats.skipped)
+  assert examples(out) == examples(want)
+  shards = os.path.join(bucket_records, "shards")
+  assert sorted(os.listdir(os.path.join(shards, "progress"))) == [
+      "00000.json", "00001.json", "00002.json"]
+  assert "manifest.json" in os.listdir(shards)
+  assert not [n for n in os.listdir(shards) if n.endswith(".tmp")]
+  assert not os.path.exists(tmp_path / "gs:")
+
+
+@pytest.mark.slow
+def test_tokenize_dataset_reads_and_writes_a_bucket(bucket_records, tmp_path,
+                                                    tokenizer_export):
+  from cvqcar.car import pretokenize
+
+  pairs.write_shards([{"image": png(c), "caption": f"{c}", "key": f"{i}"}
+                      for i, c in enumerate([(255, 0, 0), (0, 255, 0),
+                                             (0, 0, 255)])],
+                     os.path.join(bucket_records, "images"), num_shards=2)
+  want = str(tmp_path / "local")
+  pretokenize.tokenize_shards(tokenizer_export, f"{bucket_records}/images",
+                              want)
+  out = f"{BUCKET}/tokens"
+  stats = pretokenize.tokenize_shards(tokenizer_export, f"{BUCKET}/images",
+                                      out, batch_size=2)
+  assert stats == {"read": 3, "written": 3, "skipped": 0}
+
+  def tokens_of(spec):
+    return sorted((r["key"], r["caption"], r["tokens"].tobytes())
+                  for r in map(pairs.deserialize, pairs.read_source(spec)))
+
+  assert tokens_of(out) == tokens_of(want)
+  names = sorted(os.listdir(os.path.join(bucket_records, "tokens")))
+  assert names == ["manifest.json", "pairs-00000-00000.array_record",
+                   "pairs-00001-00000.array_record", "progress",
+                   "tokenizer_export.json"]

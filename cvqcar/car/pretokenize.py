@@ -13,7 +13,6 @@ export.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,12 +21,14 @@ import grain
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cvqcar.data import images as image_data
 from cvqcar.data import pairs, shard_writer
+from cvqcar.data import paths as paths_lib
 from cvqcar.tokenizer import export
 
 
@@ -153,8 +154,8 @@ def tokenize_shards(tokenizer_dir: str, input_spec: str, out: str, *,
       output.drop_temp(unit)
       written = 0
       for seq in range(-(-n // per_shard)):
-        shard = os.path.join(out, shard_writer.shard_name(unit, seq))
-        if os.path.exists(shard):  # committed by an earlier run
+        shard = paths_lib.join(out, shard_writer.shard_name(unit, seq))
+        if epath.Path(shard).exists():  # committed by an earlier run
           written += shard_writer.num_records(shard)
           continue
         writer = shard_writer.UnitWriter(out, unit, seq, per_shard)

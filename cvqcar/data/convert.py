@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import io
 import os
 import re
@@ -26,9 +25,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
+from etils import epath
 from PIL import Image
 
 from cvqcar.data import pairs, shard_writer
+from cvqcar.data import paths as paths_lib
 
 FORMATS = ("webdataset", "parquet", "embedded")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -106,12 +107,12 @@ def expand_inputs(spec: str, fmt: str) -> list[str]:
   """Files a comma list of paths, globs or directories names, sorted."""
   paths = []
   for part in filter(None, spec.split(",")):
-    if os.path.isdir(part):
-      paths += sorted(os.path.join(part, f) for f in os.listdir(part)
-                      if f.endswith(_EXTENSIONS[fmt]))
+    if paths_lib.is_dir(part):  # local or gs://
+      paths += [paths_lib.join(part, f)
+                for f in paths_lib.list_files(part, _EXTENSIONS[fmt])]
     else:
       for pattern in _brace_to_globs(part):
-        paths += sorted(glob.glob(pattern))
+        paths += paths_lib.glob(pattern)
   if not paths:
     raise FileNotFoundError(f"--input={spec!r} matches no {fmt} files")
   return paths
@@ -169,7 +170,7 @@ def _example(key: str, image: Any, caption: Any, where: str,
 def webdataset_examples(path: str, stats: Stats) -> Iterator[dict[str, Any]]:
   """Examples of one webdataset tar; streams when keys come in order."""
   pending: dict[str, dict[str, bytes]] = {}
-  with tarfile.open(path) as tar:
+  with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f) as tar:
     for member in tar:
       if not member.isfile():
         continue
@@ -204,10 +205,20 @@ def parquet_examples(path: str, stats: Stats, *, image_column: str,
                      caption_column: str,
                      batch_rows: int = 256) -> Iterator[dict[str, Any]]:
   """Examples of one parquet file, read a few hundred rows at a time."""
-  import pyarrow as pa  # Only parquet conversion needs it.
-  import pyarrow.parquet as pq
+  import pyarrow.parquet as pq  # noqa: PLC0415 (only parquet needs it)
 
-  file = pq.ParquetFile(path)
+  with epath.Path(path).open("rb") as f:
+    yield from _parquet_rows(pq.ParquetFile(f), path, stats,
+                             image_column=image_column,
+                             caption_column=caption_column,
+                             batch_rows=batch_rows)
+
+
+def _parquet_rows(file, path: str, stats: Stats, *, image_column: str,
+                  caption_column: str,
+                  batch_rows: int) -> Iterator[dict[str, Any]]:
+  import pyarrow as pa  # noqa: PLC0415 (only parquet conversion needs it)
+
   schema = file.schema_arrow
   for column in (image_column, caption_column):
     if column not in schema.names:

@@ -13,19 +13,25 @@ fixed order, so the examples they hold are skipped) and drops its temporary
 files: the shards after any number of interruptions hold the examples of one
 uninterrupted run. Worker w of N converts the inputs I with I % N == w, so
 workers (or hosts) can share one output directory.
+
+OUT may be in an object store (gs://): ArrayRecord writes only local files,
+so a shard is then written to a local temporary file and uploaded whole when
+it is full; the store publishes an object only once it is complete.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import socket
+import shutil
+import tempfile
 from typing import Any
 
 from array_record.python import array_record_module
+from etils import epath
 
-from cvqcar.data import pairs
+from cvqcar import checkpoint
+from cvqcar.data import pairs, paths
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress"
@@ -54,12 +60,9 @@ def num_records(path: str) -> int:
     reader.close()
 
 
-def _write_json(path: str, value: Any) -> None:
-  # Unique across the hosts that may share the directory.
-  temp = f"{path}.{socket.gethostname()}.{os.getpid()}{TEMP_SUFFIX}"
-  with open(temp, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(temp, path)  # atomic: readers see the old or the new file
+def is_local(path: str) -> bool:
+  """Whether `path` is on a local (or mounted) file system, not gs:// etc."""
+  return "://" not in path
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -72,17 +75,14 @@ class Output:
 
   def __init__(self, out_dir: str, manifest: dict[str, Any]):
     self.out_dir = out_dir
-    os.makedirs(os.path.join(out_dir, PROGRESS), exist_ok=True)
+    epath.Path(out_dir, PROGRESS).mkdir(parents=True, exist_ok=True)
     manifest = json.loads(json.dumps(manifest))  # tuples as lists, like JSON
-    path = os.path.join(out_dir, MANIFEST)
-    saved = None
-    if os.path.exists(path):
-      with open(path) as f:
-        saved = json.load(f)
+    path = epath.Path(out_dir, MANIFEST)
+    saved = json.loads(path.read_text()) if path.exists() else None
     if saved == manifest:
       return
-    shards = glob.glob(os.path.join(out_dir, "*" + pairs.SHARD_SUFFIX))
-    done = glob.glob(os.path.join(out_dir, PROGRESS, "*.json"))
+    shards = paths.glob(paths.join(out_dir, "*" + pairs.SHARD_SUFFIX))
+    done = paths.glob(paths.join(out_dir, f"{PROGRESS}/*.json"))
     if shards or done:
       # Mixing two conversions' shards would silently change the data.
       if saved is None:
@@ -100,36 +100,30 @@ class Output:
           " another output directory")
     # Temp files are left alone here: a worker sharing this directory may be
     # writing one; each unit's are dropped when its owner starts it.
-    _write_json(path, manifest)
+    checkpoint.write_text(out_dir, MANIFEST, json.dumps(manifest, indent=1,
+                                                        sort_keys=True))
 
-  def _progress(self, unit: int) -> str:
-    return os.path.join(self.out_dir, PROGRESS, f"{unit:05d}.json")
+  def _progress(self, unit: int) -> epath.Path:
+    return epath.Path(self.out_dir, PROGRESS, f"{unit:05d}.json")
 
   def done(self, unit: int) -> dict[str, Any] | None:
     """The counts recorded when `unit` finished, or None."""
-    try:
-      with open(self._progress(unit)) as f:
-        return json.load(f)
-    except FileNotFoundError:
-      return None
+    path = self._progress(unit)
+    return json.loads(path.read_text()) if path.exists() else None
 
   def mark_done(self, unit: int, counts: dict[str, Any]) -> None:
-    _write_json(self._progress(unit), counts)
+    checkpoint.write_text(paths.join(self.out_dir, PROGRESS),
+                          self._progress(unit).name,
+                          json.dumps(counts, indent=1, sort_keys=True))
 
   def all_done(self) -> list[dict[str, Any]]:
     """The counts of every finished input."""
-    records = []
-    for path in sorted(glob.glob(os.path.join(self.out_dir, PROGRESS,
-                                              "*.json"))):
-      with open(path) as f:
-        records.append(json.load(f))
-    return records
+    return [json.loads(epath.Path(p).read_text()) for p in paths.glob(
+        paths.join(self.out_dir, f"{PROGRESS}/*.json"))]
 
   def drop_temp(self, unit: int) -> None:
     """Removes the shards of `unit` an interrupted run did not finish."""
-    for temp in glob.glob(os.path.join(
-        self.out_dir, f"pairs-{unit:05d}-*{pairs.SHARD_SUFFIX}{TEMP_SUFFIX}")):
-      os.remove(temp)
+    drop_temp(self.out_dir, unit)
 
   def start(self, unit: int, examples_per_shard: int) -> UnitWriter:
     """A writer for `unit` after its committed shards; drops its temp files.
@@ -138,11 +132,20 @@ class Output:
     """
     self.drop_temp(unit)
     seq, committed = 0, 0
-    while os.path.exists(os.path.join(self.out_dir, shard_name(unit, seq))):
-      committed += num_records(os.path.join(self.out_dir,
-                                            shard_name(unit, seq)))
+    while epath.Path(self.out_dir, shard_name(unit, seq)).exists():
+      committed += num_records(paths.join(self.out_dir,
+                                          shard_name(unit, seq)))
       seq += 1
     return UnitWriter(self.out_dir, unit, seq, examples_per_shard, committed)
+
+
+def drop_temp(out_dir: str, unit: int) -> None:
+  """Removes the temp shards of `unit` in a local `out_dir` (a remote one
+  has none: its shards are staged on the local disk)."""
+  if is_local(out_dir):
+    for temp in paths.glob(paths.join(
+        out_dir, f"pairs-{unit:05d}-*{pairs.SHARD_SUFFIX}{TEMP_SUFFIX}")):
+      os.remove(temp)
 
 
 class UnitWriter:
@@ -156,28 +159,44 @@ class UnitWriter:
     self.out_dir, self.unit, self.seq = out_dir, unit, seq
     self.per_shard, self.committed = examples_per_shard, committed
     self._writer, self._count = None, 0
+    self._staging: str | None = None  # local temp dir for a remote output
     self.paths: list[str] = []  # the shards this writer committed
 
   def _path(self) -> str:
-    return os.path.join(self.out_dir, shard_name(self.unit, self.seq))
+    return paths.join(self.out_dir, shard_name(self.unit, self.seq))
+
+  def _temp(self) -> str:
+    """Where the open shard is written: beside it, or on the local disk
+    when the output is remote."""
+    if is_local(self.out_dir):
+      return self._path() + TEMP_SUFFIX
+    if self._staging is None:
+      self._staging = tempfile.mkdtemp(prefix="cvqcar-shards-")
+    return os.path.join(self._staging, shard_name(self.unit, self.seq))
 
   def write(self, example: dict[str, Any]) -> None:
     record = pairs.serialize(example)  # a bad example raises before a file
     if self._writer is None:
-      self._writer = array_record_module.ArrayRecordWriter(
-          self._path() + TEMP_SUFFIX, "group_size:1")
+      self._writer = array_record_module.ArrayRecordWriter(self._temp(),
+                                                           "group_size:1")
     self._writer.write(record)
     self._count += 1
     if self._count == self.per_shard:
       self.commit()
 
   def commit(self) -> str | None:
-    """Closes and renames the open shard (if any); its path."""
+    """Closes and renames (or uploads) the open shard, if any; its path."""
     if self._writer is None:
       return None
     self._writer.close()
-    path = self._path()
-    os.replace(path + TEMP_SUFFIX, path)
+    path, temp = self._path(), self._temp()
+    if is_local(self.out_dir):
+      os.replace(temp, path)
+    else:  # one upload: the object appears whole or not at all
+      with open(temp, "rb") as src, epath.Path(path).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+      shutil.rmtree(self._staging, ignore_errors=True)
+      self._staging = None
     self.paths.append(path)
     self.committed += self._count
     self._writer, self._count = None, 0
