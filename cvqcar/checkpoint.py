@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -60,6 +64,26 @@ def write_text(directory: str, name: str, text: str) -> None:
   tmp = directory / f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
   tmp.write_text(text)
   tmp.replace(directory / name)
+
+
+@contextlib.contextmanager
+def local_copy_to(dest: epath.Path) -> Iterator[str]:
+  """A local path to write `dest` through, for writers of local files only
+  (safetensors): a temporary file beside it, renamed over it, or for an
+  object store one on the local disk, uploaded whole. Readers see the old
+  file or the new one."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  stem = f".{dest.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+  if "://" not in os.fspath(dest):
+    tmp = dest.parent / stem
+    yield os.fspath(tmp)
+    tmp.replace(dest)
+    return
+  with tempfile.TemporaryDirectory(prefix="cvqcar-") as staging:
+    tmp = os.path.join(staging, stem)
+    yield tmp
+    with open(tmp, "rb") as src, dest.open("wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 24)
 
 
 def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
@@ -156,9 +180,8 @@ def save_export(out: str, config: ml_collections.ConfigDict,
     saver.save(_absolute(os.path.join(out, EXPORT_PARAMS_DIR)), tree,
                force=True)
   if jax.process_index() == 0:
-    tmp = os.path.join(out, f".{EXPORT_SAFETENSORS}.tmp")
-    save_file(arrays, tmp, metadata={"format": "cvqcar", "sha256": sha256})
-    os.replace(tmp, os.path.join(out, EXPORT_SAFETENSORS))
+    with local_copy_to(out_path / EXPORT_SAFETENSORS) as tmp:
+      save_file(arrays, tmp, metadata={"format": "cvqcar", "sha256": sha256})
     write_text(out, fingerprint.EXPORT_FILE,
                json.dumps({"sha256": sha256}, indent=2))
   return out
@@ -180,10 +203,10 @@ def restore_export(path: str, target: Any) -> Any:
   target = jax.tree.map(
       lambda x: x if getattr(x, "sharding", None) is not None else
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
-  if not os.path.exists(os.path.join(path, EXPORT_PARAMS_DIR)) and (
-      os.path.exists(os.path.join(path, EXPORT_SAFETENSORS))):
-    return _restore_safetensors(os.path.join(path, EXPORT_SAFETENSORS),
-                                target)
+  if not epath.Path(path, EXPORT_PARAMS_DIR).exists() and (
+      epath.Path(path, EXPORT_SAFETENSORS).exists()):
+    return _restore_safetensors(
+        os.fspath(epath.Path(path, EXPORT_SAFETENSORS)), target)
   with ocp.StandardCheckpointer() as loader:
     return loader.restore(_absolute(os.path.join(path, EXPORT_PARAMS_DIR)),
                           target)
@@ -192,7 +215,8 @@ def restore_export(path: str, target: Any) -> Any:
 def _restore_safetensors(file: str, target: Any) -> Any:
   from safetensors.numpy import load_file  # noqa: PLC0415
 
-  arrays = load_file(file)
+  with fingerprint.local_file(file) as local:
+    arrays = load_file(local)
   names = [name for name, _ in _flat_leaves(target)]
   missing = [n for n in names if n not in arrays]
   if missing:

@@ -11,11 +11,14 @@ numpy and JSON here: the data pipelines check shards without model code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from etils import epath
@@ -55,15 +58,30 @@ def export_sha256(path: str) -> str | None:
   file = directory / SAFETENSORS
   if not file.exists():
     return None
-  from safetensors import safe_open  # noqa: PLC0415
   from safetensors.numpy import load_file  # noqa: PLC0415
 
-  with safe_open(os.fspath(file), "numpy") as f:
-    sha256 = (f.metadata() or {}).get("sha256")
+  with file.open("rb") as f:  # the header: its u64 length, then JSON
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+  sha256 = (header.get("__metadata__") or {}).get("sha256")
   if sha256:
     return sha256
   logging.info("%s has no fingerprint yet: hashing its arrays", path)
-  return arrays_sha256(load_file(os.fspath(file)))
+  with local_file(os.fspath(file)) as local:
+    return arrays_sha256(load_file(local))
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+  """`path` itself if local, else a temporary local copy of it: for readers
+  of local files only (safetensors)."""
+  if "://" not in path:
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="cvqcar-") as staging:
+    local = os.path.join(staging, path.rpartition("/")[2])
+    with epath.Path(path).open("rb") as src, open(local, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 24)
+    yield local
 
 
 def record(path: str, sha256: str) -> dict[str, str]:

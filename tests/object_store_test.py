@@ -8,7 +8,11 @@ import os
 import pathlib
 
 import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from array_record.python import array_record_module
 from convert_test import examples, write_inputs
@@ -16,6 +20,7 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 from PIL import Image
 
+from cvqcar import checkpoint, fingerprint
 from cvqcar.data import convert, pairs, shard_writer, text
 from cvqcar.data import images as image_data
 
@@ -174,3 +179,43 @@ def test_tokenize_dataset_reads_and_writes_a_bucket(bucket_records, tmp_path,
   assert names == ["manifest.json", "pairs-00000-00000.array_record",
                    "pairs-00001-00000.array_record", "progress",
                    "tokenizer_export.json"]
+
+
+def test_export_in_a_bucket(bucket, monkeypatch, tmp_path):
+  """An export written to gs:// (safetensors staged on the local disk and
+  uploaded whole) is fingerprinted and restored there from its safetensors;
+  Orbax, which writes gs:// itself, is handed the URL as it is."""
+  handed = []
+
+  class Orbax:  # records where it was asked to write
+    def __init__(self, *args, **kwargs):
+      pass
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def save(self, directory, *args, **kwargs):
+      handed.append(directory)
+
+  monkeypatch.setattr(ocp, "StandardCheckpointer", Orbax)
+  monkeypatch.chdir(tmp_path)  # where a gs: directory would appear
+  out = f"{BUCKET}/exports/e"
+  tree = {"params": {"w": jnp.arange(6.0).reshape(2, 3),
+                     "b": jnp.ones(3, jnp.bfloat16)}}
+  checkpoint.save_export(out, ml_collections.ConfigDict({"a": 1}), tree)
+  assert handed == [f"{out}/params"]
+  there = os.path.join(bucket, "exports", "e")
+  assert sorted(os.listdir(there)) == ["config.json", "export.json",
+                                       "model.safetensors"]
+  sha = checkpoint.tree_sha256(tree)
+  assert fingerprint.export_sha256(out) == sha
+  os.remove(os.path.join(there, "export.json"))
+  assert fingerprint.export_sha256(out) == sha  # the safetensors header
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        tree)
+  got = checkpoint.restore_export(out, target)
+  jax.tree.map(np.testing.assert_array_equal, got, tree)
+  assert not os.path.exists(tmp_path / "gs:")

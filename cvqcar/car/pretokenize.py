@@ -68,10 +68,11 @@ class Encoder:
     self.resolution = tokenizer.resolution
     graphdef, state = nnx.split(tokenizer)
     replicated = NamedSharding(self.mesh, P())
-    self.state = jax.device_put(state, replicated)
+    self.state = jax.device_put(jax.device_get(state), replicated)
+    self.rows = NamedSharding(self.mesh, P("data"))
     self._encode = jax.jit(
         lambda state, images: nnx.merge(graphdef, state).encode(images),
-        in_shardings=(replicated, NamedSharding(self.mesh, P("data"))),
+        in_shardings=(replicated, self.rows),
         out_shardings=replicated)
 
   def __call__(self, images: list[np.ndarray]) -> np.ndarray:
@@ -79,6 +80,7 @@ class Encoder:
     r = self.resolution
     batch = np.zeros((self.batch_size, r, r, 3), np.float32)
     batch[:len(images)] = images
+    batch = jax.device_put(batch, self.rows)
     return np.asarray(self._encode(self.state, batch))[:len(images)]
 
 
