@@ -113,12 +113,6 @@ def noise_png(rng, h, w):
   return buf.getvalue()
 
 
-# Strict: remove the mark with the fix. In a multi-process job the restored
-# export is replicated over every process's devices, and Encoder moves it to
-# a mesh of this process's devices (jax: "does not support cross-host device
-# transfers"); then jit refuses the numpy batch with a sharded in_sharding.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="pretokenize."
-                   "Encoder fails under jax.distributed (see comment)")
 def test_tokenize_dataset_splits_shards_over_processes(tmp_path,
                                                        tokenizer_export):
   rng = np.random.default_rng(0)
