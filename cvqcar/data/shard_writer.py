@@ -77,12 +77,15 @@ class Output:
     self.out_dir = out_dir
     epath.Path(out_dir, PROGRESS).mkdir(parents=True, exist_ok=True)
     manifest = json.loads(json.dumps(manifest))  # tuples as lists, like JSON
+    # Shards before the manifest: a worker writes the manifest before its
+    # first shard, so one that started beside this one is not taken for a
+    # stranger's shards.
+    shards = paths.glob(paths.join(out_dir, "*" + pairs.SHARD_SUFFIX))
+    done = paths.glob(paths.join(out_dir, f"{PROGRESS}/*.json"))
     path = epath.Path(out_dir, MANIFEST)
     saved = json.loads(path.read_text()) if path.exists() else None
     if saved == manifest:
       return
-    shards = paths.glob(paths.join(out_dir, "*" + pairs.SHARD_SUFFIX))
-    done = paths.glob(paths.join(out_dir, f"{PROGRESS}/*.json"))
     if shards or done:
       # Mixing two conversions' shards would silently change the data.
       if saved is None:
