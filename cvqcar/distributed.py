@@ -71,4 +71,11 @@ def workers(index: int | None, count: int | None) -> Iterator[tuple[int,
   initialize()
   yield (jax.process_index() if index is None else index,
          jax.process_count() if count is None else count)
-  finish()
+  try:
+    finish()
+  except Exception as e:  # a timeout deep in the collectives' runtime
+    raise RuntimeError(
+        f"process {jax.process_index()} finished its share, but the job's"
+        " other processes did not all reach the end: one of them probably"
+        " stopped with an error (see its log); rerun the same command to"
+        " resume") from e
