@@ -21,6 +21,8 @@ from typing import Any
 
 from etils import epath
 
+from cvqcar import checkpoint
+
 ARRAY_RECORD = "array_record"
 
 
@@ -75,8 +77,9 @@ def source(name: str, split: str, data_dir: str) -> Any:
 
 def _convert_shard(in_path: epath.Path, out_path: epath.Path,
                    in_adapter, out_adapter) -> int:
-  """One shard rewritten as ArrayRecord (through a temporary name, so an
-  interrupted run leaves no half shard); its number of examples."""
+  """One shard rewritten as ArrayRecord, through a temporary file renamed
+  or, on gs://, uploaded whole (ArrayRecord writes local files only), so an
+  interrupted run leaves no half shard; its number of examples."""
   count = 0
 
   def examples():
@@ -85,9 +88,8 @@ def _convert_shard(in_path: epath.Path, out_path: epath.Path,
       count += 1
       yield count, record.numpy()
 
-  temp = out_path.parent / (out_path.name + ".incomplete")
-  out_adapter.write_examples(temp, examples())
-  temp.replace(out_path)
+  with checkpoint.local_copy_to(out_path) as temp:
+    out_adapter.write_examples(temp, examples())
   return count
 
 
