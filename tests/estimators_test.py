@@ -91,8 +91,8 @@ def test_ibq_matches_its_formula_and_every_code_gets_gradient():
   np.testing.assert_array_equal(np.asarray(out.quantized),
                                 codebook[np.asarray(out.indices)])
   np.testing.assert_allclose(
-      float(out.codebook_loss + beta * out.commitment_loss), float(loss.detach()),
-      rtol=1e-5)
+      float(out.codebook_loss + beta * out.commitment_loss),
+      float(loss.detach()), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad_z), zt.grad.numpy(), atol=1e-5)
   grad_codebook = np.asarray(grad_params["codebook_kd"][...])
   np.testing.assert_allclose(grad_codebook, ct.grad.numpy(), atol=1e-5)
