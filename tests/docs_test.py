@@ -60,7 +60,8 @@ def code_blocks(text: str, languages: tuple[str, ...]) -> list[str]:
 
 def shell_commands(block: str) -> list[list[str]]:
   """argv of each command in a shell block (continuations joined, `&&`,
-  `;` and `|` split, leading VAR=value assignments and `!` dropped)."""
+  `;` and `|` split, leading VAR=value assignments and `!` dropped), and of
+  the commands a `--command=...` (gcloud ssh, xpk) runs remotely."""
   out = []
   for line in block.replace("\\\n", " ").splitlines():
     line = line.strip()
@@ -77,6 +78,9 @@ def shell_commands(block: str) -> list[list[str]]:
           command.pop(0)
         if command:
           out.append(command)
+        for w in command:  # a command line run remotely
+          if w.startswith("--command="):
+            out += shell_commands(w.partition("=")[2])
         command = []
       else:
         command.append(word)
@@ -413,6 +417,9 @@ def test_the_readme_is_a_front_door_to_every_guide():
      " load_tokeniser\n```\n", "has no load_tokeniser"),
     ("docs/development.md", "```bash\nlaunch/compile_check.py --help\n```\n",
      "not executable"),
+    ("docs/car_at_scale.md", "```bash\ngcloud compute tpus tpu-vm ssh t"
+     " --worker=all --command='cd cvqcar && .venv/bin/python -m"
+     " cvqcar.tokenize_dataset --outt=o'\n```\n", "unknown flag --outt"),
 ])
 def test_the_check_catches_a_wrong_line(doc, wrong, expected):
   texts = doc_texts()
