@@ -18,10 +18,11 @@ from array_record.python import array_record_module
 from convert_test import examples, write_inputs
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
+from pairs_test import stopped_after_a_shard
 from PIL import Image
 
 from cvqcar import checkpoint, fingerprint
-from cvqcar.data import convert, pairs, shard_writer, text
+from cvqcar.data import convert, pairs, text
 from cvqcar.data import images as image_data
 
 BUCKET = "gs://bucket"
@@ -128,18 +129,8 @@ def test_conversion_reads_and_writes_a_bucket(bucket_records, tmp_path,
                                want, examples_per_shard=2)
   monkeypatch.chdir(tmp_path)  # where a gs: directory would appear
   spec, out = f"{BUCKET}/part-{{0..2}}.tar", f"{BUCKET}/shards"
-  commit = shard_writer.UnitWriter.commit
-
-  def commit_once(self):
-    path = commit(self)
-    if path:
-      raise KeyboardInterrupt("stopped after a shard")
-    return path
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(shard_writer.UnitWriter, "commit", commit_once)
-    with pytest.raises(KeyboardInterrupt):
-      convert.convert(spec, "webdataset", out, examples_per_shard=2)
+  with stopped_after_a_shard():
+    convert.convert(spec, "webdataset", out, examples_per_shard=2)
   assert pairs.shard_paths(out) == [f"{out}/pairs-00000-00000.array_record"]
   stats = convert.convert(spec, "webdataset", out, examples_per_shard=2)
   assert (stats.read, stats.written, stats.skipped) == (

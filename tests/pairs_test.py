@@ -1,5 +1,6 @@
 """Text-image pairs: shards, converters, the Grain pipeline, tokenizing."""
 
+import contextlib
 import io
 import json
 import logging
@@ -12,8 +13,26 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image
 
-from cvqcar.data import convert, pairs, text
+from cvqcar.data import convert, pairs, shard_writer, text
 from cvqcar.data import images as image_data
+
+
+@contextlib.contextmanager
+def stopped_after_a_shard():
+  """A conversion in this block stops (KeyboardInterrupt) right after it
+  commits its first shard, as a kill there would."""
+  commit = shard_writer.UnitWriter.commit
+
+  def commit_once(self):
+    path = commit(self)
+    if path:
+      raise KeyboardInterrupt("stopped after a shard")
+    return path
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(shard_writer.UnitWriter, "commit", commit_once)
+    with pytest.raises(KeyboardInterrupt):
+      yield
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
           "white": (255, 255, 255), "black": (0, 0, 0),
@@ -383,22 +402,10 @@ def test_tokenize_dataset_matches_the_tokenizer(tmp_path, tokenizer_export):
     return sorted((r["key"], r["caption"], r["tokens"].tobytes())
                   for r in map(pairs.deserialize, pairs.read_source(out)))
 
-  from cvqcar.data import shard_writer
-
-  commit = shard_writer.UnitWriter.commit
-
-  def commit_once(self):
-    path = commit(self)
-    if path:
-      raise KeyboardInterrupt("stopped after a shard")
-    return path
-
   resumed = str(tmp_path / "resumed")
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(shard_writer.UnitWriter, "commit", commit_once)
-    with pytest.raises(KeyboardInterrupt):
-      pretokenize.tokenize_shards(tokenizer_export, images_dir, resumed,
-                                  batch_size=3, examples_per_shard=2)
+  with stopped_after_a_shard():
+    pretokenize.tokenize_shards(tokenizer_export, images_dir, resumed,
+                                batch_size=3, examples_per_shard=2)
   assert len(pairs.shard_paths(resumed)) == 1
   stats = pretokenize.tokenize_shards(tokenizer_export, images_dir, resumed,
                                       batch_size=3, examples_per_shard=2)
