@@ -210,3 +210,19 @@ def test_export_in_a_bucket(bucket, monkeypatch, tmp_path):
   got = checkpoint.restore_export(out, target)
   jax.tree.map(np.testing.assert_array_equal, got, tree)
   assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_parquet_in_a_bucket(bucket_records, tmp_path):
+  """A bucket directory of parquet files is listed and read through epath."""
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  images = [png((255, 0, 0)), png((0, 0, 255))]
+  pq.write_table(pa.table({"image": images, "caption": ["red", "blue"]}),
+                 os.path.join(bucket_records, "part-0.parquet"))
+  out = str(tmp_path / "shards")
+  stats = convert.convert(BUCKET, "parquet", out)
+  assert (stats.read, stats.written) == (2, 2)
+  records = [pairs.deserialize(r) for r in pairs.read_source(out)]
+  assert [(r["key"], r["caption"], r["image"]) for r in records] == [
+      ("part-0.parquet:0", "red", images[0]),
+      ("part-0.parquet:1", "blue", images[1])]
