@@ -40,6 +40,7 @@ def test_matches_vector_quantize_pytorch_shared_codebook():
                              want_q.detach().numpy().reshape(-1, 16),
                              atol=1e-5)
   # Ours: the mean over levels of each level's commitment (theirs per level).
+  want_losses = want_losses.detach()
   np.testing.assert_allclose(float(out.commitment_loss),
                              float(want_losses.mean()), rtol=1e-5)
   assert float(want_losses[-1]) < float(want_losses[0])  # residuals shrink
