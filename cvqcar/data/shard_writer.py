@@ -21,10 +21,9 @@ it is full; the store publishes an object only once it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from array_record.python import array_record_module
@@ -35,7 +34,7 @@ from cvqcar.data import pairs, paths
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress"
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = ".tmp"  # how checkpoint.local_copy_to's temp files end
 
 
 def shard_name(unit: int, seq: int) -> str:
@@ -58,11 +57,6 @@ def num_records(path: str) -> int:
     return reader.num_records()
   finally:
     reader.close()
-
-
-def is_local(path: str) -> bool:
-  """Whether `path` is on a local (or mounted) file system, not gs:// etc."""
-  return "://" not in path
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -125,8 +119,12 @@ class Output:
         paths.join(self.out_dir, f"{PROGRESS}/*.json"))]
 
   def drop_temp(self, unit: int) -> None:
-    """Removes the shards of `unit` an interrupted run did not finish."""
-    drop_temp(self.out_dir, unit)
+    """Removes the shards of `unit` an interrupted run did not finish
+    (beside the shards; for a remote output they were on the local disk)."""
+    if "://" not in self.out_dir:
+      for temp in paths.glob(paths.join(
+          self.out_dir, f".pairs-{unit:05d}-*{TEMP_SUFFIX}")):
+        os.remove(temp)
 
   def start(self, unit: int, examples_per_shard: int) -> UnitWriter:
     """A writer for `unit` after its committed shards; drops its temp files.
@@ -142,15 +140,6 @@ class Output:
     return UnitWriter(self.out_dir, unit, seq, examples_per_shard, committed)
 
 
-def drop_temp(out_dir: str, unit: int) -> None:
-  """Removes the temp shards of `unit` in a local `out_dir` (a remote one
-  has none: its shards are staged on the local disk)."""
-  if is_local(out_dir):
-    for temp in paths.glob(paths.join(
-        out_dir, f"pairs-{unit:05d}-*{pairs.SHARD_SUFFIX}{TEMP_SUFFIX}")):
-      os.remove(temp)
-
-
 class UnitWriter:
   """One input's shards: each written to a temp name, renamed when full."""
 
@@ -162,25 +151,18 @@ class UnitWriter:
     self.out_dir, self.unit, self.seq = out_dir, unit, seq
     self.per_shard, self.committed = examples_per_shard, committed
     self._writer, self._count = None, 0
-    self._staging: str | None = None  # local temp dir for a remote output
+    self._publish = contextlib.ExitStack()  # the open shard's local_copy_to
     self.paths: list[str] = []  # the shards this writer committed
 
   def _path(self) -> str:
     return paths.join(self.out_dir, shard_name(self.unit, self.seq))
 
-  def _temp(self) -> str:
-    """Where the open shard is written: beside it, or on the local disk
-    when the output is remote."""
-    if is_local(self.out_dir):
-      return self._path() + TEMP_SUFFIX
-    if self._staging is None:
-      self._staging = tempfile.mkdtemp(prefix="cvqcar-shards-")
-    return os.path.join(self._staging, shard_name(self.unit, self.seq))
-
   def write(self, example: dict[str, Any]) -> None:
     record = pairs.serialize(example)  # a bad example raises before a file
     if self._writer is None:
-      self._writer = array_record_module.ArrayRecordWriter(self._temp(),
+      temp = self._publish.enter_context(
+          checkpoint.local_copy_to(epath.Path(self._path())))
+      self._writer = array_record_module.ArrayRecordWriter(temp,
                                                            "group_size:1")
     self._writer.write(record)
     self._count += 1
@@ -192,14 +174,8 @@ class UnitWriter:
     if self._writer is None:
       return None
     self._writer.close()
-    path, temp = self._path(), self._temp()
-    if is_local(self.out_dir):
-      os.replace(temp, path)
-    else:  # one upload: the object appears whole or not at all
-      with open(temp, "rb") as src, epath.Path(path).open("wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 24)
-      shutil.rmtree(self._staging, ignore_errors=True)
-      self._staging = None
+    self._publish.close()  # renamed over its name, or uploaded whole
+    path = self._path()
     self.paths.append(path)
     self.committed += self._count
     self._writer, self._count = None, 0
